@@ -1,0 +1,201 @@
+"""emu: Linux-kernel-style concurrency for real, in Python.
+
+Boot a kernel, start kthreads (each a real process pinned to a CPU), and synchronise
+them with completions that follow the kernel's semantics::
+
+    import emu
+
+    with emu.boot() as kernel:
+        done = emu.Completion()
+        t = emu.kthread_run(lambda c: emu.complete(c) or 0, done, "worker/%d", 0)
+        emu.wait_for_completion(done)
+        emu.kthread_stop(t)
+
+Every name here follows the kernel's API (see API.md); errors are negative errno
+values, misuse is reported in the kernel log the kernel's way.
+"""
+
+from __future__ import annotations
+
+from .bug import KernelBug
+from .completion import (
+    Completion,
+    DECLARE_COMPLETION,
+    complete,
+    complete_all,
+    completion_done,
+    init_completion,
+    reinit_completion,
+    try_wait_for_completion,
+    wait_for_completion,
+    wait_for_completion_interruptible,
+    wait_for_completion_interruptible_timeout,
+    wait_for_completion_io,
+    wait_for_completion_io_timeout,
+    wait_for_completion_killable,
+    wait_for_completion_killable_timeout,
+    wait_for_completion_state,
+    wait_for_completion_timeout,
+)
+from .constants import (
+    EBUSY,
+    EINTR,
+    EINVAL,
+    ENOMEM,
+    ENOSYS,
+    ERESTARTSYS,
+    ESRCH,
+    MAX_SCHEDULE_TIMEOUT,
+    PF_EXITING,
+    PF_KTHREAD,
+    PF_NO_SETAFFINITY,
+    TASK_COMM_LEN,
+    TASK_DEAD,
+    TASK_IDLE,
+    TASK_INTERRUPTIBLE,
+    TASK_KILLABLE,
+    TASK_NOLOAD,
+    TASK_NORMAL,
+    TASK_PARKED,
+    TASK_RUNNING,
+    TASK_UNINTERRUPTIBLE,
+    TASK_WAKEKILL,
+    UINT_MAX,
+)
+from .errors import (
+    AlreadyBootedError,
+    CapacityError,
+    EmuError,
+    KernelDeadError,
+    NotBootedError,
+    StaleObjectError,
+)
+from .kernel import HZ_DEFAULT as HZ
+from .kernel import Kernel, boot
+from .kthread import (
+    kthread_bind,
+    kthread_bind_mask,
+    kthread_complete_and_exit,
+    kthread_create,
+    kthread_create_on_cpu,
+    kthread_data,
+    kthread_exit,
+    kthread_func,
+    kthread_park,
+    kthread_parkme,
+    kthread_run,
+    kthread_run_on_cpu,
+    kthread_should_park,
+    kthread_should_stop,
+    kthread_should_stop_or_park,
+    kthread_stop,
+    kthread_unpark,
+)
+from .preempt import (
+    in_atomic,
+    in_hardirq,
+    in_interrupt,
+    in_irq,
+    in_nmi,
+    in_serving_softirq,
+    in_softirq,
+    in_task,
+    irqs_disabled,
+    local_bh_disable,
+    local_bh_enable,
+    local_irq_disable,
+    local_irq_enable,
+    local_irq_restore,
+    local_irq_save,
+    might_sleep,
+    preempt_count,
+    preempt_disable,
+    preempt_enable,
+    preemptible,
+)
+from .printk import (
+    KERN_ALERT,
+    KERN_CONT,
+    KERN_CRIT,
+    KERN_DEBUG,
+    KERN_DEFAULT,
+    KERN_EMERG,
+    KERN_ERR,
+    KERN_INFO,
+    KERN_NOTICE,
+    KERN_WARNING,
+    pr_alert,
+    pr_cont,
+    pr_crit,
+    pr_debug,
+    pr_emerg,
+    pr_err,
+    pr_info,
+    pr_notice,
+    pr_warn,
+    pr_warning,
+    printk,
+)
+from .sched import (
+    jiffies,
+    jiffies_to_msecs,
+    msecs_to_jiffies,
+    msleep,
+    msleep_interruptible,
+    schedule,
+    schedule_timeout,
+    schedule_timeout_idle,
+    schedule_timeout_interruptible,
+    schedule_timeout_killable,
+    schedule_timeout_uninterruptible,
+    ssleep,
+    usecs_to_jiffies,
+    usleep_range,
+)
+from .signal import (
+    allow_kernel_signal,
+    allow_signal,
+    disallow_signal,
+    fatal_signal_pending,
+    flush_signals,
+    kernel_dequeue_signal,
+    send_sig,
+    signal_pending,
+)
+from .task import (
+    Task,
+    current,
+    set_current_state,
+    task_state_to_char,
+    wake_up_process,
+    wake_up_state,
+)
+
+
+class ErrPtr:
+    """An ERR_PTR(): a kernel function's error in place of an object."""
+
+    __slots__ = ("errno",)
+
+    def __init__(self, errno: int) -> None:
+        self.errno = errno
+
+    def __repr__(self) -> str:
+        return f"ERR_PTR({self.errno})"
+
+
+def ERR_PTR(errno: int) -> ErrPtr:
+    return ErrPtr(errno)
+
+
+def IS_ERR(x: object) -> bool:
+    """True if `x` is an ERR_PTR."""
+    return isinstance(x, ErrPtr)
+
+
+def PTR_ERR(x: ErrPtr) -> int:
+    """The (negative) errno carried by an ERR_PTR."""
+    return x.errno
+
+
+__version__ = "0.1.0"

@@ -1,0 +1,442 @@
+"""Completions (kernel/sched/completion.c, kernel/sched/swait.c).
+
+A completion is a counter ``done`` and a FIFO queue of waiting tasks in the shared
+image, changed together under the completion's lock taken with interrupts disabled.
+complete() pops the longest waiter and posts its semaphore: exact FIFO, one waiter per
+complete(). Every wait variant is a thin wrapper naming its task state and timeout
+around one slow path, ``_wait_for_common``.
+
+Context rules: complete*(), try_wait_for_completion(), completion_done() and the init
+functions may be called from any context and never sleep. The waits sleep: process
+context only (a wait from atomic or interrupt context is reported, even when it would
+not block).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from . import bug, image, locking, preempt
+from .constants import (
+    ERESTARTSYS,
+    MAX_SCHEDULE_TIMEOUT,
+    TASK_IDLE,
+    TASK_INTERRUPTIBLE,
+    TASK_KILLABLE,
+    TASK_NORMAL,
+    TASK_RUNNING,
+    TASK_UNINTERRUPTIBLE,
+    UINT_MAX,
+)
+from .errors import CapacityError, StaleObjectError
+from .sched import schedule_timeout
+from .signal import signal_pending_state
+from .task import __set_current_state, current, wake_slot
+
+_pid = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Completion:
+    """``struct completion`` in shared memory, usable from every task.
+
+    Created initialised (``done == 0``, no waiters). The handle may be inherited by
+    kthreads or pickled to other tasks. The completion is freed when the handle that
+    created it is garbage-collected in the creating process; using another handle on it
+    afterwards raises :class:`emu.StaleObjectError` (the kernel's use-after-free).
+    """
+
+    __slots__ = ("index", "generation", "_rec", "_lock", "_owner", "__weakref__")
+
+    def __init__(self) -> None:
+        self.index, self.generation = _alloc()
+        self._attach()
+        self._owner = _pid
+
+    def _attach(self) -> None:
+        self._rec: Any = image.this().img.completions[self.index]
+        self._lock = image.field_addr(self._rec, "lock")
+        self._owner = 0
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_from_index, (self.index, self.generation))
+
+    def __repr__(self) -> str:
+        return f"<Completion #{self.index} done={self._rec.done}>"
+
+    def __del__(self) -> None:
+        if getattr(self, "_owner", 0) == _pid and image._this is not None:
+            _free(self)
+
+    @property
+    def rec(self) -> Any:
+        rec = self._rec
+        if rec.generation != self.generation or not rec.in_use:
+            raise StaleObjectError(
+                f"completion #{self.index} was freed: its creating handle was "
+                "garbage-collected; keep it alive while other tasks use the completion"
+            )
+        return rec
+
+    @property
+    def done(self) -> int:
+        """The counter: completions posted and not yet consumed (UINT_MAX after complete_all)."""
+        return int(self.rec.done)
+
+
+def DECLARE_COMPLETION() -> Completion:
+    """A new initialised completion."""
+    return Completion()
+
+
+def _from_index(index: int, generation: int) -> Completion:
+    c = Completion.__new__(Completion)
+    c.index = index
+    c.generation = generation
+    c._attach()
+    return c
+
+
+def _alloc() -> tuple[int, int]:
+    img = image.this()
+    hdr = img.img.hdr
+    lock = image.field_addr(hdr, "completion_lock")
+    locking.raw_spin_lock(lock, "completion table")
+    try:
+        if hdr.completion_free:
+            index = hdr.completion_free - 1
+            rec = img.img.completions[index]
+            hdr.completion_free = rec.tail
+        elif hdr.completion_high < hdr.max_completions:
+            index = hdr.completion_high
+            hdr.completion_high += 1
+            rec = img.img.completions[index]
+        else:
+            raise CapacityError(
+                f"all {hdr.max_completions} completions are in use: drop unused ones or "
+                "boot with a larger max_completions="
+            )
+        rec.generation += 1
+        rec.in_use = 1
+        rec.done = 0
+        rec.head = rec.tail = -1
+        rec.owner_pid = _pid
+        return index, int(rec.generation)
+    finally:
+        locking.raw_spin_unlock(lock)
+
+
+def _free(c: Completion) -> None:
+    img = image.this()
+    rec = c._rec
+    if rec.generation != c.generation or not rec.in_use:
+        return
+    if rec.head != -1:
+        bug.warn(f"completion #{c.index} freed while tasks wait on it", depth=3)
+        return
+    hdr = img.img.hdr
+    lock = image.field_addr(hdr, "completion_lock")
+    locking.raw_spin_lock(lock, "completion table")
+    try:
+        rec.in_use = 0
+        rec.tail = hdr.completion_free
+        hdr.completion_free = c.index + 1
+    finally:
+        locking.raw_spin_unlock(lock)
+
+
+# --- the wait queue (caller holds the completion's lock) ------------------------------------
+
+def _enqueue_tail(c: Completion, rec: Any, slot: int) -> None:
+    tasks = image.this().img.tasks
+    me = tasks[slot]
+    me.wq_next = -1
+    me.wq_on = c.index + 1
+    if rec.tail == -1:
+        rec.head = slot
+    else:
+        tasks[rec.tail].wq_next = slot
+    rec.tail = slot
+
+
+def _dequeue_head(rec: Any) -> int:
+    slot = rec.head
+    if slot == -1:
+        return -1
+    t = image.this().img.tasks[slot]
+    rec.head = t.wq_next
+    if rec.head == -1:
+        rec.tail = -1
+    t.wq_next = -1
+    t.wq_on = 0
+    return int(slot)
+
+
+def remove_waiter(rec: Any, slot: int) -> bool:
+    """Unlink task `slot` from `rec`'s queue wherever it is; False if it was not queued."""
+    tasks = image.this().img.tasks
+    prev, cur = -1, rec.head
+    while cur != -1 and cur != slot:
+        prev, cur = cur, tasks[cur].wq_next
+    if cur == -1:
+        return False
+    nxt = tasks[slot].wq_next
+    if prev == -1:
+        rec.head = nxt
+    else:
+        tasks[prev].wq_next = nxt
+    if rec.tail == slot:
+        rec.tail = prev
+    tasks[slot].wq_next = -1
+    tasks[slot].wq_on = 0
+    return True
+
+
+def _lock_irqsave(c: Completion) -> int:
+    flags = preempt.local_irq_save()
+    locking.raw_spin_lock(c._lock, "completion")
+    return flags
+
+
+def _unlock_irqrestore(c: Completion, flags: int) -> None:
+    locking.raw_spin_unlock(c._lock)
+    preempt.local_irq_restore(flags)
+
+
+# --- signalling ----------------------------------------------------------------------------
+
+def complete(x: Completion) -> None:
+    """Post one completion and wake the longest-waiting task, if any.
+
+    ``done`` is incremented unless it is UINT_MAX (after complete_all()). Any context.
+    """
+    rec = x.rec
+    flags = _lock_irqsave(x)
+    try:
+        if rec.done != UINT_MAX:
+            rec.done += 1
+        slot = _dequeue_head(rec)
+        if slot != -1:
+            wake_slot(slot, TASK_NORMAL)
+    finally:
+        _unlock_irqrestore(x, flags)
+
+
+def complete_all(x: Completion) -> None:
+    """Let every current and future waiter through until reinit_completion().
+
+    Sets ``done`` to UINT_MAX and wakes all queued waiters in FIFO order. A second
+    complete_all() without reinit_completion() is reported with a WARN (the kernel
+    documents it as a bug but does not check). Any context.
+    """
+    rec = x.rec
+    flags = _lock_irqsave(x)
+    try:
+        twice = rec.done == UINT_MAX
+        rec.done = UINT_MAX
+        while (slot := _dequeue_head(rec)) != -1:
+            wake_slot(slot, TASK_NORMAL)
+    finally:
+        _unlock_irqrestore(x, flags)
+    if twice:
+        bug.warn("complete_all() called twice without reinit_completion()", depth=2)
+
+
+def init_completion(x: Completion) -> None:
+    """Reset ``done`` to 0 and the wait queue to empty.
+
+    Waiters still queued are lost (never woken by complete()): that is reported with a
+    WARN, as the kernel documentation calls it a bug.
+    """
+    rec = x.rec
+    flags = _lock_irqsave(x)
+    try:
+        lost = []
+        while (slot := _dequeue_head(rec)) != -1:
+            lost.append(slot)
+        rec.done = 0
+    finally:
+        _unlock_irqrestore(x, flags)
+    if lost:
+        bug.warn(f"init_completion() with {len(lost)} waiter(s) queued: they are lost", depth=2)
+
+
+def reinit_completion(x: Completion) -> None:
+    """Reset ``done`` to 0, keeping the wait queue (for reuse after complete_all()).
+
+    The caller must ensure no task is waiting: a reinit with waiters queued is reported
+    with a WARN.
+    """
+    rec = x.rec
+    flags = _lock_irqsave(x)
+    try:
+        rec.done = 0
+        waiting = rec.head != -1
+    finally:
+        _unlock_irqrestore(x, flags)
+    if waiting:
+        bug.warn("reinit_completion() while tasks wait on the completion", depth=2)
+
+
+# --- waiting: one slow path ------------------------------------------------------------------
+
+def _do_wait_for_common(x: Completion, rec: Any, timeout: int, state: int) -> int:
+    """Queue, sleep and re-check until done > 0, the timeout ran out or a signal ends it.
+
+    Called and returns with the completion's lock held and interrupts disabled.
+    """
+    me = current()
+    slot = me.slot
+    qid = x.index + 1
+    try:
+        while True:
+            if signal_pending_state(state, me):
+                timeout = -ERESTARTSYS
+                break
+            if me._rec.wq_on != qid:
+                _enqueue_tail(x, rec, slot)
+            __set_current_state(state)
+            locking.raw_spin_unlock(x._lock)
+            preempt.local_irq_enable()
+            try:
+                timeout = schedule_timeout(timeout)
+            finally:
+                preempt.local_irq_disable()
+                locking.raw_spin_lock(x._lock, "completion")
+            if rec.done or not timeout:
+                break
+    finally:
+        if me._rec.wq_on == qid:
+            remove_waiter(rec, slot)
+        __set_current_state(TASK_RUNNING)
+    return timeout
+
+
+def _wait_for_common(x: Completion, timeout: int, state: int) -> int:
+    """__wait_for_common(): the result is the jiffies left (at least 1) on success,
+    0 on time-out, -ERESTARTSYS when a signal ended the wait."""
+    preempt.might_sleep(depth=3)
+    rec = x.rec
+    preempt.local_irq_disable()
+    locking.raw_spin_lock(x._lock, "completion")
+    try:
+        if not rec.done:
+            timeout = _do_wait_for_common(x, rec, timeout, state)
+            if not rec.done:
+                return timeout
+        if rec.done != UINT_MAX:
+            rec.done -= 1
+        return timeout or 1
+    finally:
+        locking.raw_spin_unlock(x._lock)
+        preempt.local_irq_enable()
+
+
+def _check_timeout(timeout: int) -> None:
+    if not isinstance(timeout, int) or isinstance(timeout, bool):
+        raise TypeError(f"timeout must be an int number of jiffies, not {type(timeout).__name__}")
+    if timeout < 0:
+        raise ValueError(f"timeout must be a non-negative number of jiffies, got {timeout}")
+
+
+def wait_for_completion(x: Completion) -> None:
+    """Wait uninterruptibly (D) until `x` is completed. Not interrupted by signals."""
+    _wait_for_common(x, MAX_SCHEDULE_TIMEOUT, TASK_UNINTERRUPTIBLE)
+
+
+def wait_for_completion_io(x: Completion) -> None:
+    """wait_for_completion(), accounted as I/O wait."""
+    _wait_for_common(x, MAX_SCHEDULE_TIMEOUT, TASK_UNINTERRUPTIBLE)
+
+
+def wait_for_completion_timeout(x: Completion, timeout: int) -> int:
+    """Wait uninterruptibly for at most `timeout` jiffies.
+
+    Returns 0 on time-out, else the jiffies left (at least 1); `timeout` itself if `x`
+    was already completed at entry.
+    """
+    _check_timeout(timeout)
+    return _wait_for_common(x, timeout, TASK_UNINTERRUPTIBLE)
+
+
+def wait_for_completion_io_timeout(x: Completion, timeout: int) -> int:
+    """wait_for_completion_timeout(), accounted as I/O wait."""
+    _check_timeout(timeout)
+    return _wait_for_common(x, timeout, TASK_UNINTERRUPTIBLE)
+
+
+def wait_for_completion_interruptible(x: Completion) -> int:
+    """Wait in S; returns 0 when completed, -ERESTARTSYS if a signal interrupted it."""
+    t = _wait_for_common(x, MAX_SCHEDULE_TIMEOUT, TASK_INTERRUPTIBLE)
+    return -ERESTARTSYS if t == -ERESTARTSYS else 0
+
+
+def wait_for_completion_interruptible_timeout(x: Completion, timeout: int) -> int:
+    """Wait in S for at most `timeout` jiffies: -ERESTARTSYS, 0 on time-out, or jiffies left."""
+    _check_timeout(timeout)
+    return _wait_for_common(x, timeout, TASK_INTERRUPTIBLE)
+
+
+def wait_for_completion_killable(x: Completion) -> int:
+    """Wait in D (killable); returns 0 when completed, -ERESTARTSYS on SIGKILL."""
+    t = _wait_for_common(x, MAX_SCHEDULE_TIMEOUT, TASK_KILLABLE)
+    return -ERESTARTSYS if t == -ERESTARTSYS else 0
+
+
+def wait_for_completion_killable_timeout(x: Completion, timeout: int) -> int:
+    """Killable wait for at most `timeout` jiffies: -ERESTARTSYS, 0 on time-out, or jiffies left."""
+    _check_timeout(timeout)
+    return _wait_for_common(x, timeout, TASK_KILLABLE)
+
+
+def wait_for_completion_state(x: Completion, state: int) -> int:
+    """Wait in `state` (e.g. TASK_IDLE): 0 when completed, -ERESTARTSYS if a signal ended it."""
+    if not isinstance(state, int) or not state & (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE):
+        raise ValueError(f"state must be a sleeping TASK_* state, got {state!r}")
+    t = _wait_for_common(x, MAX_SCHEDULE_TIMEOUT, state)
+    return -ERESTARTSYS if t == -ERESTARTSYS else 0
+
+
+def try_wait_for_completion(x: Completion) -> bool:
+    """Consume one completion without sleeping: True if one was available. Any context."""
+    rec = x.rec
+    if not rec.done:
+        return False
+    flags = _lock_irqsave(x)
+    try:
+        if not rec.done:
+            return False
+        if rec.done != UINT_MAX:
+            rec.done -= 1
+        return True
+    finally:
+        _unlock_irqrestore(x, flags)
+
+
+def completion_done(x: Completion) -> bool:
+    """True if a wait would not block (``done != 0``). Any context."""
+    rec = x.rec
+    if not rec.done:
+        return False
+    flags = _lock_irqsave(x)
+    _unlock_irqrestore(x, flags)
+    return True
+
+
+__all__ = [
+    "Completion", "DECLARE_COMPLETION", "init_completion", "reinit_completion",
+    "complete", "complete_all", "wait_for_completion", "wait_for_completion_io",
+    "wait_for_completion_timeout", "wait_for_completion_io_timeout",
+    "wait_for_completion_interruptible", "wait_for_completion_interruptible_timeout",
+    "wait_for_completion_killable", "wait_for_completion_killable_timeout",
+    "wait_for_completion_state", "try_wait_for_completion", "completion_done",
+    "TASK_IDLE",
+]

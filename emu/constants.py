@@ -1,0 +1,63 @@
+"""Numeric constants with the Linux kernel's values (include/linux/sched.h, errno.h)."""
+
+from __future__ import annotations
+
+import errno as _errno
+
+# Task state bits (include/linux/sched.h, v6.1+).
+TASK_RUNNING = 0x0000
+TASK_INTERRUPTIBLE = 0x0001
+TASK_UNINTERRUPTIBLE = 0x0002
+__TASK_STOPPED = 0x0004
+__TASK_TRACED = 0x0008
+EXIT_DEAD = 0x0010
+EXIT_ZOMBIE = 0x0020
+TASK_PARKED = 0x0040
+TASK_DEAD = 0x0080
+TASK_WAKEKILL = 0x0100
+TASK_WAKING = 0x0200
+TASK_NOLOAD = 0x0400
+TASK_NEW = 0x0800
+TASK_RTLOCK_WAIT = 0x1000
+TASK_FREEZABLE = 0x2000
+TASK_FROZEN = 0x8000
+TASK_STATE_MAX = 0x10000
+
+TASK_KILLABLE = TASK_WAKEKILL | TASK_UNINTERRUPTIBLE
+TASK_STOPPED = TASK_WAKEKILL | __TASK_STOPPED
+TASK_TRACED = __TASK_TRACED
+TASK_IDLE = TASK_UNINTERRUPTIBLE | TASK_NOLOAD
+TASK_NORMAL = TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE
+TASK_REPORT = 0x7F
+TASK_REPORT_IDLE = TASK_REPORT + 1
+
+#: States that set_current_state() must not be given (set_special_state() only).
+TASK_SPECIAL_STATES = __TASK_STOPPED | __TASK_TRACED | TASK_PARKED | TASK_DEAD
+
+# Task flags (include/linux/sched.h).
+PF_EXITING = 0x00000004
+PF_KTHREAD = 0x00200000
+PF_NO_SETAFFINITY = 0x04000000
+
+TASK_COMM_LEN = 16
+KTHREAD_NAME_LEN = 64
+
+# Error numbers; ERESTARTSYS is kernel-internal (include/linux/errno.h).
+EINTR = _errno.EINTR
+ESRCH = _errno.ESRCH
+ENOMEM = _errno.ENOMEM
+EBUSY = _errno.EBUSY
+EINVAL = _errno.EINVAL
+ENOSYS = _errno.ENOSYS
+ERESTARTSYS = 512
+
+LONG_MAX = (1 << 63) - 1
+MAX_SCHEDULE_TIMEOUT = LONG_MAX
+UINT_MAX = 0xFFFFFFFF
+INT_MIN = -(1 << 31)
+INT_MAX = (1 << 31) - 1
+
+# Taint flags (include/linux/panic.h) and their letters in "Tainted:" lines.
+TAINT_WARN = 9
+TAINT_DIE = 7
+TAINT_LETTERS = {TAINT_DIE: "D", TAINT_WARN: "W"}

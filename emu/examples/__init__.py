@@ -1,0 +1,1 @@
+"""Example "modules" written against emu's kernel API."""

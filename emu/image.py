@@ -1,0 +1,219 @@
+"""The shared kernel image: one POSIX shared-memory segment, laid out here and only here.
+
+Every structure that lives in shared memory is declared in this module; other modules
+reach fields through these ctypes classes and never compute offsets themselves.
+
+The segment is created exclusively under an unguessable name with mode 0600, mapped,
+and its name unlinked at once: every task inherits the mapping over fork, so no
+/dev/shm entry exists after boot and none can be left behind by a crash. The per-task
+POSIX semaphores (the tasks' sleep/wake primitive) are handled the same way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import secrets
+from ctypes import c_char, c_int32, c_int64, c_uint32, c_uint64
+from typing import Any
+
+import posix_ipc
+
+from .constants import KTHREAD_NAME_LEN, TASK_COMM_LEN
+
+IMAGE_MAGIC = 0x454D55494D414745  # "EMUIMAGE"
+LOG_TEXT_LEN = 240
+
+
+class LockWord(ctypes.Structure):
+    """native/'s owner-aware lock: holder pid (0 = free) and sleeper count."""
+
+    _fields_ = [("owner", c_int32), ("waiters", c_int32)]
+
+
+class Header(ctypes.Structure):
+    _fields_ = [
+        ("magic", c_uint64),
+        ("boot_ns", c_int64),  # CLOCK_MONOTONIC at boot; jiffies count from here
+        ("hz", c_int32),
+        ("ncpus", c_int32),
+        ("max_tasks", c_int32),
+        ("max_completions", c_int32),
+        ("log_records", c_int32),
+        ("console_loglevel", c_int32),
+        ("boot_pid", c_int32),
+        ("supervisor_pid", c_int32),
+        ("shutting_down", c_int32),
+        ("taint", c_int32),
+        ("warnings", c_int32),
+        ("bugs", c_int32),
+        ("oopses", c_int32),
+        ("hung_task_timeout_secs", c_int32),
+        ("hung_task_check_interval_secs", c_int32),
+        ("hung_task_warnings", c_int32),
+        ("hung_task_panic", c_int32),
+        ("hung_task_detect_count", c_int32),
+        ("cpu_rotor", c_int32),
+        ("completion_free", c_int32),  # first free completion index + 1, 0 = none
+        ("completion_high", c_int32),  # completion slots ever handed out
+        ("task_lock", LockWord),  # task-slot allocation
+        ("completion_lock", LockWord),  # completion-slot allocation
+        ("log_lock", LockWord),
+        ("log_next_seq", c_uint64),
+        ("log_first_seq", c_uint64),
+    ]
+
+
+class CompletionRec(ctypes.Structure):
+    """struct completion: the counter and a FIFO wait queue of task slots."""
+
+    _fields_ = [
+        ("lock", LockWord),  # wait.lock, taken irqsave
+        ("in_use", c_int32),
+        ("generation", c_int32),
+        ("done", c_uint32),
+        ("head", c_int32),  # first waiting task slot, -1 if none
+        ("tail", c_int32),
+        ("owner_pid", c_int32),
+        ("woken", c_int32),  # waiters woken but not yet returned (reinit race check)
+        ("pad", c_int32),
+    ]
+
+
+class TaskSlot(ctypes.Structure):
+    """task_struct + struct kthread, as far as other processes need to see them."""
+
+    _fields_ = [
+        ("in_use", c_int32),
+        ("generation", c_int32),
+        ("pid", c_int32),
+        ("ppid", c_int32),
+        ("state", c_int32),  # TASK_* (the emulated state, not the OS one)
+        ("flags", c_int32),  # PF_*
+        ("kflags", c_int32),  # KTHREAD_* bits, see kthread.py
+        ("cpu", c_int32),
+        ("preempt_count", c_int32),
+        ("irqs_disabled", c_int32),
+        ("result", c_int32),  # kthread->result (an int, as in the kernel)
+        ("notify_signal", c_int32),  # TIF_NOTIFY_SIGNAL, set by kthread_stop
+        ("sigpending", c_int64),  # bit (sig - 1) per queued signal
+        ("sigallowed", c_int64),  # SIG_KTHREAD dispositions
+        ("sigkernel", c_int64),  # SIG_KTHREAD_KERNEL dispositions
+        ("wq_next", c_int32),  # next slot in the wait queue we are on, -1 = last
+        ("wq_on", c_int32),  # completion index + 1 we are queued on, 0 = none
+        ("exited", c_int32),  # completion index of kthread->exited
+        ("parked", c_int32),  # completion index of kthread->parked
+        ("nvcsw", c_int64),  # voluntary context switches (sleeps)
+        ("start_ns", c_int64),
+        ("comm", c_char * TASK_COMM_LEN),
+        ("full_name", c_char * KTHREAD_NAME_LEN),
+    ]
+
+
+class LogRec(ctypes.Structure):
+    """One printk record of the dmesg ring."""
+
+    _fields_ = [
+        ("seq", c_uint64),
+        ("ts_ns", c_int64),
+        ("level", c_int32),
+        ("pid", c_int32),
+        ("length", c_int32),
+        ("cont", c_int32),  # continues the previous record of the same line
+        ("text", c_char * LOG_TEXT_LEN),
+    ]
+
+
+def image_type(max_tasks: int, max_completions: int, log_records: int) -> type[ctypes.Structure]:
+    """The ctypes type of a whole image with the given capacities."""
+
+    class Image(ctypes.Structure):
+        _fields_ = [
+            ("hdr", Header),
+            ("tasks", TaskSlot * max_tasks),
+            ("completions", CompletionRec * max_completions),
+            ("log", LogRec * log_records),
+        ]
+
+    return Image
+
+
+def field_addr(obj: ctypes.Structure, name: str) -> int:
+    """Absolute address of field `name` of a ctypes structure living in the image."""
+    return ctypes.addressof(obj) + getattr(type(obj), name).offset
+
+
+class SharedImage:
+    """The mapped image plus the per-slot semaphores, created by boot and inherited by fork."""
+
+    def __init__(self, max_tasks: int, max_completions: int, log_records: int) -> None:
+        token = secrets.token_hex(8)
+        itype = image_type(max_tasks, max_completions, log_records)
+        self.size = ctypes.sizeof(itype)
+        shm = posix_ipc.SharedMemory(
+            f"/emu-{token}", posix_ipc.O_CREX, mode=0o600, size=self.size
+        )
+        try:
+            self.mm = mmap.mmap(shm.fd, self.size)
+        finally:
+            shm.close_fd()
+            shm.unlink()
+        self.img: Any = itype.from_buffer(self.mm)
+        self.base = ctypes.addressof(self.img)
+        self.sems: list[posix_ipc.Semaphore] = []
+        #: emulated CPU i runs on real CPU cpu_map[i]
+        self.cpu_map: list[int] = []
+        #: True only in the process that booted this kernel
+        self.is_boot_process = True
+        #: pipe ends whose closing kills every task (see kernel.py); -1 when not held
+        self.boot_wfd = -1
+        self.watch_rfds: list[int] = []
+        try:
+            for i in range(max_tasks):
+                sem = posix_ipc.Semaphore(
+                    f"/emu-{token}-{i}", posix_ipc.O_CREX, mode=0o600, initial_value=0
+                )
+                sem.unlink()
+                self.sems.append(sem)
+        except BaseException:
+            self.close()
+            raise
+
+    def after_fork_in_task(self) -> None:
+        """In a new task process: drop what only the booting process may hold."""
+        self.is_boot_process = False
+        if self.boot_wfd >= 0:
+            os.close(self.boot_wfd)
+            self.boot_wfd = -1
+
+    def close(self) -> None:
+        """Unmap and close everything (idempotent)."""
+        for sem in self.sems:
+            sem.close()
+        self.sems = []
+        if self.mm is not None:
+            self.img = None
+            try:
+                self.mm.close()
+            except BufferError:
+                pass  # views into the image still exist; the mapping goes with them
+            self.mm = None  # type: ignore[assignment]
+
+
+_this: SharedImage | None = None
+
+
+def this() -> SharedImage:
+    """The image of the kernel booted in (or inherited by) this process."""
+    if _this is None:
+        from .errors import NotBootedError
+
+        raise NotBootedError("no emu kernel is running in this process: call emu.boot() first")
+    return _this
+
+
+def attach(image: SharedImage | None) -> None:
+    """Make `image` this process's kernel image (None detaches)."""
+    global _this
+    _this = image

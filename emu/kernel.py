@@ -1,0 +1,310 @@
+"""Booting and shutting down a kernel; the kernel handle.
+
+``emu.boot()`` creates the shared image, makes the booting process a task (user
+context), and forks the supervisor. Leaving the ``with`` block (or ``shutdown()``)
+stops every remaining kthread, kills what does not stop, and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import os
+import re
+import signal as _os_signal
+import time
+from typing import Any
+
+from . import _native, image, kthread, printk, supervisor, task
+from .constants import PF_KTHREAD, TASK_RUNNING
+from .errors import AlreadyBootedError, EmuError, KernelDeadError
+from .kthread import KTHREAD_EXITED, KTHREAD_SHOULD_STOP, kthread_unpark
+
+F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
+HZ_DEFAULT = 250
+#: How long shutdown waits for kthreads to honour kthread_should_stop().
+SHUTDOWN_GRACE_SECS = 2.0
+_HUNG_RE = re.compile(r"INFO: task (.*):(\d+) blocked for more than (\d+) seconds\.")
+
+
+def _check_int(value: Any, name: str, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _cpu_map(cpus: Any) -> list[int]:
+    allowed = sorted(os.sched_getaffinity(0))
+    if cpus is None:
+        return allowed
+    if isinstance(cpus, int) and not isinstance(cpus, bool):
+        _check_int(cpus, "cpus", 1, 1024)
+        return [allowed[i % len(allowed)] for i in range(cpus)]
+    try:
+        wanted = list(cpus)
+    except TypeError:
+        raise TypeError(
+            f"cpus must be a CPU count or a list of real CPU ids, not {type(cpus).__name__}"
+        ) from None
+    if not wanted:
+        raise ValueError("cpus must name at least one CPU")
+    for c in wanted:
+        if not isinstance(c, int) or isinstance(c, bool):
+            raise TypeError(f"cpus must hold int CPU ids, got {c!r}")
+        if c not in allowed:
+            raise ValueError(f"cpus: CPU {c} is not one this process may run on ({allowed})")
+    return wanted
+
+
+class Kernel:
+    """The handle of a booted kernel (what ``emu.boot()`` returns)."""
+
+    def __init__(self, img: image.SharedImage, supervisor_pid: int) -> None:
+        self._img = img
+        self.supervisor_pid = supervisor_pid
+        self._down = False
+
+    # configuration and counters
+    @property
+    def ncpus(self) -> int:
+        return int(self._img.img.hdr.ncpus)
+
+    @property
+    def hz(self) -> int:
+        return int(self._img.img.hdr.hz)
+
+    @property
+    def cpu_map(self) -> list[int]:
+        """Real CPU of each emulated CPU."""
+        return list(self._img.cpu_map)
+
+    @property
+    def warnings(self) -> int:
+        return int(self._img.img.hdr.warnings)
+
+    @property
+    def bugs(self) -> int:
+        return int(self._img.img.hdr.bugs)
+
+    @property
+    def oopses(self) -> int:
+        return int(self._img.img.hdr.oopses)
+
+    @property
+    def tainted(self) -> int:
+        """The taint mask (/proc/sys/kernel/tainted): 0 when clean."""
+        return int(self._img.img.hdr.taint)
+
+    @property
+    def hung_tasks(self) -> list[tuple[str, int, int]]:
+        """Hung-task reports so far: (comm, pid, seconds blocked)."""
+        out = []
+        for line in self.dmesg():
+            m = _HUNG_RE.search(line)
+            if m:
+                out.append((m.group(1), int(m.group(2)), int(m.group(3))))
+        return out
+
+    def dmesg(self) -> list[str]:
+        """The kernel log, one line per entry, ``[seconds.micros] text``."""
+        return printk.dmesg(self._img)
+
+    def tasks(self) -> list[task.Task]:
+        """Every task: the booting process and each kthread."""
+        return task.live_tasks()
+
+    def ps(self) -> str:
+        """A ps-style table of the tasks."""
+        return "\n".join(task.ps_lines())
+
+    @property
+    def alive(self) -> bool:
+        return not self._down
+
+    def check_alive(self) -> None:
+        """Raise KernelDeadError if the supervisor died (the kernel is unusable then)."""
+        if _native.pid_is_dead(self.supervisor_pid):
+            raise KernelDeadError(
+                "the emu supervisor died, which killed every kthread; shut this kernel "
+                "down and boot a new one"
+            )
+
+    # life cycle
+    def __enter__(self) -> "Kernel":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop every remaining kthread and free everything. Idempotent.
+
+        kthreads get the stop request of kthread_stop(); those still running after
+        SHUTDOWN_GRACE_SECS are killed and named on stderr.
+        """
+        if self._down:
+            return
+        if not self._img.is_boot_process:
+            raise EmuError("only the process that booted the kernel may shut it down")
+        self._down = True
+        atexit.unregister(self.shutdown)
+        try:
+            self._stop_kthreads()
+        finally:
+            self._teardown()
+
+    def _stop_kthreads(self) -> None:
+        kthreads = [t for t in task.live_tasks() if t.flags & PF_KTHREAD]
+        for t in kthreads:
+            rec = t._rec
+            _native.or32(image.field_addr(rec, "kflags"), KTHREAD_SHOULD_STOP)
+            kthread_unpark(t)
+            rec.notify_signal = 1
+            task.wake_up_process(t)
+        deadline = time.monotonic() + SHUTDOWN_GRACE_SECS
+        pending = kthreads
+        while pending and time.monotonic() < deadline:
+            pending = [t for t in pending if not t._rec.kflags & KTHREAD_EXITED
+                       and not _native.pid_is_dead(t.pid)]
+            if pending:
+                time.sleep(0.002)
+        for t in pending:
+            printk.log_store(3, f"emu: kthread {t.comm}/{t.pid} did not stop at shutdown: killed")
+
+    def _teardown(self) -> None:
+        img = self._img
+        img.img.hdr.shutting_down = 1
+        try:
+            os.killpg(self.supervisor_pid, _os_signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for pid in [self.supervisor_pid, *kthread._children]:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        kthread._children.clear()
+        for fd in [img.boot_wfd, *img.watch_rfds]:
+            if fd >= 0:
+                os.close(fd)
+        img.boot_wfd = -1
+        img.watch_rfds = []
+        task.set_current(None)
+        task._handles.clear()
+        image.attach(None)
+        img.close()
+
+
+def boot(
+    cpus: Any = None,
+    hz: int = HZ_DEFAULT,
+    hung_task_timeout_secs: int = 120,
+    *,
+    max_tasks: int = 256,
+    max_completions: int = 16384,
+    log_records: int = 4096,
+    console_loglevel: int = printk.CONSOLE_LOGLEVEL_DEFAULT,
+    hung_task_check_interval_secs: int = 0,
+    hung_task_warnings: int = 10,
+    hung_task_panic: int = 0,
+) -> Kernel:
+    """Boot a kernel in this process; use as ``with emu.boot(...) as kernel:``.
+
+    `cpus` is a CPU count or a list of real CPU ids (default: the CPUs this process may
+    run on). The booting process becomes a task in user context. The keyword arguments
+    are capacity limits and the hung-task sysctls; hung_task_timeout_secs=0 disables
+    the detector and hung_task_warnings=-1 reports without limit.
+    """
+    if image._this is not None:
+        raise AlreadyBootedError(
+            "a kernel is already running in this process: shut it down (leave its `with` "
+            "block or call kernel.shutdown()) before booting another"
+        )
+    cpu_map = _cpu_map(cpus)
+    _check_int(hz, "hz", 1, 10000)
+    _check_int(hung_task_timeout_secs, "hung_task_timeout_secs", 0, 1 << 30)
+    _check_int(max_tasks, "max_tasks", 2, 1 << 16)
+    _check_int(max_completions, "max_completions", 16, 1 << 22)
+    _check_int(log_records, "log_records", 16, 1 << 22)
+    _check_int(console_loglevel, "console_loglevel", 0, 8)
+    _check_int(hung_task_check_interval_secs, "hung_task_check_interval_secs", 0, 1 << 30)
+    _check_int(hung_task_warnings, "hung_task_warnings", -1, 1 << 30)
+    _check_int(hung_task_panic, "hung_task_panic", 0, 1)
+
+    img = image.SharedImage(max_tasks, max_completions + 2 * max_tasks, log_records)
+    hdr = img.img.hdr
+    hdr.magic = image.IMAGE_MAGIC
+    hdr.boot_ns = time.monotonic_ns()
+    hdr.hz = hz
+    hdr.ncpus = len(cpu_map)
+    hdr.max_tasks = max_tasks
+    hdr.max_completions = max_completions + 2 * max_tasks
+    hdr.log_records = log_records
+    hdr.console_loglevel = console_loglevel
+    hdr.boot_pid = os.getpid()
+    hdr.hung_task_timeout_secs = hung_task_timeout_secs
+    hdr.hung_task_check_interval_secs = hung_task_check_interval_secs
+    hdr.hung_task_warnings = hung_task_warnings
+    hdr.hung_task_panic = hung_task_panic
+    img.cpu_map = cpu_map
+    image.attach(img)
+    try:
+        _make_boot_task(img)
+        sup_pid = _start_supervisor(img)
+    except BaseException:
+        task.set_current(None)
+        image.attach(None)
+        img.close()
+        raise
+    hdr.supervisor_pid = sup_pid
+    kernel = Kernel(img, sup_pid)
+    atexit.register(kernel.shutdown)
+    return kernel
+
+
+def _make_boot_task(img: image.SharedImage) -> None:
+    try:
+        with open("/proc/self/comm") as f:
+            name = f.read().strip()
+    except OSError:
+        name = "python"
+    real = os.sched_getaffinity(0)
+    cpu = next((i for i, c in enumerate(img.cpu_map) if c in real), 0)
+    me = task.alloc_slot(name, 0, cpu, TASK_RUNNING)
+    me._rec.pid = os.getpid()
+    me._rec.ppid = os.getppid()
+    task.set_current(me)
+
+
+def _start_supervisor(img: image.SharedImage) -> int:
+    boot_r, boot_w = os.pipe()
+    sup_r, sup_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(boot_w)
+        os.close(ready_r)
+        os.setpgid(0, 0)
+        img.is_boot_process = False
+        supervisor.main(img, ready_w)  # never returns
+    os.close(sup_w)
+    os.close(ready_w)
+    try:
+        ok = os.read(ready_r, 1)
+    finally:
+        os.close(ready_r)
+    if ok != b"1":
+        os.close(boot_w)
+        os.close(boot_r)
+        os.close(sup_r)
+        os.waitpid(pid, 0)
+        raise EmuError("the emu supervisor failed to start")
+    for fd in (boot_r, sup_r):
+        fcntl.fcntl(fd, fcntl.F_SETOWN, -pid)
+        fcntl.fcntl(fd, F_SETSIG, _os_signal.SIGKILL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
+    img.boot_wfd = boot_w
+    img.watch_rfds = [boot_r, sup_r]
+    return pid

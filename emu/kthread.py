@@ -1,0 +1,476 @@
+"""Kernel threads (kernel/kthread.c): one real OS process each, pinned to one CPU.
+
+kthread_create() forks the creating task, so ``threadfn`` and ``data`` may be any
+Python objects (closures and lambdas included). The child is a task in state D until
+its first wake-up; then it runs ``threadfn(data)`` unless a stop was requested first
+(result -EINTR), parking first if a park was requested. The thread's result travels
+through its task slot to kthread_stop(), which consumes the exit event exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal as _os_signal
+import time
+from typing import Any, Callable, Iterable
+
+from . import _native, bug, image, preempt
+from .completion import Completion, _free, _from_index, complete, wait_for_completion
+from .constants import (
+    EBUSY,
+    EINTR,
+    ENOSYS,
+    ESRCH,
+    PF_EXITING,
+    PF_KTHREAD,
+    PF_NO_SETAFFINITY,
+    TASK_DEAD,
+    TASK_PARKED,
+    TASK_RUNNING,
+    TASK_UNINTERRUPTIBLE,
+)
+from .errors import EmuError
+from .sched import schedule
+from .task import (
+    Task,
+    alloc_slot,
+    current,
+    free_slot,
+    set_current,
+    set_current_state,
+    wake_up_process,
+    wake_up_state,
+)
+
+# struct kthread flags (kernel/kthread.c), plus emu's own life-cycle bits.
+KTHREAD_IS_PER_CPU = 1 << 0
+KTHREAD_SHOULD_STOP = 1 << 1
+KTHREAD_SHOULD_PARK = 1 << 2
+KTHREAD_STARTED = 1 << 8
+KTHREAD_EXITED = 1 << 9
+
+#: Real signals a kthread ignores, as kthreadd's children do (SIGKILL and SIGSTOP cannot be).
+_IGNORED_SIGNALS = (
+    "SIGHUP", "SIGINT", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGPIPE", "SIGALRM", "SIGTERM",
+    "SIGCHLD", "SIGTSTP", "SIGTTIN", "SIGTTOU",
+)
+
+_children: set[int] = set()
+
+
+class KthreadExit(BaseException):
+    """Raised by kthread_exit() to unwind the kthread with a result."""
+
+    def __init__(self, result: int) -> None:
+        super().__init__(result)
+        self.result = result
+
+
+# --- creation ----------------------------------------------------------------------------
+
+def _format_name(namefmt: str, args: tuple[Any, ...]) -> str:
+    if not isinstance(namefmt, str):
+        raise TypeError(f"namefmt must be a str, not {type(namefmt).__name__}")
+    try:
+        name = namefmt % args
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"namefmt {namefmt!r} does not fit its arguments {args!r}: {exc}") from None
+    if "\0" in name:
+        raise ValueError(f"namefmt must not produce a NUL character: {name!r}")
+    return name
+
+
+def _check_threadfn(threadfn: Any) -> None:
+    if not callable(threadfn):
+        raise TypeError(f"threadfn must be callable, not {type(threadfn).__name__}")
+
+
+def check_cpu(cpu: Any, name: str = "cpu") -> int:
+    """Validate an emulated CPU number; returns it."""
+    ncpus = image.this().img.hdr.ncpus
+    if not isinstance(cpu, int) or isinstance(cpu, bool):
+        raise TypeError(f"{name} must be an int CPU number, not {type(cpu).__name__}")
+    if not 0 <= cpu < ncpus:
+        raise ValueError(f"{name} {cpu} does not exist: this kernel has CPUs 0-{ncpus - 1}")
+    return cpu
+
+
+def _place() -> int:
+    """CPU for an unbound kthread: round robin over the emulated CPUs."""
+    hdr = image.this().img.hdr
+    n = _native.add32(image.field_addr(hdr, "cpu_rotor"), 1) - 1
+    return n % hdr.ncpus
+
+
+def real_cpu(cpu: int) -> int:
+    """The real CPU that emulated CPU `cpu` runs on."""
+    cpu_map = image.this().cpu_map
+    return cpu_map[cpu % len(cpu_map)]
+
+
+def _create(threadfn: Callable[[Any], int], data: Any, name: str, cpu: int | None) -> Task:
+    img = image.this()
+    current()
+    preempt.might_sleep(depth=3)
+    reap_children()
+    bound = cpu is not None
+    flags = PF_KTHREAD | (PF_NO_SETAFFINITY if bound else 0)
+    task = alloc_slot(name, flags, cpu if bound else _place(), TASK_UNINTERRUPTIBLE)
+    rec = task._rec
+    try:
+        exited, parked = Completion(), Completion()
+    except BaseException:
+        free_slot(task)
+        raise
+    exited._owner = parked._owner = 0  # owned by the task slot, freed with it
+    rec.exited, rec.parked = exited.index, parked.index
+    task.threadfn, task.data = threadfn, data
+    pid = os.fork()
+    if pid == 0:
+        _kthread(task)  # never returns
+    rec.pid = pid
+    rec.ppid = os.getpid()
+    if img.is_boot_process:
+        _children.add(pid)
+        try:
+            os.setpgid(pid, img.img.hdr.supervisor_pid)
+        except OSError:
+            pass  # the child did it first, or it is gone
+    try:
+        os.sched_setaffinity(pid, {real_cpu(task.cpu)})
+    except OSError:
+        pass  # the child is gone already; its death is reported like any other
+    return task
+
+
+def kthread_create(threadfn: Callable[[Any], int], data: Any, namefmt: str, *args: Any) -> Task:
+    """Create a kthread named ``namefmt % args``, left in state D until woken.
+
+    Process context only (it sleeps). Returns the task; threadfn has not run yet.
+    """
+    _check_threadfn(threadfn)
+    return _create(threadfn, data, _format_name(namefmt, args), None)
+
+
+def kthread_run(threadfn: Callable[[Any], int], data: Any, namefmt: str, *args: Any) -> Task:
+    """kthread_create() + wake_up_process(): the thread starts running threadfn(data)."""
+    _check_threadfn(threadfn)
+    task = _create(threadfn, data, _format_name(namefmt, args), None)
+    wake_up_process(task)
+    return task
+
+
+def _per_cpu_name(namefmt: str, cpu: int) -> str:
+    try:
+        return _format_name(namefmt, (cpu,))
+    except ValueError:
+        return _format_name(namefmt, ())
+
+
+def kthread_create_on_cpu(threadfn: Callable[[Any], int], data: Any, cpu: int,
+                          namefmt: str) -> Task:
+    """Create a kthread bound to `cpu`, named ``namefmt % cpu`` (e.g. "ksoftirqd/%u")."""
+    _check_threadfn(threadfn)
+    check_cpu(cpu)
+    return _create(threadfn, data, _per_cpu_name(namefmt, cpu), cpu)
+
+
+def kthread_run_on_cpu(threadfn: Callable[[Any], int], data: Any, cpu: int,
+                       namefmt: str) -> Task:
+    """kthread_create_on_cpu() + wake_up_process()."""
+    task = kthread_create_on_cpu(threadfn, data, cpu, namefmt)
+    wake_up_process(task)
+    return task
+
+
+# --- the thread itself ---------------------------------------------------------------------
+
+def _become_kthread(task: Task) -> None:
+    img = image.this()
+    # Join the supervisor's process group before letting go of the boot pipe: if the
+    # booting process died meanwhile, closing our copy of its end kills the group, us too.
+    os.setpgid(0, img.img.hdr.supervisor_pid)
+    img.after_fork_in_task()
+    for name in _IGNORED_SIGNALS:
+        _os_signal.signal(getattr(_os_signal, name), _os_signal.SIG_IGN)
+    _children.clear()
+    task._rec.pid = os.getpid()
+    set_current(task)
+    try:
+        _native.set_comm(task.comm)
+    except OSError:
+        pass
+
+
+def _kthread(task: Task) -> None:
+    """The body of every kthread process (kernel/kthread.c: kthread())."""
+    result = 0
+    try:
+        _become_kthread(task)
+        rec = task._rec
+        schedule()  # created in TASK_UNINTERRUPTIBLE: wait for the first wake-up
+        _native.or32(image.field_addr(rec, "kflags"), KTHREAD_STARTED)
+        if rec.kflags & KTHREAD_SHOULD_STOP:
+            result = -EINTR
+        else:
+            if rec.kflags & KTHREAD_SHOULD_PARK:
+                _kthread_parkme(task)
+            result = task.threadfn(task.data)
+    except KthreadExit as exc:
+        result = exc.result
+    except bug.TaskKilled:
+        result = 0
+    except BaseException as exc:  # an Oops: logged, counted, the task dies, others go on
+        try:
+            bug.oops(exc, f"{type(exc).__name__}: {exc}")
+        except BaseException:
+            pass
+        result = 0
+    finally:
+        _do_exit(task, result)
+
+
+def _do_exit(task: Task, result: Any) -> None:
+    """Publish the result, post kthread->exited once, and leave the process."""
+    try:
+        rec = task._rec
+        if preempt.in_atomic() or preempt.irqs_disabled():
+            from . import printk
+
+            if preempt.irqs_disabled():
+                printk.log_store(5, f"note: {task.comm}[{task.pid}] exited with irqs disabled")
+            if preempt.in_atomic():
+                printk.log_store(5, f"note: {task.comm}[{task.pid}] exited with preempt_count "
+                                    f"{preempt.preempt_count()}")
+        rec.result = _to_int(result)
+        _native.or32(image.field_addr(rec, "flags"), PF_EXITING)
+        _native.or32(image.field_addr(rec, "kflags"), KTHREAD_EXITED)
+        exited = _from_index(rec.exited, image.this().img.completions[rec.exited].generation)
+        set_current(None)  # nothing below may touch the slot: the stopper frees it
+        rec.state = TASK_DEAD
+        complete(exited)
+    finally:
+        os._exit(0)
+
+
+def _to_int(result: Any) -> int:
+    """kthread->result is an int: wider values are truncated as C would; None counts as 0."""
+    if result is None:
+        return 0
+    try:
+        value = int(result)
+    except (TypeError, ValueError):
+        bug.warn(f"threadfn returned {type(result).__name__}, not an int: result 0", depth=3)
+        return 0
+    return ((value + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
+
+
+def kthread_exit(result: int) -> None:
+    """End the current kthread with `result` (what kthread_stop() returns). Does not return."""
+    me = current()
+    if not me.is_kthread:
+        bug.warn("kthread_exit() called by a task that is not a kthread", depth=2)
+        raise EmuError("kthread_exit() may only be called by a kthread")
+    raise KthreadExit(result)
+
+
+def kthread_complete_and_exit(comp: Completion | None, code: int) -> None:
+    """complete(comp) if given, then kthread_exit(code)."""
+    if comp is not None:
+        complete(comp)
+    kthread_exit(code)
+
+
+# --- stop ------------------------------------------------------------------------------------
+
+def _kflags_addr(task: Task) -> int:
+    return image.field_addr(task.rec, "kflags")
+
+
+def _stopped_twice(task: Task) -> bool:
+    rec = task._rec
+    return rec.generation != task.generation or not rec.in_use
+
+
+def kthread_stop(k: Task) -> int:
+    """Ask `k` to stop, wake it, and wait (uninterruptibly) until it exited.
+
+    Returns threadfn's return value (or kthread_exit()'s argument), -EINTR if threadfn
+    never ran, 0 if the thread died by an Oops. Sets the persistent TIF_NOTIFY_SIGNAL,
+    so interruptible sleeps of `k` end. Process context only.
+
+    Misuse that makes the kernel hang is reported instead: stopping the current task
+    is a BUG; stopping a task twice (or after it was released) is a WARN and
+    returns -ESRCH.
+    """
+    me = current()
+    if _stopped_twice(k):
+        bug.warn(f"kthread_stop() on a task that was already stopped (slot {k.slot})", depth=2)
+        return -ESRCH
+    if k == me:
+        bug.BUG(depth=2)
+    rec = k.rec
+    old = _native.or32(_kflags_addr(k), KTHREAD_SHOULD_STOP)
+    if old & KTHREAD_SHOULD_STOP:
+        bug.warn(f"kthread_stop() called twice on {k.comm}/{k.pid}", depth=2)
+        return -ESRCH
+    kthread_unpark(k)
+    rec.notify_signal = 1
+    wake_up_process(k)
+    wait_for_completion(_task_completion(k, "exited"))
+    result = int(rec.result)
+    release_task(k)
+    return result
+
+
+def _task_completion(task: Task, which: str) -> Completion:
+    index = getattr(task._rec, which)
+    return _from_index(index, image.this().img.completions[index].generation)
+
+
+def release_task(k: Task) -> None:
+    """Free an exited kthread's slot and completions and reap its process if it is our child."""
+    pid = k.pid
+    for which in ("exited", "parked"):
+        c = _task_completion(k, which)
+        c._owner = 0
+        _free(c)
+    free_slot(k)
+    if pid in _children:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        _children.discard(pid)
+
+
+def reap_children() -> None:
+    """Collect exited kthread processes this process forked (no zombies accumulate)."""
+    for pid in list(_children):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            _children.discard(pid)
+
+
+# --- predicates and data ---------------------------------------------------------------------
+
+def _current_kthread(what: str) -> Task | None:
+    me = current()
+    if not me.is_kthread:
+        bug.warn(f"{what}() called by a task that is not a kthread", depth=3)
+        return None
+    return me
+
+
+def kthread_should_stop() -> bool:
+    """True once kthread_stop() was called on the current kthread."""
+    me = _current_kthread("kthread_should_stop")
+    return bool(me and me._rec.kflags & KTHREAD_SHOULD_STOP)
+
+
+def kthread_should_park() -> bool:
+    """True while a kthread_park() of the current kthread is pending."""
+    me = _current_kthread("kthread_should_park")
+    return bool(me and me._rec.kflags & KTHREAD_SHOULD_PARK)
+
+
+def kthread_should_stop_or_park() -> bool:
+    """Either flag; False (without a warning) for a task that is not a kthread."""
+    me = current()
+    return bool(me.is_kthread and me._rec.kflags & (KTHREAD_SHOULD_STOP | KTHREAD_SHOULD_PARK))
+
+
+def kthread_data(task: Task) -> Any:
+    """The `data` given at creation (WARN and None if `task` is not a kthread)."""
+    if not task.is_kthread:
+        bug.warn("kthread_data() on a task that is not a kthread", depth=2)
+        return None
+    return task.data
+
+
+def kthread_func(task: Task) -> Any:
+    """The threadfn given at creation, or None if `task` is not a kthread."""
+    return task.threadfn if task.is_kthread else None
+
+
+# --- binding -------------------------------------------------------------------------------
+
+def _bind(k: Task, cpu: int) -> None:
+    rec = k.rec
+    if rec.state != TASK_UNINTERRUPTIBLE:
+        bug.warn(f"kthread_bind() on {k.comm}/{k.pid}, which is not inactive: not bound", depth=3)
+        return
+    os.sched_setaffinity(k.pid, {real_cpu(cpu)})
+    rec.cpu = cpu
+    _native.or32(image.field_addr(rec, "flags"), PF_NO_SETAFFINITY)
+    if rec.kflags & KTHREAD_STARTED:
+        bug.warn(f"kthread_bind() on {k.comm}/{k.pid} after it started", depth=3)
+
+
+def kthread_bind(k: Task, cpu: int) -> None:
+    """Pin a just-created kthread to `cpu` for good. Only before its first wake-up."""
+    check_cpu(cpu)
+    _bind(k, cpu)
+
+
+def kthread_bind_mask(k: Task, cpus: Iterable[int]) -> None:
+    """kthread_bind() to a set of CPUs. emu pins a task to exactly one CPU: the lowest of
+    `cpus`, or the task's current CPU when it is in the set."""
+    mask = sorted({check_cpu(c, "cpus") for c in cpus})
+    if not mask:
+        raise ValueError("cpus must name at least one CPU")
+    _bind(k, k.cpu if k.cpu in mask else mask[0])
+
+
+# --- parking ---------------------------------------------------------------------------------
+
+def _kthread_parkme(me: Task) -> None:
+    rec = me._rec
+    state_addr = image.field_addr(rec, "state")
+    while True:
+        _native.xchg32(state_addr, TASK_PARKED)  # set_special_state()
+        if not rec.kflags & KTHREAD_SHOULD_PARK:
+            break
+        complete(_task_completion(me, "parked"))
+        schedule()
+    set_current_state(TASK_RUNNING)
+
+
+def kthread_parkme() -> None:
+    """Park the current kthread (state P) while a park request is pending."""
+    me = _current_kthread("kthread_parkme")
+    if me is not None:
+        _kthread_parkme(me)
+
+
+def kthread_park(k: Task) -> int:
+    """Ask `k` to park and wait until it is parked.
+
+    Returns 0; -ENOSYS (with a WARN) if `k` is exiting; -EBUSY (with a WARN) if a park
+    is already pending. A never-started thread parks without running threadfn.
+    Parking is cooperative: `k` must call kthread_parkme(). Process context only.
+    """
+    rec = k.rec
+    if rec.flags & PF_EXITING:
+        bug.warn(f"kthread_park() on exiting task {k.comm}/{k.pid}", depth=2)
+        return -ENOSYS
+    old = _native.or32(_kflags_addr(k), KTHREAD_SHOULD_PARK)
+    if old & KTHREAD_SHOULD_PARK:
+        bug.warn(f"kthread_park() on {k.comm}/{k.pid}, which is already asked to park", depth=2)
+        return -EBUSY
+    if k != current():
+        wake_up_process(k)
+        wait_for_completion(_task_completion(k, "parked"))
+        while rec.state != TASK_PARKED and not rec.kflags & KTHREAD_EXITED:
+            time.sleep(0.0001)  # wait_task_inactive(): it completed, it is about to sleep
+    return 0
+
+
+def kthread_unpark(k: Task) -> None:
+    """Clear a pending park request and wake `k` from TASK_PARKED. Does not wait."""
+    old = _native.and32(_kflags_addr(k), ~KTHREAD_SHOULD_PARK)
+    if old & KTHREAD_SHOULD_PARK:
+        wake_up_state(k, TASK_PARKED)

@@ -1,0 +1,204 @@
+"""Execution contexts: preempt_count, IRQ and BH disabling, might_sleep (include/linux/preempt.h).
+
+Each task keeps its preempt_count and its interrupts-disabled flag in process memory
+(the hot path) and mirrors them into its task-table slot, so other processes and tools
+see them. Interrupts are masked by that flag, not by a syscall: delivery code checks it
+and replays what arrived meanwhile when interrupts are enabled again (the User-Mode
+Linux approach).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+from . import bug
+
+PREEMPT_OFFSET = 0x1
+SOFTIRQ_OFFSET = 0x100
+SOFTIRQ_DISABLE_OFFSET = 0x200
+HARDIRQ_OFFSET = 0x10000
+NMI_OFFSET = 0x100000
+PREEMPT_MASK = 0xFF
+SOFTIRQ_MASK = 0xFF00
+HARDIRQ_MASK = 0xF0000
+NMI_MASK = 0xF00000
+
+_count = 0
+_irqs_off = False
+_last_resched_splat = 0
+#: Called when interrupts become enabled again (IRQ replay hooks in later layers).
+irq_enable_hooks: list[Callable[[], None]] = []
+
+
+def _mirror() -> None:
+    from .task import _current
+
+    if _current is not None:
+        rec = _current._rec
+        rec.preempt_count = _count
+        rec.irqs_disabled = int(_irqs_off)
+
+
+def preempt_count() -> int:
+    return _count
+
+
+def preempt_count_add(n: int) -> None:
+    global _count
+    _count += n
+    _mirror()
+
+
+def preempt_count_sub(n: int) -> None:
+    global _count
+    if _count < n:
+        bug.warn(f"preempt_count underflow: {_count:#x} - {n:#x}", depth=2)
+        n = _count
+    _count -= n
+    _mirror()
+
+
+def in_nmi() -> bool:
+    return bool(_count & NMI_MASK)
+
+
+def in_hardirq() -> bool:
+    """True inside a hard interrupt handler."""
+    return bool(_count & HARDIRQ_MASK)
+
+
+in_irq = in_hardirq
+
+
+def in_serving_softirq() -> bool:
+    return bool(_count & SOFTIRQ_OFFSET)
+
+
+def in_softirq() -> bool:
+    """Serving a softirq or with bottom halves disabled."""
+    return bool(_count & SOFTIRQ_MASK)
+
+
+def in_interrupt() -> bool:
+    """NMI, hardirq, or softirq count non-zero (also true with BH disabled)."""
+    return bool(_count & (NMI_MASK | HARDIRQ_MASK | SOFTIRQ_MASK))
+
+
+def in_task() -> bool:
+    """Not NMI, not hardirq, not serving a softirq."""
+    return not _count & (NMI_MASK | HARDIRQ_MASK | SOFTIRQ_OFFSET)
+
+
+def in_atomic() -> bool:
+    return _count != 0
+
+
+def irqs_disabled() -> bool:
+    return _irqs_off
+
+
+def preemptible() -> bool:
+    return _count == 0 and not _irqs_off
+
+
+def preempt_disable() -> None:
+    preempt_count_add(PREEMPT_OFFSET)
+
+
+def preempt_enable() -> None:
+    preempt_count_sub(PREEMPT_OFFSET)
+
+
+def local_irq_disable() -> None:
+    """Disable interrupts on this CPU (does not nest)."""
+    global _irqs_off
+    _irqs_off = True
+    _mirror()
+
+
+def local_irq_enable() -> None:
+    """Enable interrupts on this CPU and deliver those that arrived meanwhile."""
+    global _irqs_off
+    _irqs_off = False
+    _mirror()
+    for hook in irq_enable_hooks:
+        hook()
+
+
+def local_irq_save() -> int:
+    """Disable interrupts; returns the flags to give to local_irq_restore()."""
+    flags = 0 if _irqs_off else 0x200  # X86_EFLAGS_IF
+    if not _irqs_off:
+        local_irq_disable()
+    return flags
+
+
+def local_irq_restore(flags: int) -> None:
+    """Restore the interrupt state saved by local_irq_save()."""
+    if flags & 0x200:
+        local_irq_enable()
+    else:
+        local_irq_disable()
+
+
+def local_bh_disable() -> None:
+    preempt_count_add(SOFTIRQ_DISABLE_OFFSET)
+
+
+def local_bh_enable() -> None:
+    preempt_count_sub(SOFTIRQ_DISABLE_OFFSET)
+
+
+def might_sleep(depth: int = 1) -> None:
+    """__might_sleep(): report a sleeping call from atomic or IRQs-off context.
+
+    The reported FILE:LINE is the caller's (the sleeping primitive), as in the kernel.
+    Reports are rate-limited to one per second per task, like __might_resched().
+    """
+    global _last_resched_splat
+    if _count == 0 and not _irqs_off:
+        return
+    now = time.monotonic_ns()
+    if _last_resched_splat and now - _last_resched_splat < 1_000_000_000:
+        return
+    _last_resched_splat = now
+    from .task import _current
+
+    pid = os.getpid() if _current is None else _current.pid
+    name = "?" if _current is None else _current.comm
+    frame = bug._caller(depth)
+    bug.bug_splat(
+        f"BUG: sleeping function called from invalid context at {bug._where(frame)}",
+        [
+            f"in_atomic(): {int(_count != 0)}, irqs_disabled(): {int(_irqs_off)}, "
+            f"non_block: 0, pid: {pid}, name: {name}",
+            f"preempt_count: {_count:x}, expected: 0",
+        ],
+        depth=depth + 1,
+    )
+
+
+def schedule_debug() -> None:
+    """__schedule_bug(): "scheduling while atomic" when a task really blocks in atomic context."""
+    if _count == 0:
+        return
+    from .task import _current
+
+    comm = "?" if _current is None else _current.comm
+    pid = os.getpid() if _current is None else _current.pid
+    bug.bug_splat(
+        f"BUG: scheduling while atomic: {comm}/{pid}/0x{_count + PREEMPT_OFFSET:08x}", [],
+        depth=2,
+    )
+
+
+def _after_fork_in_child() -> None:
+    global _count, _irqs_off, _last_resched_splat
+    _count = 0
+    _irqs_off = False
+    _last_resched_splat = 0
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

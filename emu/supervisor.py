@@ -1,0 +1,191 @@
+"""The supervisor process: death watch of every task and the hung-task detector.
+
+It is forked at boot and leads the process group that every kthread joins. Two pipes
+tie the group's life to the booting process and to the supervisor: each has one
+writer (the booting process, the supervisor) and every task holds the read ends with
+O_ASYNC set to deliver SIGKILL to the group. When either writer dies, however it
+dies, the kernel closes its end and kills every task at once.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal as _os_signal
+import time
+from typing import Any
+
+from . import _native, bug, image, printk
+from .completion import _from_index, complete, remove_waiter
+from .constants import (
+    PF_EXITING,
+    TAINT_DIE,
+    TASK_DEAD,
+    TASK_NOLOAD,
+    TASK_UNINTERRUPTIBLE,
+    TASK_WAKEKILL,
+)
+from .kthread import KTHREAD_EXITED
+from .locking import raw_spin_lock, raw_spin_unlock
+
+#: How often the death watch looks for new tasks, in seconds.
+POLL_INTERVAL = 0.05
+
+
+def main(img: image.SharedImage, ready_wfd: int) -> None:
+    """Run the supervisor loop until shutdown; never returns."""
+    try:
+        _native.set_comm("emu-supervisor")
+        _os_signal.signal(_os_signal.SIGINT, _os_signal.SIG_IGN)
+        os.write(ready_wfd, b"1")
+        os.close(ready_wfd)
+        Supervisor(img).run()
+    finally:
+        os._exit(0)
+
+
+class Supervisor:
+    def __init__(self, img: image.SharedImage) -> None:
+        self.img = img
+        self.hdr = img.img.hdr
+        self.poller = select.poll()
+        self.watched: dict[int, tuple[int, int, int]] = {}  # fd -> (slot, generation, pid)
+        self.by_slot: dict[int, int] = {}  # slot -> fd
+        self.hung = HungTaskDetector(img)
+
+    def run(self) -> None:
+        while not self.hdr.shutting_down:
+            self.watch_new_tasks()
+            for fd, _ in self.poller.poll(POLL_INTERVAL * 1000):
+                self.task_died(fd)
+            self.hung.maybe_scan()
+
+    def watch_new_tasks(self) -> None:
+        tasks = self.img.img.tasks
+        for slot in range(self.hdr.max_tasks):
+            rec = tasks[slot]
+            fd = self.by_slot.get(slot)
+            if fd is not None and (not rec.in_use or self.watched[fd][1] != rec.generation):
+                self.unwatch(fd)
+                fd = None
+            if fd is None and rec.in_use and rec.pid > 0 and slot != 0:
+                self.watch(slot, rec)
+
+    def watch(self, slot: int, rec: Any) -> None:
+        try:
+            fd = os.pidfd_open(rec.pid)
+        except ProcessLookupError:
+            self.reap(slot, rec.generation, rec.pid)
+            return
+        self.watched[fd] = (slot, rec.generation, rec.pid)
+        self.by_slot[slot] = fd
+        self.poller.register(fd, select.POLLIN)
+
+    def unwatch(self, fd: int) -> None:
+        slot, _, _ = self.watched.pop(fd)
+        self.by_slot.pop(slot, None)
+        self.poller.unregister(fd)
+        os.close(fd)
+
+    def task_died(self, fd: int) -> None:
+        slot, generation, pid = self.watched[fd]
+        self.unwatch(fd)
+        self.reap(slot, generation, pid)
+
+    def reap(self, slot: int, generation: int, pid: int) -> None:
+        """A task process is gone: if it did not exit through emu, report and clean up."""
+        rec = self.img.img.tasks[slot]
+        if not rec.in_use or rec.generation != generation or rec.kflags & KTHREAD_EXITED:
+            return
+        comm = rec.comm.decode("utf-8", "replace")
+        bug.oops(None, f"task {comm}:{pid} died outside emu (killed by a real signal?)",
+                 cpu=rec.cpu, pid=pid, comm=comm)
+        if rec.wq_on:
+            c = _from_index(rec.wq_on - 1, self.img.img.completions[rec.wq_on - 1].generation)
+            raw_spin_lock(c._lock, "completion")
+            try:
+                remove_waiter(c._rec, slot)
+            finally:
+                raw_spin_unlock(c._lock)
+        rec.result = 0
+        _native.or32(image.field_addr(rec, "flags"), PF_EXITING)
+        _native.or32(image.field_addr(rec, "kflags"), KTHREAD_EXITED)
+        rec.state = TASK_DEAD
+        complete(_from_index(rec.exited, self.img.img.completions[rec.exited].generation))
+
+
+class HungTaskDetector:
+    """khungtaskd (kernel/hung_task.c): report tasks stuck in plain D sleep."""
+
+    def __init__(self, img: image.SharedImage) -> None:
+        self.img = img
+        self.hdr = img.img.hdr
+        self.seen: dict[tuple[int, int], tuple[int, int]] = {}  # (slot, gen) -> (nvcsw, since)
+        self.next_scan = time.monotonic_ns()
+
+    def interval_ns(self) -> int:
+        secs = self.hdr.hung_task_check_interval_secs or self.hdr.hung_task_timeout_secs
+        return secs * 1_000_000_000
+
+    def maybe_scan(self) -> None:
+        if not self.hdr.hung_task_timeout_secs:
+            return
+        now = time.monotonic_ns()
+        if now < self.next_scan:
+            return
+        self.next_scan = now + self.interval_ns()
+        self.check_hung_uninterruptible_tasks(now)
+
+    def check_hung_uninterruptible_tasks(self, now: int) -> None:
+        if self.hdr.taint & (1 << TAINT_DIE):
+            return  # "If the system crashed already then all bets are off"
+        timeout_ns = self.hdr.hung_task_timeout_secs * 1_000_000_000
+        tasks = self.img.img.tasks
+        hung = 0
+        live = set()
+        for slot in range(self.hdr.max_tasks):
+            rec = tasks[slot]
+            state = rec.state
+            if not rec.in_use or not state & TASK_UNINTERRUPTIBLE or state & (
+                TASK_WAKEKILL | TASK_NOLOAD
+            ):
+                continue
+            key = (slot, rec.generation)
+            live.add(key)
+            switches = rec.nvcsw
+            if not switches:
+                continue
+            seen = self.seen.get(key)
+            if seen is None or seen[0] != switches:
+                self.seen[key] = (switches, now)
+                continue
+            if now - seen[1] < timeout_ns:
+                continue
+            hung += 1
+            self.report(rec, (now - seen[1]) // 1_000_000_000)
+        for key in set(self.seen) - live:
+            del self.seen[key]
+        if hung and self.hdr.hung_task_panic:
+            printk.log_store(0, "Kernel panic - not syncing: hung_task: blocked tasks")
+            os.killpg(os.getpgrp(), _os_signal.SIGKILL)
+
+    def report(self, rec: Any, blocked_secs: int) -> None:
+        _native.add32(image.field_addr(self.hdr, "hung_task_detect_count"), 1)
+        warnings = self.hdr.hung_task_warnings
+        if not warnings:
+            return
+        if warnings > 0:
+            self.hdr.hung_task_warnings = warnings - 1
+        comm = rec.comm.decode("utf-8", "replace")
+        lines = [
+            f"INFO: task {comm}:{rec.pid} blocked for more than {blocked_secs} seconds.",
+            f"      {bug.tainted_str()} emu",
+            '"echo 0 > /proc/sys/kernel/hung_task_timeout_secs" disables this message.',
+            f"task:{comm:<15.15} state:D stack:0     pid:{rec.pid} tgid:{rec.pid} "
+            f"ppid:{rec.ppid} flags:0x{rec.flags:08x}",
+        ]
+        printk.log_store(3, "\n".join(lines))
+        if warnings == 1:
+            printk.log_store(
+                3, "Future hung task reports are suppressed, see sysctl kernel.hung_task_warnings"
+            )

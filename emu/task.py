@@ -1,0 +1,383 @@
+"""Tasks: the task table in the shared image, ``current``, task states, sleep and wake-up.
+
+Every task (the booting program and each kthread) owns one slot of the task table and
+one POSIX semaphore. The state protocol is the kernel's:
+
+* the sleeper publishes its state with a full barrier (``set_current_state``), re-checks
+  its wake condition, then blocks on its semaphore until its state is TASK_RUNNING;
+* a waker moves the state from a sleeping one to TASK_RUNNING with compare-and-exchange
+  and, only if it did, posts the sleeper's semaphore.
+
+So a wake-up between "set state" and "sleep" is never lost (the sleeper finds
+TASK_RUNNING), and a post that arrives after the sleeper already left is absorbed by
+the next sleep, which re-checks its state in a loop.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import posix_ipc
+
+from . import _native, image, locking
+from .constants import (
+    EXIT_DEAD,
+    EXIT_ZOMBIE,
+    PF_KTHREAD,
+    TASK_COMM_LEN,
+    TASK_DEAD,
+    TASK_IDLE,
+    TASK_INTERRUPTIBLE,
+    TASK_NORMAL,
+    TASK_PARKED,
+    TASK_REPORT,
+    TASK_REPORT_IDLE,
+    TASK_RTLOCK_WAIT,
+    TASK_FROZEN,
+    TASK_RUNNING,
+    TASK_UNINTERRUPTIBLE,
+    KTHREAD_NAME_LEN,
+)
+from .errors import CapacityError, StaleObjectError
+
+
+class _UserMM:
+    """Stand-in for a user address space: ``current().mm is not None`` in user context."""
+
+    def __repr__(self) -> str:
+        return "<mm of the booting process>"
+
+
+USER_MM = _UserMM()
+
+
+class Task:
+    """A handle on a task (``struct task_struct *``).
+
+    Fields are read live from the shared task table, so every process sees the same
+    values. A handle outlives its task: using it after the slot was released and reused
+    raises :class:`emu.StaleObjectError` (the kernel's use-after-free).
+    """
+
+    __slots__ = ("slot", "generation", "_rec", "threadfn", "data", "__weakref__")
+
+    def __init__(self, slot: int, generation: int) -> None:
+        self.slot = slot
+        self.generation = generation
+        self._rec: Any = image.this().img.tasks[slot]
+        self.threadfn: Any = None
+        self.data: Any = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (task_from_slot, (self.slot, self.generation))
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Task)
+            and other.slot == self.slot
+            and other.generation == self.generation
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.slot, self.generation))
+
+    def __repr__(self) -> str:
+        return f"<Task {self.full_name!r} pid={self.pid} cpu={self.cpu} state={task_state_to_char(self)}>"
+
+    @property
+    def rec(self) -> Any:
+        """The task's slot; raises StaleObjectError once the task was released."""
+        rec = self._rec
+        if rec.generation != self.generation or not rec.in_use:
+            raise StaleObjectError(
+                f"task handle (slot {self.slot}) refers to a task that was already released; "
+                "keep using a task only until kthread_stop() returned"
+            )
+        return rec
+
+    @property
+    def pid(self) -> int:
+        return int(self._rec.pid)
+
+    @property
+    def comm(self) -> str:
+        return self._rec.comm.decode("utf-8", "replace")
+
+    @property
+    def full_name(self) -> str:
+        return self._rec.full_name.decode("utf-8", "replace")
+
+    @property
+    def cpu(self) -> int:
+        return int(self._rec.cpu)
+
+    @property
+    def state(self) -> int:
+        return int(self._rec.state)
+
+    @property
+    def flags(self) -> int:
+        return int(self._rec.flags)
+
+    @property
+    def mm(self) -> Any:
+        return None if self._rec.flags & PF_KTHREAD else USER_MM
+
+    @property
+    def is_kthread(self) -> bool:
+        return bool(self._rec.flags & PF_KTHREAD)
+
+
+# --- the task table ---------------------------------------------------------------------
+
+_handles: dict[int, Task] = {}
+
+
+def task_from_slot(slot: int, generation: int) -> Task:
+    """The handle of slot `slot` in this process (one object per live task)."""
+    t = _handles.get(slot)
+    if t is None or t.generation != generation:
+        t = Task(slot, generation)
+        _handles[slot] = t
+    return t
+
+
+def alloc_slot(name: str, flags: int, cpu: int, state: int) -> Task:
+    """Reserve a free task slot, initialised for a task called `name`.
+
+    Raises CapacityError when the table is full.
+    """
+    img = image.this()
+    hdr = img.img.hdr
+    lock = image.field_addr(hdr, "task_lock")
+    locking.raw_spin_lock(lock)
+    try:
+        for i in range(hdr.max_tasks):
+            rec = img.img.tasks[i]
+            if not rec.in_use:
+                break
+        else:
+            raise CapacityError(
+                f"all {hdr.max_tasks} task slots are in use: stop finished kthreads with "
+                "kthread_stop() or boot with a larger max_tasks="
+            )
+        gen = rec.generation + 1
+        _reset_slot(rec)
+        rec.generation = gen
+        rec.in_use = 1
+    finally:
+        locking.raw_spin_unlock(lock)
+    _drain(img.sems[i])
+    rec.flags = flags
+    rec.cpu = cpu
+    rec.state = state
+    rec.comm = _truncate(name, TASK_COMM_LEN - 1)
+    rec.full_name = _truncate(name, KTHREAD_NAME_LEN - 1)
+    rec.start_ns = time.monotonic_ns()
+    _handles.pop(i, None)
+    return task_from_slot(i, gen)
+
+
+def _truncate(name: str, size: int) -> bytes:
+    """`name` in UTF-8, cut to at most `size` bytes on a character boundary."""
+    return name.encode("utf-8")[:size].decode("utf-8", "ignore").encode("utf-8")
+
+
+def _reset_slot(rec: Any) -> None:
+    for name, _ in type(rec)._fields_:
+        if name not in ("generation", "in_use", "comm", "full_name"):
+            setattr(rec, name, 0)
+    rec.wq_next = -1
+    rec.exited = -1
+    rec.parked = -1
+
+
+def _drain(sem: posix_ipc.Semaphore) -> None:
+    """Absorb posts left on a reused slot's semaphore."""
+    while True:
+        try:
+            sem.acquire(0)
+        except posix_ipc.BusyError:
+            return
+
+
+def free_slot(task: Task) -> None:
+    """Release a task's slot for reuse; handles on it become stale."""
+    rec = task._rec
+    if rec.generation == task.generation:
+        rec.in_use = 0
+    _handles.pop(task.slot, None)
+
+
+def live_tasks() -> list[Task]:
+    """Every task in the table, in slot order."""
+    img = image.this()
+    out = []
+    for i in range(img.img.hdr.max_tasks):
+        rec = img.img.tasks[i]
+        if rec.in_use:
+            out.append(task_from_slot(i, rec.generation))
+    return out
+
+
+# --- current ----------------------------------------------------------------------------
+
+_current: Task | None = None
+_state_addr = 0
+_sem: posix_ipc.Semaphore | None = None
+
+
+def set_current(task: Task | None) -> None:
+    """Make `task` this process's ``current`` (boot and kthread start-up only)."""
+    global _current, _state_addr, _sem
+    _current = task
+    if task is None:
+        _state_addr = 0
+        _sem = None
+        return
+    _state_addr = image.field_addr(task._rec, "state")
+    _sem = image.this().sems[task.slot]
+
+
+def current() -> Task:
+    """The task this process runs (``current``): a kthread, or the booting program."""
+    if _current is None:
+        image.this()  # raises NotBootedError when nothing is booted
+        from .errors import EmuError
+
+        raise EmuError(
+            "this process is not an emu task: only the booting process and kthreads "
+            "may call kernel APIs"
+        )
+    return _current
+
+
+# --- states -------------------------------------------------------------------------------
+
+def set_current_state(state: int) -> None:
+    """Publish this task's state with a full barrier (smp_store_mb)."""
+    current()
+    _native.xchg32(_state_addr, state)
+
+
+def __set_current_state(state: int) -> None:
+    """Publish this task's state without a barrier (the caller serialises with a lock)."""
+    current()
+    _native.store32(_state_addr, state)
+
+
+def current_state() -> int:
+    return _native.load32(_state_addr)
+
+
+def wake_up_state(task: Task, mask: int) -> int:
+    """Wake `task` if its state has a bit of `mask`: 1 if it was woken, else 0.
+
+    Safe from any context; never sleeps.
+    """
+    task.rec
+    return wake_slot(task.slot, mask)
+
+
+def wake_slot(slot: int, mask: int) -> int:
+    """wake_up_state() by task-table slot (for wait queues, which hold slots)."""
+    img = image.this()
+    addr = image.field_addr(img.img.tasks[slot], "state")
+    while True:
+        s = _native.load32(addr)
+        if not s & mask:
+            return 0
+        if _native.cmpxchg32(addr, s, TASK_RUNNING) == s:
+            img.sems[slot].release()
+            return 1
+
+
+def wake_up_process(task: Task) -> int:
+    """Wake a task sleeping in TASK_NORMAL (interruptible, uninterruptible, killable, idle).
+
+    Returns 1 if the task was changed to running, 0 if it was already running or in a
+    state this does not wake (parked, dead). Any context.
+    """
+    return wake_up_state(task, TASK_NORMAL)
+
+
+def sleep(deadline_ns: int | None) -> bool:
+    """Block until this task is woken (state TASK_RUNNING) or CLOCK_MONOTONIC passes `deadline_ns`.
+
+    The caller has set a sleeping state. Returns True if woken, False on time-out (this
+    task then put itself back to TASK_RUNNING). If the wait is abandoned by an exception
+    (KeyboardInterrupt in the booting process) the state is reset before it propagates.
+    """
+    sem = _sem
+    addr = _state_addr
+    assert sem is not None and _current is not None
+    _current._rec.nvcsw += 1
+    try:
+        while True:
+            s = _native.load32(addr)
+            if s == TASK_RUNNING:
+                return True
+            if deadline_ns is None:
+                timeout = None
+            else:
+                left = deadline_ns - time.monotonic_ns()
+                if left <= 0:
+                    if _native.cmpxchg32(addr, s, TASK_RUNNING) == s:
+                        return False
+                    continue
+                timeout = left / 1e9
+            try:
+                sem.acquire(timeout)
+            except (posix_ipc.BusyError, posix_ipc.SignalError):
+                pass
+    except BaseException:
+        _native.xchg32(addr, TASK_RUNNING)
+        raise
+
+
+# --- reporting ------------------------------------------------------------------------------
+
+_STATE_LETTERS = "RSDTtXZPI"
+
+
+def task_state_index(state: int) -> int:
+    """__task_state_index(): index into "RSDTtXZPI" for a raw state value."""
+    report = state & TASK_REPORT
+    if state & TASK_IDLE == TASK_IDLE:
+        report = TASK_REPORT_IDLE
+    if state & (TASK_RTLOCK_WAIT | TASK_FROZEN):
+        report = TASK_UNINTERRUPTIBLE
+    return report.bit_length()
+
+
+def task_state_to_char(task: Task) -> str:
+    """The ps letter of `task`: one of R S D T t X Z P I."""
+    state = task.state
+    if state == TASK_DEAD:
+        return "X"
+    return _STATE_LETTERS[task_state_index(state)]
+
+
+def ps_lines() -> list[str]:
+    """A ps-style table: pid, cpu, state letter, name ([brackets] for kthreads)."""
+    lines = [f"{'PID':>7} {'CPU':>3} S COMMAND"]
+    for t in live_tasks():
+        name = f"[{t.full_name}]" if t.is_kthread else t.full_name
+        lines.append(f"{t.pid:>7} {t.cpu:>3} {task_state_to_char(t)} {name}")
+    return lines
+
+
+def _after_fork_in_child() -> None:
+    # A forked process is not yet a task; kthread start-up calls set_current().
+    global _current
+    _current = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+__all__ = [
+    "Task", "current", "set_current_state", "wake_up_process", "wake_up_state",
+    "task_state_to_char", "EXIT_DEAD", "EXIT_ZOMBIE", "TASK_PARKED",
+]

@@ -1,0 +1,781 @@
+/*
+ * emu._native: the few primitives the emulator cannot write in Python.
+ *
+ * Every function takes an absolute memory address (a Python int, computed by the
+ * caller from ctypes.addressof into the shared mmap) and returns raw data; policy
+ * (what a dead lock holder means, how a timeout is reported) lives in Python.
+ *
+ *   - 32- and 64-bit sequentially consistent atomics (values wrap like C integers);
+ *   - an owner-aware lock: { int32 owner pid (0 = free); int32 waiters } that sleeps
+ *     on a shared (not private) futex and takes the lock over from a dead owner;
+ *   - raw futex wait/wake on a shared word;
+ *   - prctl(PR_SET_NAME), prctl(PR_SET_PDEATHSIG) and a "is this pid dead" test.
+ *
+ * The module has no global state.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define NSEC_PER_SEC 1000000000LL
+/* Longest single futex sleep in lock(): the dead-owner check runs at least this often. */
+#define LOCK_SLEEP_NS 20000000LL
+
+/* ------------------------------------------------------------------------- */
+/* helpers                                                                   */
+/* ------------------------------------------------------------------------- */
+
+static inline void
+cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__) || defined(__arm__)
+    __asm__ __volatile__("yield" ::: "memory");
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
+static long long
+monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * NSEC_PER_SEC + ts.tv_nsec;
+}
+
+static void
+ns_to_timespec(long long ns, struct timespec *ts)
+{
+    ts->tv_sec = (time_t)(ns / NSEC_PER_SEC);
+    ts->tv_nsec = (long)(ns % NSEC_PER_SEC);
+}
+
+/* Shared (not FUTEX_PRIVATE_FLAG) futex: waiters and wakers are different processes. */
+static long
+sys_futex_wait(uint32_t *uaddr, uint32_t val, const struct timespec *rel)
+{
+    return syscall(SYS_futex, uaddr, FUTEX_WAIT, val, rel, NULL, 0);
+}
+
+static long
+sys_futex_wake(uint32_t *uaddr, int n)
+{
+    return syscall(SYS_futex, uaddr, FUTEX_WAKE, n, NULL, NULL, 0);
+}
+
+/* Validate an address argument: non-zero, positive and `align`-byte aligned. */
+static void *
+check_addr(Py_ssize_t addr, size_t align, const char *argname)
+{
+    if (addr <= 0) {
+        PyErr_Format(PyExc_ValueError, "%s must be a non-zero address, got %zd", argname,
+                     addr);
+        return NULL;
+    }
+    if ((size_t)addr % align != 0) {
+        PyErr_Format(PyExc_ValueError, "%s must be %zu-byte aligned, got 0x%zx", argname,
+                     align, (size_t)addr);
+        return NULL;
+    }
+    return (void *)addr;
+}
+
+static int
+check_pid(int pid, const char *argname)
+{
+    if (pid <= 0) {
+        PyErr_Format(PyExc_ValueError, "%s must be a positive pid, got %d", argname, pid);
+        return -1;
+    }
+    return 0;
+}
+
+/*
+ * A process is dead when kill(pid, 0) fails with ESRCH, or when it exists only as a
+ * zombie / dying task (state 'Z' or 'X' in /proc/<pid>/stat). Non-positive pids are
+ * never considered dead (they name process groups, not processes).
+ */
+static int
+pid_dead(int pid)
+{
+    char path[64], buf[512];
+    int fd;
+    ssize_t n;
+    char *rparen;
+
+    if (pid <= 0)
+        return 0;
+    if (kill(pid, 0) == -1 && errno == ESRCH)
+        return 1;
+
+    snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)  /* vanished in between, or no /proc: trust kill() alone */
+        return kill(pid, 0) == -1 && errno == ESRCH;
+    do {
+        n = read(fd, buf, sizeof(buf) - 1);
+    } while (n < 0 && errno == EINTR);
+    close(fd);
+    if (n <= 0)
+        return kill(pid, 0) == -1 && errno == ESRCH;
+    buf[n] = '\0';
+    /* "pid (comm) S ...": comm may contain ')' and spaces, so use the last ')'. */
+    rparen = strrchr(buf, ')');
+    if (rparen == NULL || rparen[1] != ' ')
+        return 0;
+    return rparen[2] == 'Z' || rparen[2] == 'X';
+}
+
+/* After releasing the lock word: wake one sleeper if anyone is waiting. */
+static inline void
+wake_one_if_waiters(int32_t *lockw)
+{
+    uint32_t *waiters = (uint32_t *)(lockw + 1);
+
+    if ((int32_t)__atomic_load_n(waiters, __ATOMIC_SEQ_CST) > 0)
+        sys_futex_wake((uint32_t *)lockw, 1);
+}
+
+/* ------------------------------------------------------------------------- */
+/* 32-bit atomics                                                            */
+/* ------------------------------------------------------------------------- */
+
+static PyObject *
+emu_load32(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    uint32_t *p;
+
+    if (!PyArg_ParseTuple(args, "n:load32", &addr))
+        return NULL;
+    if (!(p = check_addr(addr, 4, "addr")))
+        return NULL;
+    return PyLong_FromLong((int32_t)__atomic_load_n(p, __ATOMIC_SEQ_CST));
+}
+
+static PyObject *
+emu_store32(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    unsigned long long v;
+    uint32_t *p;
+
+    if (!PyArg_ParseTuple(args, "nK:store32", &addr, &v))
+        return NULL;
+    if (!(p = check_addr(addr, 4, "addr")))
+        return NULL;
+    __atomic_store_n(p, (uint32_t)v, __ATOMIC_SEQ_CST);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+emu_add32(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    unsigned long long v;
+    uint32_t *p;
+
+    if (!PyArg_ParseTuple(args, "nK:add32", &addr, &v))
+        return NULL;
+    if (!(p = check_addr(addr, 4, "addr")))
+        return NULL;
+    return PyLong_FromLong((int32_t)__atomic_add_fetch(p, (uint32_t)v, __ATOMIC_SEQ_CST));
+}
+
+static PyObject *
+emu_xchg32(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    unsigned long long v;
+    uint32_t *p;
+
+    if (!PyArg_ParseTuple(args, "nK:xchg32", &addr, &v))
+        return NULL;
+    if (!(p = check_addr(addr, 4, "addr")))
+        return NULL;
+    return PyLong_FromLong((int32_t)__atomic_exchange_n(p, (uint32_t)v, __ATOMIC_SEQ_CST));
+}
+
+static PyObject *
+emu_cmpxchg32(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    unsigned long long oldv, newv;
+    uint32_t *p, expected;
+
+    if (!PyArg_ParseTuple(args, "nKK:cmpxchg32", &addr, &oldv, &newv))
+        return NULL;
+    if (!(p = check_addr(addr, 4, "addr")))
+        return NULL;
+    expected = (uint32_t)oldv;
+    /* On failure `expected` is updated to the current value; either way it is what
+     * was there. */
+    __atomic_compare_exchange_n(p, &expected, (uint32_t)newv, 0, __ATOMIC_SEQ_CST,
+                                __ATOMIC_SEQ_CST);
+    return PyLong_FromLong((int32_t)expected);
+}
+
+static PyObject *
+emu_or32(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    unsigned long long v;
+    uint32_t *p;
+
+    if (!PyArg_ParseTuple(args, "nK:or32", &addr, &v))
+        return NULL;
+    if (!(p = check_addr(addr, 4, "addr")))
+        return NULL;
+    return PyLong_FromLong((int32_t)__atomic_fetch_or(p, (uint32_t)v, __ATOMIC_SEQ_CST));
+}
+
+static PyObject *
+emu_and32(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    unsigned long long v;
+    uint32_t *p;
+
+    if (!PyArg_ParseTuple(args, "nK:and32", &addr, &v))
+        return NULL;
+    if (!(p = check_addr(addr, 4, "addr")))
+        return NULL;
+    return PyLong_FromLong((int32_t)__atomic_fetch_and(p, (uint32_t)v, __ATOMIC_SEQ_CST));
+}
+
+/* ------------------------------------------------------------------------- */
+/* 64-bit atomics                                                            */
+/* ------------------------------------------------------------------------- */
+
+static PyObject *
+emu_load64(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    uint64_t *p;
+
+    if (!PyArg_ParseTuple(args, "n:load64", &addr))
+        return NULL;
+    if (!(p = check_addr(addr, 8, "addr")))
+        return NULL;
+    return PyLong_FromLongLong((int64_t)__atomic_load_n(p, __ATOMIC_SEQ_CST));
+}
+
+static PyObject *
+emu_store64(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    unsigned long long v;
+    uint64_t *p;
+
+    if (!PyArg_ParseTuple(args, "nK:store64", &addr, &v))
+        return NULL;
+    if (!(p = check_addr(addr, 8, "addr")))
+        return NULL;
+    __atomic_store_n(p, (uint64_t)v, __ATOMIC_SEQ_CST);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+emu_add64(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    unsigned long long v;
+    uint64_t *p;
+
+    if (!PyArg_ParseTuple(args, "nK:add64", &addr, &v))
+        return NULL;
+    if (!(p = check_addr(addr, 8, "addr")))
+        return NULL;
+    return PyLong_FromLongLong(
+        (int64_t)__atomic_add_fetch(p, (uint64_t)v, __ATOMIC_SEQ_CST));
+}
+
+static PyObject *
+emu_xchg64(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    unsigned long long v;
+    uint64_t *p;
+
+    if (!PyArg_ParseTuple(args, "nK:xchg64", &addr, &v))
+        return NULL;
+    if (!(p = check_addr(addr, 8, "addr")))
+        return NULL;
+    return PyLong_FromLongLong(
+        (int64_t)__atomic_exchange_n(p, (uint64_t)v, __ATOMIC_SEQ_CST));
+}
+
+static PyObject *
+emu_cmpxchg64(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    unsigned long long oldv, newv;
+    uint64_t *p, expected;
+
+    if (!PyArg_ParseTuple(args, "nKK:cmpxchg64", &addr, &oldv, &newv))
+        return NULL;
+    if (!(p = check_addr(addr, 8, "addr")))
+        return NULL;
+    expected = (uint64_t)oldv;
+    __atomic_compare_exchange_n(p, &expected, (uint64_t)newv, 0, __ATOMIC_SEQ_CST,
+                                __ATOMIC_SEQ_CST);
+    return PyLong_FromLongLong((int64_t)expected);
+}
+
+static PyObject *
+emu_or64(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    unsigned long long v;
+    uint64_t *p;
+
+    if (!PyArg_ParseTuple(args, "nK:or64", &addr, &v))
+        return NULL;
+    if (!(p = check_addr(addr, 8, "addr")))
+        return NULL;
+    return PyLong_FromLongLong((int64_t)__atomic_fetch_or(p, (uint64_t)v, __ATOMIC_SEQ_CST));
+}
+
+static PyObject *
+emu_and64(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    unsigned long long v;
+    uint64_t *p;
+
+    if (!PyArg_ParseTuple(args, "nK:and64", &addr, &v))
+        return NULL;
+    if (!(p = check_addr(addr, 8, "addr")))
+        return NULL;
+    return PyLong_FromLongLong(
+        (int64_t)__atomic_fetch_and(p, (uint64_t)v, __ATOMIC_SEQ_CST));
+}
+
+/* ------------------------------------------------------------------------- */
+/* owner-aware lock: { int32 owner; int32 waiters; }                          */
+/* ------------------------------------------------------------------------- */
+
+static inline int
+lock_try(int32_t *lockw, int pid)
+{
+    int32_t expected = 0;
+
+    return __atomic_compare_exchange_n(lockw, &expected, (int32_t)pid, 0, __ATOMIC_SEQ_CST,
+                                       __ATOMIC_SEQ_CST);
+}
+
+static PyObject *
+emu_lock(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr, spins, i;
+    int pid;
+    long long timeout_ns, start, now, last_check, sleep_ns;
+    int32_t *lockw, *waiters, cur;
+    struct timespec ts;
+    long r;
+    int err, check_dead;
+
+    if (!PyArg_ParseTuple(args, "ninL:lock", &addr, &pid, &spins, &timeout_ns))
+        return NULL;
+    if (!(lockw = check_addr(addr, 4, "addr")))
+        return NULL;
+    if (check_pid(pid, "pid") < 0)
+        return NULL;
+    waiters = lockw + 1;
+
+    /* Spin (holding the GIL: this is meant to be brief). */
+    for (i = 0;; i++) {
+        if (__atomic_load_n(lockw, __ATOMIC_RELAXED) == 0 && lock_try(lockw, pid))
+            return PyLong_FromLong(0);
+        if (i >= spins)
+            break;
+        cpu_relax();
+    }
+
+    /* Sleep on the owner word, at most LOCK_SLEEP_NS at a time. */
+    start = last_check = monotonic_ns();
+    for (;;) {
+        cur = __atomic_load_n(lockw, __ATOMIC_SEQ_CST);
+        if (cur == 0) {
+            if (lock_try(lockw, pid))
+                return PyLong_FromLong(0);
+            continue;
+        }
+
+        now = monotonic_ns();
+        check_dead = now - last_check >= LOCK_SLEEP_NS;
+        if (timeout_ns >= 0 && now - start >= timeout_ns)
+            check_dead = 1;  /* last chance before reporting the timeout */
+        if (check_dead) {
+            last_check = now;
+            if (pid_dead(cur)) {
+                int32_t expected = cur;
+
+                if (__atomic_compare_exchange_n(lockw, &expected, (int32_t)pid, 0,
+                                                __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+                    return PyLong_FromLong(cur);
+                continue;  /* someone else took it over or it changed hands */
+            }
+        }
+        if (timeout_ns >= 0 && now - start >= timeout_ns)
+            return PyLong_FromLong(-1);
+
+        sleep_ns = LOCK_SLEEP_NS;
+        if (timeout_ns >= 0 && timeout_ns - (now - start) < sleep_ns)
+            sleep_ns = timeout_ns - (now - start);
+        ns_to_timespec(sleep_ns, &ts);
+
+        __atomic_add_fetch(waiters, 1, __ATOMIC_SEQ_CST);
+        Py_BEGIN_ALLOW_THREADS
+        r = sys_futex_wait((uint32_t *)lockw, (uint32_t)cur, &ts);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        __atomic_sub_fetch(waiters, 1, __ATOMIC_SEQ_CST);
+
+        if (r == -1) {
+            if (err == ETIMEDOUT) {
+                last_check = 0;  /* a full sleep passed: check the owner now */
+            }
+            else if (err == EINTR) {
+                if (PyErr_CheckSignals() < 0)
+                    return NULL;
+            }
+        }
+    }
+}
+
+static PyObject *
+emu_trylock(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    int pid;
+    int32_t *lockw;
+
+    if (!PyArg_ParseTuple(args, "ni:trylock", &addr, &pid))
+        return NULL;
+    if (!(lockw = check_addr(addr, 4, "addr")))
+        return NULL;
+    if (check_pid(pid, "pid") < 0)
+        return NULL;
+    return PyBool_FromLong(lock_try(lockw, pid));
+}
+
+static PyObject *
+emu_unlock(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    int pid;
+    int32_t *lockw, expected;
+
+    if (!PyArg_ParseTuple(args, "ni:unlock", &addr, &pid))
+        return NULL;
+    if (!(lockw = check_addr(addr, 4, "addr")))
+        return NULL;
+    if (check_pid(pid, "pid") < 0)
+        return NULL;
+    expected = pid;
+    /* Seq-cst release of the owner word, then a seq-cst read of waiters: pairs with
+     * the sleeper's seq-cst waiters increment before FUTEX_WAIT, so no wakeup is lost. */
+    if (!__atomic_compare_exchange_n(lockw, &expected, 0, 0, __ATOMIC_SEQ_CST,
+                                     __ATOMIC_SEQ_CST))
+        Py_RETURN_FALSE;
+    wake_one_if_waiters(lockw);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+emu_lock_owner(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    int32_t *lockw;
+
+    if (!PyArg_ParseTuple(args, "n:lock_owner", &addr))
+        return NULL;
+    if (!(lockw = check_addr(addr, 4, "addr")))
+        return NULL;
+    return PyLong_FromLong(__atomic_load_n(lockw, __ATOMIC_SEQ_CST));
+}
+
+static PyObject *
+emu_force_unlock(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    int expected_owner;
+    int32_t *lockw, expected;
+
+    if (!PyArg_ParseTuple(args, "ni:force_unlock", &addr, &expected_owner))
+        return NULL;
+    if (!(lockw = check_addr(addr, 4, "addr")))
+        return NULL;
+    expected = expected_owner;
+    if (!__atomic_compare_exchange_n(lockw, &expected, 0, 0, __ATOMIC_SEQ_CST,
+                                     __ATOMIC_SEQ_CST))
+        Py_RETURN_FALSE;
+    wake_one_if_waiters(lockw);
+    Py_RETURN_TRUE;
+}
+
+/* ------------------------------------------------------------------------- */
+/* raw futex                                                                 */
+/* ------------------------------------------------------------------------- */
+
+static PyObject *
+emu_futex_wait(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    unsigned long long expected;
+    long long timeout_ns;
+    uint32_t *p;
+    struct timespec ts, *tsp = NULL;
+    long r;
+    int err;
+
+    if (!PyArg_ParseTuple(args, "nKL:futex_wait", &addr, &expected, &timeout_ns))
+        return NULL;
+    if (!(p = check_addr(addr, 4, "addr")))
+        return NULL;
+    if (timeout_ns >= 0) {
+        ns_to_timespec(timeout_ns, &ts);
+        tsp = &ts;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    r = sys_futex_wait(p, (uint32_t)expected, tsp);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    if (r == -1) {
+        /* A Python signal handler that raised takes precedence over -EINTR. */
+        if (err == EINTR && PyErr_CheckSignals() < 0)
+            return NULL;
+        return PyLong_FromLong(-err);
+    }
+    return PyLong_FromLong(0);
+}
+
+static PyObject *
+emu_futex_wake(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    int n;
+    uint32_t *p;
+    long r;
+
+    if (!PyArg_ParseTuple(args, "ni:futex_wake", &addr, &n))
+        return NULL;
+    if (!(p = check_addr(addr, 4, "addr")))
+        return NULL;
+    if (n < 0) {
+        PyErr_Format(PyExc_ValueError, "n must be >= 0, got %d", n);
+        return NULL;
+    }
+    r = sys_futex_wake(p, n);
+    if (r == -1)
+        return PyLong_FromLong(-errno);
+    return PyLong_FromLong(r);
+}
+
+/* ------------------------------------------------------------------------- */
+/* process helpers                                                           */
+/* ------------------------------------------------------------------------- */
+
+static PyObject *
+emu_set_comm(PyObject *self, PyObject *args)
+{
+    PyObject *name, *bytes;
+    const char *s;
+    Py_ssize_t len;
+
+    if (!PyArg_ParseTuple(args, "O:set_comm", &name))
+        return NULL;
+    if (PyUnicode_Check(name)) {
+        bytes = PyUnicode_AsUTF8String(name);
+        if (bytes == NULL)
+            return NULL;
+    }
+    else if (PyBytes_Check(name)) {
+        bytes = Py_NewRef(name);
+    }
+    else {
+        PyErr_Format(PyExc_TypeError, "set_comm() argument must be str or bytes, not %.100s",
+                     Py_TYPE(name)->tp_name);
+        return NULL;
+    }
+    s = PyBytes_AS_STRING(bytes);
+    len = PyBytes_GET_SIZE(bytes);
+    if ((Py_ssize_t)strlen(s) != len) {
+        Py_DECREF(bytes);
+        PyErr_SetString(PyExc_ValueError, "set_comm(): embedded null character in name");
+        return NULL;
+    }
+    /* The kernel copies at most TASK_COMM_LEN - 1 (15) bytes. */
+    if (prctl(PR_SET_NAME, (unsigned long)s, 0UL, 0UL, 0UL) == -1) {
+        Py_DECREF(bytes);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_DECREF(bytes);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+emu_set_pdeathsig(PyObject *self, PyObject *args)
+{
+    int sig;
+
+    if (!PyArg_ParseTuple(args, "i:set_pdeathsig", &sig))
+        return NULL;
+    if (prctl(PR_SET_PDEATHSIG, (unsigned long)sig, 0UL, 0UL, 0UL) == -1)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+emu_pid_is_dead(PyObject *self, PyObject *args)
+{
+    int pid;
+
+    if (!PyArg_ParseTuple(args, "i:pid_is_dead", &pid))
+        return NULL;
+    if (check_pid(pid, "pid") < 0)
+        return NULL;
+    return PyBool_FromLong(pid_dead(pid));
+}
+
+/* ------------------------------------------------------------------------- */
+/* module                                                                    */
+/* ------------------------------------------------------------------------- */
+
+#define DOC(name, sig, text) PyDoc_STRVAR(name##_doc, #name sig "\n--\n\n" text)
+
+DOC(load32, "(addr, /)", "Atomically load the int32 at addr; return it (signed).");
+DOC(store32, "(addr, v, /)", "Atomically store v (wrapped to 32 bits) at addr; return None.");
+DOC(add32, "(addr, delta, /)",
+    "Atomically add delta to the int32 at addr; return the NEW value (wrapping).");
+DOC(xchg32, "(addr, v, /)", "Atomically exchange the int32 at addr with v; return the old value.");
+DOC(cmpxchg32, "(addr, old, new, /)",
+    "Atomically replace old by new at addr; return the value that was there "
+    "(success iff it equals old).");
+DOC(or32, "(addr, bits, /)", "Atomically OR bits into the int32 at addr; return the old value.");
+DOC(and32, "(addr, bits, /)", "Atomically AND bits into the int32 at addr; return the old value.");
+DOC(load64, "(addr, /)", "Atomically load the int64 at addr; return it (signed).");
+DOC(store64, "(addr, v, /)", "Atomically store v (wrapped to 64 bits) at addr; return None.");
+DOC(add64, "(addr, delta, /)",
+    "Atomically add delta to the int64 at addr; return the NEW value (wrapping).");
+DOC(xchg64, "(addr, v, /)", "Atomically exchange the int64 at addr with v; return the old value.");
+DOC(cmpxchg64, "(addr, old, new, /)",
+    "Atomically replace old by new at addr; return the value that was there "
+    "(success iff it equals old).");
+DOC(or64, "(addr, bits, /)", "Atomically OR bits into the int64 at addr; return the old value.");
+DOC(and64, "(addr, bits, /)", "Atomically AND bits into the int64 at addr; return the old value.");
+DOC(lock, "(addr, pid, spins, timeout_ns, /)",
+    "Acquire the owner-aware lock at addr for pid; return 0 if acquired, the dead "
+    "owner's pid if taken over from a dead owner, -1 on timeout (timeout_ns < 0 = never).");
+DOC(trylock, "(addr, pid, /)", "Take the lock at addr for pid if it is free; return True if taken.");
+DOC(unlock, "(addr, pid, /)",
+    "Release the lock at addr held by pid and wake one sleeper; return False "
+    "(changing nothing) if pid is not the owner.");
+DOC(lock_owner, "(addr, /)", "Return the pid holding the lock at addr (0 = free).");
+DOC(force_unlock, "(addr, expected_owner, /)",
+    "Release the lock at addr iff expected_owner holds it, waking one sleeper; "
+    "return True if released.");
+DOC(futex_wait, "(addr, expected, timeout_ns, /)",
+    "FUTEX_WAIT (shared) on addr while it holds expected; return 0 if woken, else "
+    "-errno (-EAGAIN, -ETIMEDOUT, -EINTR); timeout_ns < 0 = forever.");
+DOC(futex_wake, "(addr, n, /)", "FUTEX_WAKE (shared) up to n waiters on addr; return the number woken.");
+DOC(set_comm, "(name, /)",
+    "Set this thread's comm (prctl PR_SET_NAME, truncated to 15 bytes); return None, "
+    "OSError on failure.");
+DOC(set_pdeathsig, "(sig, /)",
+    "Set the parent-death signal (prctl PR_SET_PDEATHSIG); return None, OSError on failure.");
+DOC(pid_is_dead, "(pid, /)",
+    "Return True if pid does not exist (ESRCH) or is a zombie/dead task (state Z or X).");
+
+#define METH(name) {#name, emu_##name, METH_VARARGS, name##_doc}
+
+static PyMethodDef emu_native_methods[] = {
+    METH(load32),
+    METH(store32),
+    METH(add32),
+    METH(xchg32),
+    METH(cmpxchg32),
+    METH(or32),
+    METH(and32),
+    METH(load64),
+    METH(store64),
+    METH(add64),
+    METH(xchg64),
+    METH(cmpxchg64),
+    METH(or64),
+    METH(and64),
+    METH(lock),
+    METH(trylock),
+    METH(unlock),
+    METH(lock_owner),
+    METH(force_unlock),
+    METH(futex_wait),
+    METH(futex_wake),
+    METH(set_comm),
+    METH(set_pdeathsig),
+    METH(pid_is_dead),
+    {NULL, NULL, 0, NULL},
+};
+
+PyDoc_STRVAR(emu_native_doc,
+"Native primitives for emu: atomics, an owner-aware futex lock, raw futex wait/wake\n"
+"and a few prctl helpers.\n"
+"\n"
+"Every function takes an absolute address (int) into memory shared between processes\n"
+"(e.g. ctypes.addressof into an mmap) and returns raw data; policy is left to Python.\n"
+"\n"
+"Atomics (all sequentially consistent; values wrap to the word size, results signed):\n"
+"  load32/load64(addr), store32/store64(addr, v), add32/add64(addr, delta) -> new,\n"
+"  xchg32/xchg64(addr, v) -> old, cmpxchg32/cmpxchg64(addr, old, new) -> value found,\n"
+"  or32/or64/and32/and64(addr, bits) -> old.\n"
+"\n"
+"Lock at addr: int32 owner pid (0 = free), int32 waiters at addr + 4:\n"
+"  lock(addr, pid, spins, timeout_ns) -> 0 | dead owner's pid | -1 (timeout),\n"
+"  trylock(addr, pid) -> bool, unlock(addr, pid) -> bool, lock_owner(addr) -> pid,\n"
+"  force_unlock(addr, expected_owner) -> bool.\n"
+"\n"
+"futex_wait(addr, expected, timeout_ns) -> 0 | -errno, futex_wake(addr, n) -> woken;\n"
+"set_comm(name), set_pdeathsig(sig), pid_is_dead(pid) -> bool.\n"
+"\n"
+"Addresses must be non-zero and aligned (4 bytes; 8 for the 64-bit atomics),\n"
+"otherwise ValueError is raised.");
+
+static PyModuleDef_Slot emu_native_slots[] = {
+#ifdef Py_mod_multiple_interpreters
+    {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
+#endif
+#ifdef Py_mod_gil
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef emu_native_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "emu._native",
+    .m_doc = emu_native_doc,
+    .m_size = 0,
+    .m_methods = emu_native_methods,
+    .m_slots = emu_native_slots,
+};
+
+PyMODINIT_FUNC
+PyInit__native(void)
+{
+    return PyModuleDef_Init(&emu_native_module);
+}

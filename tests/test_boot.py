@@ -1,0 +1,209 @@
+"""Booting, the kernel handle, the log, capacity limits and hygiene (nothing left behind)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+import emu
+from util import stop_after_exit, wait_until
+
+SHM_PREFIX = "emu-"
+
+
+def emu_shm() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if SHM_PREFIX in n}
+
+
+def test_boot_makes_the_booting_process_a_user_task():
+    with emu.boot(cpus=2) as kernel:
+        me = emu.current()
+        assert me.pid == os.getpid() and me.mm is not None
+        assert not me.flags & emu.PF_KTHREAD
+        assert kernel.ncpus == 2 and kernel.hz == 250 == emu.HZ
+        assert emu.task_state_to_char(me) == "R"
+        assert [t.pid for t in kernel.tasks()] == [os.getpid()]
+    with pytest.raises(emu.NotBootedError, match="emu.boot"):
+        emu.current()
+
+
+def test_booting_twice_is_an_error(kernel):
+    with pytest.raises(emu.AlreadyBootedError, match="shut it down"):
+        emu.boot()
+
+
+def test_api_outside_a_kernel_is_an_error():
+    with pytest.raises(emu.NotBootedError):
+        emu.Completion()
+    with pytest.raises(emu.NotBootedError):
+        emu.kthread_run(lambda d: 0, None, "x")
+    with pytest.raises(emu.NotBootedError):
+        emu.printk("x")
+
+
+@pytest.mark.parametrize("kwargs, exc, word", [
+    ({"cpus": 0}, ValueError, "cpus"),
+    ({"cpus": [999]}, ValueError, "cpus"),
+    ({"cpus": "all"}, TypeError, "cpus"),
+    ({"hz": 0}, ValueError, "hz"),
+    ({"hz": 2.5}, TypeError, "hz"),
+    ({"max_tasks": 1}, ValueError, "max_tasks"),
+    ({"hung_task_timeout_secs": -1}, ValueError, "hung_task_timeout_secs"),
+])
+def test_bad_boot_arguments_name_the_argument(kwargs, exc, word):
+    with pytest.raises(exc, match=word):
+        emu.boot(**kwargs)
+
+
+def test_boot_leaves_nothing_in_dev_shm():
+    before = emu_shm()
+    with emu.boot():
+        assert emu_shm() == before
+    assert emu_shm() == before
+
+
+def test_more_emulated_cpus_than_real_ones_round_robin():
+    real = sorted(os.sched_getaffinity(0))
+    with emu.boot(cpus=len(real) * 2) as kernel:
+        assert kernel.cpu_map == real * 2
+
+
+def test_task_capacity_error_damages_nothing():
+    with emu.boot(max_tasks=3) as kernel:
+        t1 = emu.kthread_create(lambda d: 0, None, "a")
+        t2 = emu.kthread_create(lambda d: 0, None, "b")
+        with pytest.raises(emu.CapacityError, match="max_tasks"):
+            emu.kthread_create(lambda d: 0, None, "c")
+        assert emu.kthread_stop(t1) == -emu.EINTR
+        t3 = emu.kthread_run(lambda d: 4, None, "d")  # the freed slot is reusable
+        assert stop_after_exit(t3) == 4
+        assert emu.kthread_stop(t2) == -emu.EINTR
+        assert kernel.warnings == 0
+
+
+def test_completion_capacity_error():
+    with emu.boot(max_tasks=2, max_completions=16) as kernel:
+        cs = [emu.Completion() for _ in range(16 + 2 * 2)]
+        with pytest.raises(emu.CapacityError, match="max_completions"):
+            emu.Completion()
+        del cs[0]  # freed when its creating handle goes away
+        emu.Completion()
+        assert kernel.warnings == 0
+
+
+def test_printk_levels_timestamps_and_console(kernel, capfd):
+    emu.printk("plain %d", 1)
+    emu.pr_info("info line")
+    emu.pr_err("error line")
+    emu.printk(emu.KERN_WARNING + "warn ")
+    emu.pr_cont("continued")
+    log = kernel.dmesg()
+    texts = [line[15:] for line in log]
+    assert texts == ["plain 1", "info line", "error line", "warn continued"]
+    for line in log:
+        assert line[0] == "[" and line[13:15] == "] " and line[6] == "."
+    err = capfd.readouterr().err
+    assert "error line" in err and "info line" not in err
+
+
+def test_log_ring_keeps_the_newest_records():
+    with emu.boot(log_records=16) as kernel:
+        for i in range(40):
+            emu.pr_info("line %d", i)
+        log = kernel.dmesg()
+        assert len(log) == 16 and log[-1].endswith("line 39") and log[0].endswith("line 24")
+
+
+def test_ps_table(kernel):
+    t = emu.kthread_create(lambda d: 0, None, "pstest")
+    lines = kernel.ps().splitlines()
+    assert lines[0].split() == ["PID", "CPU", "S", "COMMAND"]
+    row = [line for line in lines if "[pstest]" in line][0].split()
+    assert row == [str(t.pid), str(t.cpu), "D", "[pstest]"]
+    assert any(line.split()[0] == str(os.getpid()) and "[" not in line for line in lines[1:])
+    emu.kthread_stop(t)
+
+
+def test_shutdown_stops_remaining_kthreads():
+    with emu.boot() as kernel:
+        def loop(d):
+            while not emu.kthread_should_stop():
+                emu.msleep_interruptible(10_000)
+            return 0
+        pids = [emu.kthread_run(loop, None, "left%d", i).pid for i in range(3)]
+        pids.append(emu.kthread_create(loop, None, "never").pid)
+        sup = kernel.supervisor_pid
+    for pid in pids + [sup]:
+        assert not psutil.pid_exists(pid)
+
+
+SCRIPT = textwrap.dedent("""
+    import os, sys, emu
+    k = emu.boot()
+    def loop(d):
+        while not emu.kthread_should_stop():
+            emu.msleep(50)
+        return 0
+    ts = [emu.kthread_run(loop, None, "orphan%d", i) for i in range(4)]
+    c = emu.Completion()
+    ts.append(emu.kthread_run(lambda c: emu.wait_for_completion(c), c, "blocked"))
+    print(k.supervisor_pid, *[t.pid for t in ts], flush=True)
+    sys.stdin.read()
+""")
+
+
+def _spawn_kernel():
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    sup, *pids = map(int, proc.stdout.readline().split())
+    return proc, sup, pids
+
+
+def _all_gone(pids, timeout=2.0):
+    deadline = time.monotonic() + timeout
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        alive = {p for p in alive if psutil.pid_exists(p)
+                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+        time.sleep(0.01)
+    return alive
+
+
+def test_sigkill_of_the_booting_process_kills_every_task_within_2s():
+    before = emu_shm()
+    proc, sup, pids = _spawn_kernel()
+    proc.kill()
+    proc.wait()
+    assert _all_gone(pids + [sup]) == set()
+    assert emu_shm() == before
+
+
+def test_sigkill_of_the_supervisor_kills_every_task_within_2s():
+    before = emu_shm()
+    proc, sup, pids = _spawn_kernel()
+    try:
+        os.kill(sup, signal.SIGKILL)
+        assert _all_gone(pids) == set()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert emu_shm() == before
+
+
+@pytest.mark.emu_expect(oopses=1)
+def test_kthread_killed_by_a_real_sigkill_is_an_oops_and_stop_returns(kernel):
+    c = emu.Completion()
+    t = emu.kthread_run(lambda c: emu.wait_for_completion(c), c, "victim")
+    wait_until(lambda: emu.task_state_to_char(t) == "D")
+    os.kill(t.pid, signal.SIGKILL)
+    assert emu.kthread_stop(t) == 0
+    assert "victim" in "\n".join(kernel.dmesg())
+    emu.complete(c)  # the queue no longer holds the dead task
+    assert c.done == 1

@@ -1,0 +1,33 @@
+"""Helpers shared by the tests: bounded waits on observable conditions (never blind sleeps)."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import emu
+
+
+def wait_until(pred: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> None:
+    """Poll `pred` until it is true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.001)
+
+
+def wait_state(task: emu.Task, letter: str, timeout: float = 5.0) -> None:
+    """Wait until `task` shows the ps state `letter` (it has gone to sleep, parked, ...)."""
+    wait_until(lambda: emu.task_state_to_char(task) == letter, timeout,
+               f"{task.comm} to reach state {letter} (it is {emu.task_state_to_char(task)})")
+
+
+def stop_after_exit(task: emu.Task, timeout: float = 5.0) -> int:
+    """kthread_stop() once `task` has returned from threadfn by itself.
+
+    Stopping right after kthread_run() may win the race with the first wake-up and
+    return -EINTR, exactly as in the kernel; tests of results wait for the exit first.
+    """
+    wait_state(task, "X", timeout)
+    return emu.kthread_stop(task)
