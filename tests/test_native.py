@@ -1,0 +1,780 @@
+"""Tests for the C extension emu._native (atomics, owner-aware lock, futex, prctl).
+
+All memory is one anonymous MAP_SHARED page (mmap.mmap(-1, 4096)), inherited by
+os.fork(), so the cross-process tests exercise exactly what the emulator relies on.
+Every forked child leaves through os._exit() and is reaped by the test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import mmap
+import os
+import select
+import signal
+import threading
+import time
+import traceback
+
+import pytest
+
+from emu import _native
+
+pytestmark = pytest.mark.timeout(30)
+
+INT32_MAX = 2**31 - 1
+INT32_MIN = -(2**31)
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+SEC = 1_000_000_000
+MS = 1_000_000
+
+
+def s32(x: int) -> int:
+    x &= 0xFFFFFFFF
+    return x - (1 << 32) if x >= 1 << 31 else x
+
+
+def s64(x: int) -> int:
+    x &= 0xFFFFFFFFFFFFFFFF
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+@contextlib.contextmanager
+def shared_page():
+    """Yield the address of a zeroed, 4096-byte, MAP_SHARED anonymous page."""
+    mm = mmap.mmap(-1, 4096)
+    buf = ctypes.c_char.from_buffer(mm)
+    try:
+        yield ctypes.addressof(buf)
+    finally:
+        del buf
+        mm.close()
+
+
+@pytest.fixture
+def base():
+    with shared_page() as addr:
+        yield addr
+
+
+class Children:
+    """Fork helper: runs fn in a child that always leaves via os._exit; reaps all."""
+
+    def __init__(self) -> None:
+        self.pids: list[int] = []
+
+    def fork(self, fn) -> int:
+        pid = os.fork()
+        if pid == 0:
+            code = 70
+            try:
+                code = fn() or 0
+            except BaseException:  # noqa: BLE001 (a child must never unwind into pytest)
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        self.pids.append(pid)
+        return pid
+
+    def reap(self, pid: int) -> int:
+        """waitpid(pid) and return its exit code (negative signal number if killed)."""
+        _, status = os.waitpid(pid, 0)
+        self.pids.remove(pid)
+        return os.waitstatus_to_exitcode(status)
+
+    def cleanup(self) -> None:
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        self.pids.clear()
+
+
+@pytest.fixture
+def children():
+    c = Children()
+    try:
+        yield c
+    finally:
+        c.cleanup()
+
+
+@pytest.fixture
+def pipe():
+    r, w = os.pipe()
+    try:
+        yield r, w
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def read_byte(fd: int, timeout: float = 10.0) -> bytes:
+    ready, _, _ = select.select([fd], [], [], timeout)
+    assert ready, "timed out waiting for the other process"
+    return os.read(fd, 1)
+
+
+def wait_until(cond, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.001)
+
+
+@contextlib.contextmanager
+def signal_main_thread_after(delay: float, handler, signum: int = signal.SIGUSR1):
+    """Install handler for signum and pthread_kill() the main thread after delay."""
+    old = signal.signal(signum, handler)
+    main = threading.main_thread().ident
+    timer = threading.Timer(delay, signal.pthread_kill, (main, signum))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        timer.join()
+        signal.signal(signum, old)
+
+
+# --------------------------------------------------------------------------- atomics
+
+
+def test_module_surface():
+    names = [
+        *("load32", "store32", "add32", "xchg32", "cmpxchg32", "or32", "and32"),
+        *("load64", "store64", "add64", "xchg64", "cmpxchg64", "or64", "and64"),
+        *("lock", "trylock", "unlock", "lock_owner", "force_unlock"),
+        *("futex_wait", "futex_wake", "set_comm", "set_pdeathsig", "pid_is_dead"),
+    ]
+    assert _native.__doc__
+    for name in names:
+        fn = getattr(_native, name)
+        assert fn.__doc__ and "return" in fn.__doc__.lower(), name
+
+
+def test_atomics32(base):
+    a = base + 4
+    assert _native.load32(a) == 0
+    assert _native.store32(a, 41) is None
+    assert _native.load32(a) == 41
+    assert _native.add32(a, 1) == 42
+    assert _native.add32(a, -50) == -8
+    assert _native.xchg32(a, 7) == -8
+    assert _native.load32(a) == 7
+    # cmpxchg: success returns old (== expected) and stores; failure changes nothing.
+    assert _native.cmpxchg32(a, 7, 9) == 7
+    assert _native.load32(a) == 9
+    assert _native.cmpxchg32(a, 7, 100) == 9
+    assert _native.load32(a) == 9
+    assert _native.or32(a, 0b110) == 9
+    assert _native.load32(a) == 0b1111
+    assert _native.and32(a, ~0b0101) == 0b1111
+    assert _native.load32(a) == 0b1010
+    # Neighbouring words are untouched.
+    assert _native.load32(base) == 0 and _native.load32(base + 8) == 0
+
+
+def test_atomics32_wrap(base):
+    a = base
+    _native.store32(a, 0xFFFFFFFF)
+    assert _native.load32(a) == -1
+    assert ctypes.c_uint32.from_address(a).value == 0xFFFFFFFF
+    _native.store32(a, INT32_MAX)
+    assert _native.add32(a, 1) == INT32_MIN
+    assert _native.add32(a, -1) == INT32_MAX
+    assert _native.add32(a, 2**32 + 1) == INT32_MIN  # delta wraps too
+    _native.store32(a, 0x1_0000_0005)
+    assert _native.load32(a) == 5
+    assert _native.xchg32(a, 0x80000000) == 5
+    assert _native.load32(a) == INT32_MIN
+    # cmpxchg compares the wrapped 32-bit values.
+    assert _native.cmpxchg32(a, 0x80000000, -1) == INT32_MIN
+    assert _native.load32(a) == -1
+    assert _native.or32(a, 0) == -1
+    assert _native.and32(a, 0xFFFF) == -1
+    assert _native.load32(a) == 0xFFFF
+    assert _native.or32(a, 0xFFFF0000) == 0xFFFF
+    assert _native.load32(a) == -1
+
+
+def test_atomics64(base):
+    a = base + 8
+    assert _native.load64(a) == 0
+    assert _native.store64(a, 2**40) is None
+    assert _native.load64(a) == 2**40
+    assert _native.add64(a, 1) == 2**40 + 1
+    assert _native.add64(a, -(2**41)) == -(2**40) + 1
+    assert _native.xchg64(a, 3) == -(2**40) + 1
+    assert _native.cmpxchg64(a, 3, 2**50) == 3
+    assert _native.load64(a) == 2**50
+    assert _native.cmpxchg64(a, 3, 4) == 2**50
+    assert _native.load64(a) == 2**50
+    assert _native.or64(a, 1 << 62) == 2**50
+    assert _native.load64(a) == 2**50 | 1 << 62
+    assert _native.and64(a, ~(1 << 50)) == 2**50 | 1 << 62
+    assert _native.load64(a) == 1 << 62
+    assert _native.load64(base) == 0 and _native.load64(base + 16) == 0
+
+
+def test_atomics64_wrap(base):
+    a = base
+    _native.store64(a, 0xFFFFFFFFFFFFFFFF)
+    assert _native.load64(a) == -1
+    _native.store64(a, INT64_MAX)
+    assert _native.add64(a, 1) == INT64_MIN
+    assert _native.add64(a, -1) == INT64_MAX
+    assert _native.xchg64(a, 1 << 63) == INT64_MAX
+    assert _native.load64(a) == INT64_MIN
+    assert _native.cmpxchg64(a, 1 << 63, 2**64 + 7) == INT64_MIN
+    assert _native.load64(a) == 7
+    assert _native.or64(a, 1 << 63) == 7
+    assert _native.load64(a) == INT64_MIN + 7
+    assert _native.and64(a, 0xFF) == INT64_MIN + 7
+    assert _native.load64(a) == 7
+
+
+def test_atomics_match_reference_model():
+    """A deterministic sweep comparing every 32/64-bit op against a Python model."""
+    edges32 = [
+        0,
+        1,
+        -1,
+        2,
+        INT32_MAX,
+        INT32_MIN,
+        0xFFFFFFFF,
+        0x80000000,
+        2**32,
+        2**40 + 3,
+        -(2**35) - 1,
+        0x5A5A5A5A,
+        -0x12345678,
+    ]
+    edges64 = [
+        0,
+        1,
+        -1,
+        INT64_MAX,
+        INT64_MIN,
+        2**64 - 1,
+        2**63,
+        2**64,
+        2**70 + 5,
+        0x5A5A5A5A5A5A5A5A,
+        -0x123456789ABCDEF,
+    ]
+    with shared_page() as a:
+        for bits, edges, wrap, ops in (
+            (
+                32,
+                edges32,
+                s32,
+                ("load32", "store32", "add32", "xchg32", "cmpxchg32", "or32", "and32"),
+            ),
+            (
+                64,
+                edges64,
+                s64,
+                ("load64", "store64", "add64", "xchg64", "cmpxchg64", "or64", "and64"),
+            ),
+        ):
+            load, store, add, xchg, cmpxchg, or_, and_ = (getattr(_native, n) for n in ops)
+            for x in edges:
+                for y in edges:
+                    store(a, x)
+                    assert load(a) == wrap(x)
+                    assert add(a, y) == wrap(x + y)
+                    store(a, x)
+                    assert xchg(a, y) == wrap(x) and load(a) == wrap(y)
+                    store(a, x)
+                    assert or_(a, y) == wrap(x) and load(a) == wrap(x | y)
+                    store(a, x)
+                    assert and_(a, y) == wrap(x) and load(a) == wrap(x & y)
+                    store(a, x)
+                    assert cmpxchg(a, y, 12345) == wrap(x)
+                    assert load(a) == (12345 if wrap(x) == wrap(y) else wrap(x))
+
+
+def test_add32_two_processes_without_lock(base, children):
+    counter, ready, go = base, base + 4, base + 8
+    n = 20000
+
+    def child():
+        _native.add32(ready, 1)
+        while _native.load32(go) == 0:
+            pass
+        for _ in range(n):
+            _native.add32(counter, 1)
+        return 0
+
+    pid = children.fork(child)
+    wait_until(lambda: _native.load32(ready) == 1)
+    _native.store32(go, 1)
+    for _ in range(n):
+        _native.add32(counter, 1)
+    assert children.reap(pid) == 0
+    assert _native.load32(counter) == 2 * n
+
+
+# ------------------------------------------------------------------- argument checks
+
+ADDR_FUNCS = {
+    "load32": (4, ()),
+    "store32": (4, (1,)),
+    "add32": (4, (1,)),
+    "xchg32": (4, (1,)),
+    "cmpxchg32": (4, (0, 1)),
+    "or32": (4, (1,)),
+    "and32": (4, (1,)),
+    "load64": (8, ()),
+    "store64": (8, (1,)),
+    "add64": (8, (1,)),
+    "xchg64": (8, (1,)),
+    "cmpxchg64": (8, (0, 1)),
+    "or64": (8, (1,)),
+    "and64": (8, (1,)),
+    "lock": (4, (os.getpid(), 0, 0)),
+    "trylock": (4, (os.getpid(),)),
+    "unlock": (4, (os.getpid(),)),
+    "lock_owner": (4, ()),
+    "force_unlock": (4, (12345,)),
+    "futex_wait": (4, (1, 0)),
+    "futex_wake": (4, (1,)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADDR_FUNCS))
+def test_bad_addresses(base, name):
+    fn = getattr(_native, name)
+    align, rest = ADDR_FUNCS[name]
+    with pytest.raises(ValueError, match="addr"):
+        fn(0, *rest)
+    with pytest.raises(ValueError, match="addr"):
+        fn(-align, *rest)
+    for off in range(1, align):
+        with pytest.raises(ValueError, match="addr.*aligned"):
+            fn(base + off, *rest)
+    with pytest.raises(TypeError):
+        fn(float(base), *rest)
+    with pytest.raises(TypeError):  # wrong arity
+        fn(base, *rest, 0)
+    # Nothing was written by the rejected calls.
+    assert bytes(ctypes.string_at(base, 16)) == bytes(16)
+
+
+def test_bad_values(base):
+    with pytest.raises(TypeError):
+        _native.store32(base, 1.5)
+    with pytest.raises(TypeError):
+        _native.add64(base, "1")
+    with pytest.raises(ValueError, match="pid"):
+        _native.lock(base, 0, 0, 0)
+    with pytest.raises(ValueError, match="pid"):
+        _native.trylock(base, -1)
+    with pytest.raises(ValueError, match="pid"):
+        _native.unlock(base, 0)
+    with pytest.raises(ValueError, match="pid"):
+        _native.pid_is_dead(0)
+    with pytest.raises(ValueError):
+        _native.futex_wake(base, -1)
+    assert _native.lock_owner(base) == 0
+
+
+# ------------------------------------------------------------------------------ lock
+
+
+def test_lock_single_process(base):
+    me = os.getpid()
+    waiters = base + 4
+    assert _native.lock_owner(base) == 0
+    assert _native.lock(base, me, 10, -1) == 0
+    assert _native.lock_owner(base) == me
+    assert _native.trylock(base, me) is False
+    assert _native.trylock(base, me + 1) is False
+    # unlock by a non-owner fails and changes nothing.
+    assert _native.unlock(base, me + 1) is False
+    assert _native.lock_owner(base) == me
+    assert _native.unlock(base, me) is True
+    assert _native.lock_owner(base) == 0
+    assert _native.unlock(base, me) is False
+    assert _native.trylock(base, me) is True
+    assert _native.lock_owner(base) == me
+    assert _native.unlock(base, me) is True
+    assert _native.load32(waiters) == 0
+
+
+def test_lock_recursion_times_out(base):
+    me = os.getpid()
+    assert _native.lock(base, me, 5, 0) == 0
+    # A second acquire by the holder is not special-cased: it waits until the timeout.
+    assert _native.lock(base, me, 5, 0) == -1
+    t0 = time.monotonic()
+    assert _native.lock(base, me, 5, 100 * MS) == -1
+    elapsed = time.monotonic() - t0
+    assert 0.09 <= elapsed < 5
+    assert _native.lock_owner(base) == me
+    assert _native.load32(base + 4) == 0
+    assert _native.unlock(base, me)
+
+
+def test_force_unlock(base):
+    me = os.getpid()
+    assert _native.force_unlock(base, me) is False  # free: nothing to release
+    assert _native.trylock(base, me)
+    assert _native.force_unlock(base, me + 1) is False
+    assert _native.lock_owner(base) == me
+    assert _native.force_unlock(base, me) is True
+    assert _native.lock_owner(base) == 0
+
+
+def test_lock_releases_gil_and_force_unlock_wakes(base):
+    """A thread sleeps in lock() (so the GIL is free); force_unlock wakes it at once."""
+    me = os.getpid()
+    assert _native.trylock(base, me)  # a live owner: the sleeper must not take over
+    result = {}
+
+    def sleeper():
+        t0 = time.monotonic()
+        result["r"] = _native.lock(base, me, 0, 20 * SEC)
+        result["t"] = time.monotonic() - t0
+
+    th = threading.Thread(target=sleeper)
+    th.start()
+    wait_until(lambda: _native.load32(base + 4) == 1)  # asleep in FUTEX_WAIT
+    time.sleep(0.05)
+    assert "r" not in result
+    assert _native.force_unlock(base, me) is True
+    th.join(10)
+    assert not th.is_alive()
+    assert result["r"] == 0 and result["t"] < 10
+    assert _native.lock_owner(base) == me
+    assert _native.load32(base + 4) == 0
+    assert _native.unlock(base, me)
+
+
+def test_lock_eintr_handler_raises(base):
+    me = os.getpid()
+    assert _native.trylock(base, me)
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted
+
+    t0 = time.monotonic()
+    with signal_main_thread_after(0.1, handler), pytest.raises(Interrupted):
+        _native.lock(base, me, 0, 20 * SEC)
+    assert time.monotonic() - t0 < 10
+    assert _native.load32(base + 4) == 0  # the waiters increment was undone
+    assert _native.lock_owner(base) == me
+    assert _native.unlock(base, me)
+
+
+def test_lock_eintr_handler_returns(base):
+    me = os.getpid()
+    assert _native.trylock(base, me)
+    calls = []
+    with signal_main_thread_after(0.05, lambda s, f: calls.append(s)):
+        t0 = time.monotonic()
+        assert _native.lock(base, me, 0, 300 * MS) == -1
+        elapsed = time.monotonic() - t0
+    assert calls == [signal.SIGUSR1]
+    assert 0.29 <= elapsed < 10
+    assert _native.load32(base + 4) == 0
+    assert _native.unlock(base, me)
+
+
+def test_lock_two_processes_timeout_then_acquire(base, children, pipe):
+    me = os.getpid()
+    to_parent_r, to_parent_w = pipe
+    to_child_r, to_child_w = os.pipe()
+    release = threading.Timer(0.1, os.write, (to_child_w, b"U"))
+    try:
+
+        def child():
+            mypid = os.getpid()
+            if _native.lock(base, mypid, 10, 5 * SEC) != 0:
+                return 2
+            os.write(to_parent_w, b"L")
+            read_byte(to_child_r)
+            return 0 if _native.unlock(base, mypid) else 3
+
+        pid = children.fork(child)
+        assert read_byte(to_parent_r) == b"L"
+        assert _native.lock_owner(base) == pid
+        t0 = time.monotonic()
+        assert _native.lock(base, me, 10, 150 * MS) == -1
+        assert time.monotonic() - t0 >= 0.14
+        assert _native.trylock(base, me) is False
+        assert _native.unlock(base, me) is False
+        assert _native.lock_owner(base) == pid
+
+        # Now sleep in lock() (no timeout) and have the child release it under us.
+        release.start()
+        t0 = time.monotonic()
+        assert _native.lock(base, me, 10, -1) == 0
+        assert time.monotonic() - t0 < 10
+        assert _native.lock_owner(base) == me
+        assert children.reap(pid) == 0
+        assert _native.unlock(base, me)
+        assert _native.load32(base + 4) == 0
+    finally:
+        release.cancel()
+        if release.is_alive():
+            release.join()
+        os.close(to_child_r)
+        os.close(to_child_w)
+
+
+def test_lock_dead_owner_reaped(base, children):
+    me = os.getpid()
+
+    def child():
+        return 0 if _native.trylock(base, os.getpid()) else 2  # exits holding the lock
+
+    pid = children.fork(child)
+    assert children.reap(pid) == 0
+    assert _native.lock_owner(base) == pid
+    assert _native.pid_is_dead(pid) is True
+    assert _native.lock(base, me, 10, 5 * SEC) == pid
+    assert _native.lock_owner(base) == me
+    assert _native.unlock(base, me)
+
+
+def test_lock_dead_owner_timeout_zero(base, children):
+    """Even with timeout 0 a dead owner is detected before giving up."""
+    me = os.getpid()
+    pid = children.fork(lambda: 0 if _native.trylock(base, os.getpid()) else 2)
+    assert children.reap(pid) == 0
+    assert _native.lock(base, me, 0, 0) == pid
+    assert _native.unlock(base, me)
+
+
+def test_lock_dead_owner_zombie(base, children, pipe):
+    """An exited but unreaped owner (state Z, kill() still succeeds) counts as dead."""
+    me = os.getpid()
+    r, w = pipe
+
+    def child():
+        if not _native.trylock(base, os.getpid()):
+            return 2
+        os.write(w, b"L")
+        return 0
+
+    pid = children.fork(child)
+    assert read_byte(r) == b"L"
+    assert _native.lock(base, me, 10, 10 * SEC) == pid
+    # The child was not reaped yet: it was a zombie when lock() took over.
+    wpid, status = os.waitpid(pid, os.WNOHANG)
+    assert wpid == pid and os.waitstatus_to_exitcode(status) == 0
+    children.pids.remove(pid)
+    assert _native.lock_owner(base) == me
+    assert _native.unlock(base, me)
+
+
+def test_lock_owner_dies_while_we_sleep(base, children, pipe):
+    me = os.getpid()
+    r, w = pipe
+
+    def child():
+        if _native.lock(base, os.getpid(), 10, 5 * SEC) != 0:
+            return 2
+        os.write(w, b"L")
+        wait_until(lambda: _native.load32(base + 4) >= 1)  # parent is asleep
+        time.sleep(0.05)
+        return 0  # exit holding the lock
+
+    pid = children.fork(child)
+    assert read_byte(r) == b"L"
+    assert _native.lock(base, me, 10, -1) == pid
+    assert children.reap(pid) == 0
+    assert _native.lock_owner(base) == me
+    assert _native.load32(base + 4) == 0
+    assert _native.unlock(base, me)
+
+
+def test_lock_two_processes_counter(base, children):
+    lockw, ready, go, counter = base, base + 8, base + 12, base + 16
+    n = 20000
+
+    def work() -> int:
+        mypid = os.getpid()
+        value = ctypes.c_int32.from_address(counter)
+        for _ in range(n):
+            if _native.lock(lockw, mypid, 100, 10 * SEC) != 0:
+                return 2
+            value.value = value.value + 1  # plain, non-atomic read-modify-write
+            if not _native.unlock(lockw, mypid):
+                return 3
+        return 0
+
+    def child():
+        _native.add32(ready, 1)
+        while _native.load32(go) == 0:
+            pass
+        return work()
+
+    pid = children.fork(child)
+    wait_until(lambda: _native.load32(ready) == 1)
+    _native.store32(go, 1)
+    assert work() == 0
+    assert children.reap(pid) == 0
+    assert _native.load32(counter) == 2 * n
+    assert _native.lock_owner(lockw) == 0
+    assert _native.load32(lockw + 4) == 0
+
+
+# ----------------------------------------------------------------------------- futex
+
+
+def test_futex_wait_errors(base):
+    _native.store32(base, 5)
+    assert _native.futex_wait(base, 4, SEC) == -errno.EAGAIN
+    assert _native.futex_wait(base, 5, 0) == -errno.ETIMEDOUT
+    t0 = time.monotonic()
+    assert _native.futex_wait(base, 0x1_0000_0005, 30 * MS) == -errno.ETIMEDOUT  # wrapped
+    assert time.monotonic() - t0 >= 0.025
+    assert _native.futex_wake(base, 1) == 0
+
+
+def test_futex_wait_eintr(base):
+    calls = []
+    with signal_main_thread_after(0.05, lambda s, f: calls.append(s)):
+        assert _native.futex_wait(base, 0, 10 * SEC) == -errno.EINTR
+    assert calls == [signal.SIGUSR1]
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted
+
+    with signal_main_thread_after(0.05, handler), pytest.raises(Interrupted):
+        _native.futex_wait(base, 0, 10 * SEC)
+
+
+def test_futex_wait_releases_gil(base):
+    result = {}
+
+    def waiter():
+        result["r"] = _native.futex_wait(base, 0, -1)
+
+    th = threading.Thread(target=waiter)
+    th.start()
+    woken = 0
+    deadline = time.monotonic() + 10
+    while woken == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+        woken = _native.futex_wake(base, 1)
+    th.join(10)
+    assert woken == 1 and result["r"] == 0
+
+
+def test_futex_shared_across_processes(base, children):
+    """Wait in one process, wake from another: only works with a shared futex."""
+    word, ready = base, base + 4
+
+    def child():
+        _native.store32(ready, 1)
+        return 0 if _native.futex_wait(word, 0, 10 * SEC) == 0 else 2
+
+    pid = children.fork(child)
+    wait_until(lambda: _native.load32(ready) == 1)
+    woken = 0
+    deadline = time.monotonic() + 10
+    while woken == 0 and time.monotonic() < deadline:
+        woken = _native.futex_wake(word, 1)
+        time.sleep(0.002)
+    assert woken == 1
+    assert children.reap(pid) == 0
+
+
+def test_futex_wake_many(base):
+    n = 3
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(_native.futex_wait(base, 0, 10 * SEC)))
+        for _ in range(n)
+    ]
+    for th in threads:
+        th.start()
+    woken = 0
+    deadline = time.monotonic() + 10
+    while woken < n and time.monotonic() < deadline:
+        time.sleep(0.005)
+        woken += _native.futex_wake(base, 2**31 - 1)
+    for th in threads:
+        th.join(10)
+    assert woken == n and results == [0] * n
+
+
+# --------------------------------------------------------------------------- process
+
+
+def _comm() -> str:
+    with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+        return f.read().rstrip("\n")
+
+
+def test_set_comm():
+    original = _comm()
+    try:
+        assert _native.set_comm("emu-test") is None
+        assert _comm() == "emu-test"
+        _native.set_comm(b"emu-bytes")
+        assert _comm() == "emu-bytes"
+        _native.set_comm("a-very-long-kthread-name/0")
+        assert _comm() == "a-very-long-kth"  # truncated to 15 bytes by the kernel
+        with pytest.raises(ValueError):
+            _native.set_comm("bad\0name")
+        with pytest.raises(TypeError):
+            _native.set_comm(42)
+    finally:
+        _native.set_comm(original)
+    assert _comm() == original
+
+
+def test_set_pdeathsig(children):
+    def child():
+        libc = ctypes.CDLL(None, use_errno=True)
+        got = ctypes.c_int(-1)
+        _native.set_pdeathsig(signal.SIGUSR1)
+        if libc.prctl(2, ctypes.byref(got), 0, 0, 0) != 0:  # PR_GET_PDEATHSIG
+            return 2
+        if got.value != signal.SIGUSR1:
+            return 3
+        _native.set_pdeathsig(0)
+        libc.prctl(2, ctypes.byref(got), 0, 0, 0)
+        if got.value != 0:
+            return 4
+        try:
+            _native.set_pdeathsig(100000)
+        except OSError as e:
+            return 0 if e.errno == errno.EINVAL else 5
+        return 6
+
+    assert children.reap(children.fork(child)) == 0
+
+
+def test_pid_is_dead(children, pipe):
+    assert _native.pid_is_dead(os.getpid()) is False
+    assert _native.pid_is_dead(1) is False  # init exists (EPERM or not, never ESRCH)
+
+    r, w = pipe
+
+    def child():
+        read_byte(r)
+        return 0
+
+    pid = children.fork(child)
+    assert _native.pid_is_dead(pid) is False
+    os.write(w, b"x")
+    wait_until(lambda: _native.pid_is_dead(pid))  # zombie: exists but state Z
+    assert os.kill(pid, 0) is None  # still there, unreaped
+    assert children.reap(pid) == 0
+    assert _native.pid_is_dead(pid) is True  # gone: ESRCH
