@@ -1,7 +1,8 @@
 """Sleeping: schedule(), schedule_timeout*(), msleep*(), jiffies (kernel/time/sleep_timeout.c).
 
-Every timed sleep is a sleep until a jiffy boundary, measured on CLOCK_MONOTONIC from
-boot, so return values are whole jiffies as in the kernel.
+Time is CLOCK_MONOTONIC since boot. A timed sleep of `t` jiffies lasts at least
+t/HZ seconds (the kernel's timer may fire up to a jiffy early relative to the call);
+the time left is returned in whole jiffies, rounded up.
 """
 
 from __future__ import annotations
@@ -33,12 +34,6 @@ def jiffies() -> int:
     """Ticks of 1/HZ s since boot."""
     hdr = image.this().img.hdr
     return (time.monotonic_ns() - hdr.boot_ns) * hdr.hz // 1_000_000_000 + INITIAL_JIFFIES
-
-
-def jiffy_deadline_ns(j: int) -> int:
-    """CLOCK_MONOTONIC time (ns) at which jiffies reaches `j`."""
-    hdr = image.this().img.hdr
-    return hdr.boot_ns + -((-(j - INITIAL_JIFFIES) * 1_000_000_000) // hdr.hz)
 
 
 def _check_count(value: int, name: str) -> None:
@@ -106,16 +101,17 @@ def schedule_timeout(timeout: int) -> int:
         printk.log_store(4, "\n".join(bug.stack_lines(bug._caller(1))))
         set_current_state(TASK_RUNNING)
         return 0
-    expire = jiffies() + timeout
+    jiffy_ns = 1_000_000_000 // _hz()
+    deadline = time.monotonic_ns() + timeout * jiffy_ns
     state = current_state()
     if state != TASK_RUNNING:
         if signal_pending_state(state, me):
             set_current_state(TASK_RUNNING)
         else:
             preempt.schedule_debug()
-            sleep(jiffy_deadline_ns(expire))
-    left = expire - jiffies()
-    return left if left > 0 else 0
+            sleep(deadline)
+    left = deadline - time.monotonic_ns()
+    return -(-left // jiffy_ns) if left > 0 else 0
 
 
 def _schedule_timeout_state(state: int, timeout: int) -> int:
