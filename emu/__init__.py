@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from .bug import KernelBug
 from .completion import (
-    Completion,
     DECLARE_COMPLETION,
+    Completion,
     complete,
     complete_all,
     completion_done,

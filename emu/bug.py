@@ -12,9 +12,10 @@ import sys
 import traceback
 from types import FrameType, TracebackType
 
-from . import _native, image, printk
+from . import _native, image
 from .constants import TAINT_DIE, TAINT_WARN
 from .errors import EmuError
+from .printk import log_store
 
 # print_tainted(): one column per flag, in the kernel's order ("G" = not proprietary).
 _TAINT_ORDER = "PFSRMBUDAWCIOELKXTNJ"
@@ -77,7 +78,7 @@ def header_line(cpu: int | None = None, pid: int | None = None, comm: str | None
 
 def stack_lines(frame: FrameType | None) -> list[str]:
     """The Python stack ending at `frame`, one line per kernel-style trace entry."""
-    lines = []
+    lines: list[str] = []
     for entry in traceback.format_stack(frame):
         lines.extend(" " + part for part in entry.rstrip("\n").split("\n"))
     return lines
@@ -100,7 +101,7 @@ def warn(message: str | None = None, depth: int = 1) -> None:
     add_taint(TAINT_WARN)
     lines += [header_line(), "Call Trace:"] + stack_lines(frame) + [END_TRACE]
     _count("warnings")
-    printk.log_store(4, "\n".join(lines))
+    log_store(4, "\n".join(lines))
 
 
 def bug_splat(first: str, details: list[str], depth: int = 1) -> None:
@@ -109,7 +110,7 @@ def bug_splat(first: str, details: list[str], depth: int = 1) -> None:
     add_taint(TAINT_WARN)
     lines = [first] + details + [header_line(), "Call Trace:"] + stack_lines(frame)
     _count("bugs")
-    printk.log_store(3, "\n".join(lines))
+    log_store(3, "\n".join(lines))
 
 
 def oops(exc: BaseException | None, title: str, cpu: int | None = None,
@@ -124,7 +125,7 @@ def oops(exc: BaseException | None, title: str, cpu: int | None = None,
             lines.extend(" " + part for part in entry.rstrip("\n").split("\n"))
     lines.append(END_TRACE)
     _count("oopses")
-    printk.log_store(4 if exc is None else 1, "\n".join(lines))
+    log_store(4 if exc is None else 1, "\n".join(lines))
 
 
 def BUG(depth: int = 1) -> None:
@@ -134,13 +135,13 @@ def BUG(depth: int = 1) -> None:
     frame = _caller(depth)
     where = _where(frame)
     _count("bugs")
-    printk.log_store(1, f"kernel BUG at {where}!")
+    log_store(1, f"kernel BUG at {where}!")
     try:
         raise KernelBug(f"kernel BUG at {where}!")
     except KernelBug as exc:
         exc.__traceback__ = None
         oops(None, "invalid opcode: 0000")
-        printk.log_store(1, "\n".join(stack_lines(frame)))
+        log_store(1, "\n".join(stack_lines(frame)))
         if _current is not None and _current.is_kthread:
             raise TaskKilled() from exc
         raise

@@ -15,10 +15,11 @@ import signal as _os_signal
 import time
 from typing import Any
 
-from . import _native, image, kthread, printk, supervisor, task
+from . import _native, image, kthread, supervisor, task
 from .constants import PF_KTHREAD, TASK_RUNNING
 from .errors import AlreadyBootedError, EmuError, KernelDeadError
 from .kthread import KTHREAD_EXITED, KTHREAD_SHOULD_STOP, kthread_unpark
+from .printk import CONSOLE_LOGLEVEL_DEFAULT, dmesg, log_store
 
 F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
 HZ_DEFAULT = 250
@@ -109,7 +110,7 @@ class Kernel:
 
     def dmesg(self) -> list[str]:
         """The kernel log, one line per entry, ``[seconds.micros] text``."""
-        return printk.dmesg(self._img)
+        return dmesg(self._img)
 
     def tasks(self) -> list[task.Task]:
         """Every task: the booting process and each kthread."""
@@ -132,7 +133,7 @@ class Kernel:
             )
 
     # life cycle
-    def __enter__(self) -> "Kernel":
+    def __enter__(self) -> Kernel:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -171,7 +172,7 @@ class Kernel:
             if pending:
                 time.sleep(0.002)
         for t in pending:
-            printk.log_store(3, f"emu: kthread {t.comm}/{t.pid} did not stop at shutdown: killed")
+            log_store(3, f"emu: kthread {t.comm}/{t.pid} did not stop at shutdown: killed")
 
     def _teardown(self) -> None:
         img = self._img
@@ -205,7 +206,7 @@ def boot(
     max_tasks: int = 256,
     max_completions: int = 16384,
     log_records: int = 4096,
-    console_loglevel: int = printk.CONSOLE_LOGLEVEL_DEFAULT,
+    console_loglevel: int = CONSOLE_LOGLEVEL_DEFAULT,
     hung_task_check_interval_secs: int = 0,
     hung_task_warnings: int = 10,
     hung_task_panic: int = 0,

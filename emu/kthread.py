@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import signal as _os_signal
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from . import _native, bug, image, preempt
 from .completion import Completion, _free, _from_index, complete, wait_for_completion
@@ -30,6 +31,7 @@ from .constants import (
     TASK_UNINTERRUPTIBLE,
 )
 from .errors import EmuError
+from .printk import log_store
 from .sched import schedule
 from .task import (
     Task,
@@ -74,7 +76,9 @@ def _format_name(namefmt: str, args: tuple[Any, ...]) -> str:
     try:
         name = namefmt % args
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"namefmt {namefmt!r} does not fit its arguments {args!r}: {exc}") from None
+        raise ValueError(
+            f"namefmt {namefmt!r} does not fit its arguments {args!r}: {exc}"
+        ) from None
     if "\0" in name:
         raise ValueError(f"namefmt must not produce a NUL character: {name!r}")
     return name
@@ -115,7 +119,7 @@ def _create(threadfn: Callable[[Any], int], data: Any, name: str, cpu: int | Non
     reap_children()
     bound = cpu is not None
     flags = PF_KTHREAD | (PF_NO_SETAFFINITY if bound else 0)
-    task = alloc_slot(name, flags, cpu if bound else _place(), TASK_UNINTERRUPTIBLE)
+    task = alloc_slot(name, flags, _place() if cpu is None else cpu, TASK_UNINTERRUPTIBLE)
     rec = task._rec
     try:
         exited, parked = Completion(), Completion()
@@ -235,12 +239,10 @@ def _do_exit(task: Task, result: Any) -> None:
     try:
         rec = task._rec
         if preempt.in_atomic() or preempt.irqs_disabled():
-            from . import printk
-
             if preempt.irqs_disabled():
-                printk.log_store(5, f"note: {task.comm}[{task.pid}] exited with irqs disabled")
+                log_store(5, f"note: {task.comm}[{task.pid}] exited with irqs disabled")
             if preempt.in_atomic():
-                printk.log_store(5, f"note: {task.comm}[{task.pid}] exited with preempt_count "
+                log_store(5, f"note: {task.comm}[{task.pid}] exited with preempt_count "
                                     f"{preempt.preempt_count()}")
         rec.result = _to_int(result)
         _native.or32(image.field_addr(rec, "flags"), PF_EXITING)

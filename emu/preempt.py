@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import bug
 
@@ -28,17 +29,28 @@ NMI_MASK = 0xF00000
 _count = 0
 _irqs_off = False
 _last_resched_splat = 0
+_rec: Any = None  # this task's slot, where the state is mirrored
 #: Called when interrupts become enabled again (IRQ replay hooks in later layers).
 irq_enable_hooks: list[Callable[[], None]] = []
 
 
-def _mirror() -> None:
-    from .task import _current
+def attach(rec: Any) -> None:
+    """Mirror this process's context state into task slot `rec` (None: not a task)."""
+    global _rec
+    _rec = rec
+    _mirror()
 
-    if _current is not None:
-        rec = _current._rec
-        rec.preempt_count = _count
-        rec.irqs_disabled = int(_irqs_off)
+
+def _mirror() -> None:
+    if _rec is not None:
+        _rec.preempt_count = _count
+        _rec.irqs_disabled = int(_irqs_off)
+
+
+def _who() -> tuple[int, str]:
+    if _rec is None:
+        return os.getpid(), "?"
+    return int(_rec.pid), _rec.comm.decode("utf-8", "replace")
 
 
 def preempt_count() -> int:
@@ -164,10 +176,7 @@ def might_sleep(depth: int = 1) -> None:
     if _last_resched_splat and now - _last_resched_splat < 1_000_000_000:
         return
     _last_resched_splat = now
-    from .task import _current
-
-    pid = os.getpid() if _current is None else _current.pid
-    name = "?" if _current is None else _current.comm
+    pid, name = _who()
     frame = bug._caller(depth)
     bug.bug_splat(
         f"BUG: sleeping function called from invalid context at {bug._where(frame)}",
@@ -184,10 +193,7 @@ def schedule_debug() -> None:
     """__schedule_bug(): "scheduling while atomic" when a task really blocks in atomic context."""
     if _count == 0:
         return
-    from .task import _current
-
-    comm = "?" if _current is None else _current.comm
-    pid = os.getpid() if _current is None else _current.pid
+    pid, comm = _who()
     bug.bug_splat(
         f"BUG: scheduling while atomic: {comm}/{pid}/0x{_count + PREEMPT_OFFSET:08x}", [],
         depth=2,
@@ -195,10 +201,11 @@ def schedule_debug() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _count, _irqs_off, _last_resched_splat
+    global _count, _irqs_off, _last_resched_splat, _rec
     _count = 0
     _irqs_off = False
     _last_resched_splat = 0
+    _rec = None
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

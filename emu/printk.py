@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import time
+from collections.abc import Callable
 
 from . import image, locking
 
@@ -128,7 +129,7 @@ def dmesg(img: image.SharedImage | None = None) -> list[str]:
     return out
 
 
-def _pr(level: str):  # type: ignore[no-untyped-def]
+def _pr(level: str) -> Callable[..., int]:
     def pr(fmt: str, *args: object) -> int:
         return printk(level + fmt, *args)
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -27,7 +28,9 @@ _KERNEL_ATTR = "_emu_kernel"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "emu_boot(**kwargs): arguments for emu.boot() in the kernel fixture")
+    config.addinivalue_line(
+        "markers", "emu_boot(**kwargs): arguments for emu.boot() in the kernel fixture"
+    )
     config.addinivalue_line(
         "markers",
         "emu_expect(warnings=0, bugs=0, oopses=0, hung_tasks=0): kernel reports the test expects",

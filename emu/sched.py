@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from . import bug, image, preempt, printk
+from . import bug, image, preempt
 from .constants import (
     MAX_SCHEDULE_TIMEOUT,
     TASK_IDLE,
@@ -19,6 +19,7 @@ from .constants import (
     TASK_UNINTERRUPTIBLE,
     UINT_MAX,
 )
+from .printk import KERN_ERR, log_store, printk
 from .signal import signal_pending, signal_pending_state
 from .task import current, current_state, set_current_state, sleep
 
@@ -96,9 +97,9 @@ def schedule_timeout(timeout: int) -> int:
         schedule()
         return MAX_SCHEDULE_TIMEOUT
     if timeout < 0:
-        printk.printk(printk.KERN_ERR + "schedule_timeout: wrong timeout value %x",
+        printk(KERN_ERR + "schedule_timeout: wrong timeout value %x",
                       timeout & 0xFFFFFFFFFFFFFFFF)
-        printk.log_store(4, "\n".join(bug.stack_lines(bug._caller(1))))
+        log_store(4, "\n".join(bug.stack_lines(bug._caller(1))))
         set_current_state(TASK_RUNNING)
         return 0
     jiffy_ns = 1_000_000_000 // _hz()
@@ -154,7 +155,10 @@ def msleep(msecs: int) -> None:
 
 
 def msleep_interruptible(msecs: int) -> int:
-    """Sleep in S for `msecs` ms unless a signal is pending; returns the ms left (0 if slept fully)."""
+    """Sleep in S for `msecs` ms unless a signal is pending.
+
+    Returns the ms left, 0 if it slept fully.
+    """
     _check_msecs(msecs)
     timeout = msecs_to_jiffies(msecs)
     me = current()

@@ -15,7 +15,7 @@ import signal as _os_signal
 import time
 from typing import Any
 
-from . import _native, bug, image, printk
+from . import _native, bug, image
 from .completion import _from_index, complete, remove_waiter
 from .constants import (
     PF_EXITING,
@@ -27,6 +27,7 @@ from .constants import (
 )
 from .kthread import KTHREAD_EXITED
 from .locking import raw_spin_lock, raw_spin_unlock
+from .printk import log_store
 
 #: How often the death watch looks for new tasks, in seconds.
 POLL_INTERVAL = 0.05
@@ -166,7 +167,7 @@ class HungTaskDetector:
         for key in set(self.seen) - live:
             del self.seen[key]
         if hung and self.hdr.hung_task_panic:
-            printk.log_store(0, "Kernel panic - not syncing: hung_task: blocked tasks")
+            log_store(0, "Kernel panic - not syncing: hung_task: blocked tasks")
             os.killpg(os.getpgrp(), _os_signal.SIGKILL)
 
     def report(self, rec: Any, blocked_secs: int) -> None:
@@ -184,8 +185,8 @@ class HungTaskDetector:
             f"task:{comm:<15.15} state:D stack:0     pid:{rec.pid} tgid:{rec.pid} "
             f"ppid:{rec.ppid} flags:0x{rec.flags:08x}",
         ]
-        printk.log_store(3, "\n".join(lines))
+        log_store(3, "\n".join(lines))
         if warnings == 1:
-            printk.log_store(
+            log_store(
                 3, "Future hung task reports are suppressed, see sysctl kernel.hung_task_warnings"
             )

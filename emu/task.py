@@ -21,24 +21,23 @@ from typing import Any
 
 import posix_ipc
 
-from . import _native, image, locking
+from . import _native, image, locking, preempt
 from .constants import (
     EXIT_DEAD,
     EXIT_ZOMBIE,
+    KTHREAD_NAME_LEN,
     PF_KTHREAD,
     TASK_COMM_LEN,
     TASK_DEAD,
+    TASK_FROZEN,
     TASK_IDLE,
-    TASK_INTERRUPTIBLE,
     TASK_NORMAL,
     TASK_PARKED,
     TASK_REPORT,
     TASK_REPORT_IDLE,
     TASK_RTLOCK_WAIT,
-    TASK_FROZEN,
     TASK_RUNNING,
     TASK_UNINTERRUPTIBLE,
-    KTHREAD_NAME_LEN,
 )
 from .errors import CapacityError, StaleObjectError
 
@@ -84,7 +83,8 @@ class Task:
         return hash((self.slot, self.generation))
 
     def __repr__(self) -> str:
-        return f"<Task {self.full_name!r} pid={self.pid} cpu={self.cpu} state={task_state_to_char(self)}>"
+        state = task_state_to_char(self)
+        return f"<Task {self.full_name!r} pid={self.pid} cpu={self.cpu} state={state}>"
 
     @property
     def rec(self) -> Any:
@@ -236,9 +236,11 @@ def set_current(task: Task | None) -> None:
     if task is None:
         _state_addr = 0
         _sem = None
+        preempt.attach(None)
         return
     _state_addr = image.field_addr(task._rec, "state")
     _sem = image.this().sems[task.slot]
+    preempt.attach(task._rec)
 
 
 def current() -> Task:
@@ -277,7 +279,7 @@ def wake_up_state(task: Task, mask: int) -> int:
 
     Safe from any context; never sleeps.
     """
-    task.rec
+    _ = task.rec  # raises StaleObjectError for a released task
     return wake_slot(task.slot, mask)
 
 
@@ -372,7 +374,7 @@ def ps_lines() -> list[str]:
 def _after_fork_in_child() -> None:
     # A forked process is not yet a task; kthread start-up calls set_current().
     global _current
-    _current = None
+    _current = None  # preempt detaches itself in its own fork hook
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -11,9 +11,9 @@ import time
 
 import psutil
 import pytest
+from util import stop_after_exit, wait_until
 
 import emu
-from util import stop_after_exit, wait_until
 
 SHM_PREFIX = "emu-"
 
@@ -159,10 +159,17 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _spawn_kernel():
+def _spawn_kernel(tmp_path):
+    # Run outside the checkout, so that the installed emu is imported, not the source tree.
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    sup, *pids = map(int, proc.stdout.readline().split())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    line = proc.stdout.readline()
+    if not line:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"the kernel subprocess failed:\n{err}")
+    sup, *pids = map(int, line.split())
     return proc, sup, pids
 
 
@@ -176,24 +183,24 @@ def _all_gone(pids, timeout=2.0):
     return alive
 
 
-def test_sigkill_of_the_booting_process_kills_every_task_within_2s():
+def test_sigkill_of_the_booting_process_kills_every_task_within_2s(tmp_path):
     before = emu_shm()
-    proc, sup, pids = _spawn_kernel()
+    proc, sup, pids = _spawn_kernel(tmp_path)
     proc.kill()
-    proc.wait()
+    proc.communicate()
     assert _all_gone(pids + [sup]) == set()
     assert emu_shm() == before
 
 
-def test_sigkill_of_the_supervisor_kills_every_task_within_2s():
+def test_sigkill_of_the_supervisor_kills_every_task_within_2s(tmp_path):
     before = emu_shm()
-    proc, sup, pids = _spawn_kernel()
+    proc, sup, pids = _spawn_kernel(tmp_path)
     try:
         os.kill(sup, signal.SIGKILL)
         assert _all_gone(pids) == set()
     finally:
         proc.kill()
-        proc.wait()
+        proc.communicate()
     assert emu_shm() == before
 
 

@@ -268,7 +268,7 @@ def test_atomics_match_reference_model():
         -0x123456789ABCDEF,
     ]
     with shared_page() as a:
-        for bits, edges, wrap, ops in (
+        for _bits, edges, wrap, ops in (
             (
                 32,
                 edges32,

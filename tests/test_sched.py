@@ -8,9 +8,9 @@ import time
 import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, given, settings
+from util import stop_after_exit, wait_state
 
 import emu
-from util import stop_after_exit, wait_state
 
 FAST = pytest.mark.emu_boot(hz=1000)
 
@@ -242,4 +242,5 @@ def test_sleeping_in_atomic_context_is_reported(kernel):
     finally:
         emu.preempt_enable()
     log = "\n".join(kernel.dmesg())
-    assert f"BUG: scheduling while atomic: {emu.current().comm}/{emu.current().pid}/0x00000002" in log
+    me = emu.current()
+    assert f"BUG: scheduling while atomic: {me.comm}/{me.pid}/0x00000002" in log
