@@ -1,10 +1,12 @@
 """Completions (kernel/sched/completion.c, kernel/sched/swait.c).
 
 A completion is a counter ``done`` and a FIFO queue of waiting tasks in the shared
-image, changed together under the completion's lock taken with interrupts disabled.
-complete() pops the longest waiter and posts its semaphore: exact FIFO, one waiter per
-complete(). Every wait variant is a thin wrapper naming its task state and timeout
-around one slow path, ``_wait_for_common``.
+image, changed together under the completion's lock. complete() pops the longest
+waiter and posts its semaphore: exact FIFO, one waiter per complete(). Every wait
+variant is a thin wrapper naming its task state and timeout around one slow path,
+``_wait_for_common``, whose queue-sleep-recheck loop runs in native/'s WaitCore (no
+Python code runs while the lock is held, so interrupt delivery, which runs Python
+handlers, cannot interleave with it: the lock is taken "irqsave" by construction).
 
 Context rules: complete*(), try_wait_for_completion(), completion_done() and the init
 functions may be called from any context and never sleep. The waits sleep: process
@@ -17,22 +19,17 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import bug, image, locking, preempt
+from . import _native, bug, image, locking, preempt
 from .constants import (
     ERESTARTSYS,
     MAX_SCHEDULE_TIMEOUT,
     TASK_IDLE,
     TASK_INTERRUPTIBLE,
     TASK_KILLABLE,
-    TASK_NORMAL,
-    TASK_RUNNING,
     TASK_UNINTERRUPTIBLE,
-    UINT_MAX,
 )
 from .errors import CapacityError, StaleObjectError
-from .sched import schedule_timeout
-from .signal import signal_pending_state
-from .task import __set_current_state, current, wake_slot
+from .task import current
 
 _pid = os.getpid()
 
@@ -85,6 +82,12 @@ class Completion:
                 "garbage-collected; keep it alive while other tasks use the completion"
             )
         return rec
+
+    @property
+    def live_index(self) -> int:
+        """The index in the completion table; raises StaleObjectError once freed."""
+        _ = self.rec
+        return self.index
 
     @property
     def done(self) -> int:
@@ -153,62 +156,23 @@ def _free(c: Completion) -> None:
         locking.raw_spin_unlock(lock)
 
 
-# --- the wait queue (caller holds the completion's lock) ------------------------------------
+# --- the wait queue and the slow path live in native/'s WaitCore ----------------------------
 
-def _enqueue_tail(c: Completion, rec: Any, slot: int) -> None:
-    tasks = image.this().img.tasks
-    me = tasks[slot]
-    me.wq_next = -1
-    me.wq_on = c.index + 1
-    if rec.tail == -1:
-        rec.head = slot
-    else:
-        tasks[rec.tail].wq_next = slot
-    rec.tail = slot
+def _core() -> Any:
+    return image.this().core
 
 
-def _dequeue_head(rec: Any) -> int:
-    slot = rec.head
-    if slot == -1:
-        return -1
-    t = image.this().img.tasks[slot]
-    rec.head = t.wq_next
-    if rec.head == -1:
-        rec.tail = -1
-    t.wq_next = -1
-    t.wq_on = 0
-    return int(slot)
+def _report_dead_owner() -> None:
+    dead = _core().take_dead_owner()
+    if dead:
+        bug.warn(f"emu: completion lock taken over from dead task (pid {dead})", depth=3)
 
 
-def remove_waiter(rec: Any, slot: int) -> bool:
-    """Unlink task `slot` from `rec`'s queue wherever it is; False if it was not queued."""
-    tasks = image.this().img.tasks
-    prev, cur = -1, rec.head
-    while cur != -1 and cur != slot:
-        prev, cur = cur, tasks[cur].wq_next
-    if cur == -1:
-        return False
-    nxt = tasks[slot].wq_next
-    if prev == -1:
-        rec.head = nxt
-    else:
-        tasks[prev].wq_next = nxt
-    if rec.tail == slot:
-        rec.tail = prev
-    tasks[slot].wq_next = -1
-    tasks[slot].wq_on = 0
-    return True
-
-
-def _lock_irqsave(c: Completion) -> int:
-    flags = preempt.local_irq_save()
-    locking.raw_spin_lock(c._lock, "completion")
-    return flags
-
-
-def _unlock_irqrestore(c: Completion, flags: int) -> None:
-    locking.raw_spin_unlock(c._lock)
-    preempt.local_irq_restore(flags)
+def remove_waiter(x: Completion, slot: int) -> bool:
+    """Unlink task `slot` from `x`'s queue wherever it is; False if it was not queued."""
+    removed = bool(_core().remove_waiter(x.index, slot))
+    _report_dead_owner()
+    return removed
 
 
 # --- signalling ----------------------------------------------------------------------------
@@ -218,16 +182,8 @@ def complete(x: Completion) -> None:
 
     ``done`` is incremented unless it is UINT_MAX (after complete_all()). Any context.
     """
-    rec = x.rec
-    flags = _lock_irqsave(x)
-    try:
-        if rec.done != UINT_MAX:
-            rec.done += 1
-        slot = _dequeue_head(rec)
-        if slot != -1:
-            wake_slot(slot, TASK_NORMAL)
-    finally:
-        _unlock_irqrestore(x, flags)
+    _core().complete(x.live_index, False)
+    _report_dead_owner()
 
 
 def complete_all(x: Completion) -> None:
@@ -237,15 +193,8 @@ def complete_all(x: Completion) -> None:
     complete_all() without reinit_completion() is reported with a WARN (the kernel
     documents it as a bug but does not check). Any context.
     """
-    rec = x.rec
-    flags = _lock_irqsave(x)
-    try:
-        twice = rec.done == UINT_MAX
-        rec.done = UINT_MAX
-        while (slot := _dequeue_head(rec)) != -1:
-            wake_slot(slot, TASK_NORMAL)
-    finally:
-        _unlock_irqrestore(x, flags)
+    twice = _core().complete(x.live_index, True)
+    _report_dead_owner()
     if twice:
         bug.warn("complete_all() called twice without reinit_completion()", depth=2)
 
@@ -256,17 +205,10 @@ def init_completion(x: Completion) -> None:
     Waiters still queued are lost (never woken by complete()): that is reported with a
     WARN, as the kernel documentation calls it a bug.
     """
-    rec = x.rec
-    flags = _lock_irqsave(x)
-    try:
-        lost = []
-        while (slot := _dequeue_head(rec)) != -1:
-            lost.append(slot)
-        rec.done = 0
-    finally:
-        _unlock_irqrestore(x, flags)
+    lost = _core().reset(x.live_index, True)
+    _report_dead_owner()
     if lost:
-        bug.warn(f"init_completion() with {len(lost)} waiter(s) queued: they are lost", depth=2)
+        bug.warn(f"init_completion() with {lost} waiter(s) queued: they are lost", depth=2)
 
 
 def reinit_completion(x: Completion) -> None:
@@ -275,69 +217,42 @@ def reinit_completion(x: Completion) -> None:
     The caller must ensure no task is waiting: a reinit with waiters queued is reported
     with a WARN.
     """
-    rec = x.rec
-    flags = _lock_irqsave(x)
-    try:
-        rec.done = 0
-        waiting = rec.head != -1
-    finally:
-        _unlock_irqrestore(x, flags)
+    waiting = _core().reset(x.live_index, False)
+    _report_dead_owner()
     if waiting:
         bug.warn("reinit_completion() while tasks wait on the completion", depth=2)
 
 
 # --- waiting: one slow path ------------------------------------------------------------------
 
-def _do_wait_for_common(x: Completion, rec: Any, timeout: int, state: int) -> int:
-    """Queue, sleep and re-check until done > 0, the timeout ran out or a signal ends it.
-
-    Called and returns with the completion's lock held and interrupts disabled.
-    """
-    me = current()
-    slot = me.slot
-    qid = x.index + 1
-    try:
-        while True:
-            if signal_pending_state(state, me):
-                timeout = -ERESTARTSYS
-                break
-            if me._rec.wq_on != qid:
-                _enqueue_tail(x, rec, slot)
-            __set_current_state(state)
-            locking.raw_spin_unlock(x._lock)
-            preempt.local_irq_enable()
-            try:
-                timeout = schedule_timeout(timeout)
-            finally:
-                preempt.local_irq_disable()
-                locking.raw_spin_lock(x._lock, "completion")
-            if rec.done or not timeout:
-                break
-    finally:
-        if me._rec.wq_on == qid:
-            remove_waiter(rec, slot)
-        __set_current_state(TASK_RUNNING)
-    return timeout
-
-
 def _wait_for_common(x: Completion, timeout: int, state: int) -> int:
-    """__wait_for_common(): the result is the jiffies left (at least 1) on success,
-    0 on time-out, -ERESTARTSYS when a signal ended the wait."""
+    """__wait_for_common(): the jiffies left (at least 1) on success, 0 on time-out,
+    -ERESTARTSYS when a signal ended the wait.
+
+    Queueing, sleeping, re-checking and dequeueing happen in native/'s WaitCore under
+    the completion's lock; this wrapper checks the context and maps the result to
+    jiffies.
+    """
     preempt.might_sleep(depth=3)
     rec = x.rec
-    preempt.local_irq_disable()
-    locking.raw_spin_lock(x._lock, "completion")
-    try:
-        if not rec.done:
-            timeout = _do_wait_for_common(x, rec, timeout, state)
-            if not rec.done:
-                return timeout
-        if rec.done != UINT_MAX:
-            rec.done -= 1
+    me = current()
+    if preempt.in_atomic() and not rec.done:
+        preempt.schedule_debug()
+    hz = image.this().img.hdr.hz
+    jiffy_ns = 1_000_000_000 // hz
+    timeout_ns = -1 if timeout == MAX_SCHEDULE_TIMEOUT else timeout * jiffy_ns
+    result = _core().wait(x.index, me.slot, timeout_ns, state)
+    _report_dead_owner()
+    preempt.local_irq_enable()  # raw_spin_unlock_irq(): interrupts are on afterwards
+    if result == _native.WAIT_DONE_AT_ENTRY:
         return timeout or 1
-    finally:
-        locking.raw_spin_unlock(x._lock)
-        preempt.local_irq_enable()
+    if result == _native.WAIT_TIMEDOUT:
+        return 0
+    if result == _native.WAIT_SIGNALLED:
+        return -ERESTARTSYS
+    if timeout == MAX_SCHEDULE_TIMEOUT:
+        return MAX_SCHEDULE_TIMEOUT
+    return max(1, -(-result // jiffy_ns))
 
 
 def _check_timeout(timeout: int) -> None:
@@ -407,28 +322,14 @@ def wait_for_completion_state(x: Completion, state: int) -> int:
 
 def try_wait_for_completion(x: Completion) -> bool:
     """Consume one completion without sleeping: True if one was available. Any context."""
-    rec = x.rec
-    if not rec.done:
-        return False
-    flags = _lock_irqsave(x)
-    try:
-        if not rec.done:
-            return False
-        if rec.done != UINT_MAX:
-            rec.done -= 1
-        return True
-    finally:
-        _unlock_irqrestore(x, flags)
+    ok = bool(_core().try_wait(x.live_index))
+    _report_dead_owner()
+    return ok
 
 
 def completion_done(x: Completion) -> bool:
     """True if a wait would not block (``done != 0``). Any context."""
-    rec = x.rec
-    if not rec.done:
-        return False
-    flags = _lock_irqsave(x)
-    _unlock_irqrestore(x, flags)
-    return True
+    return bool(x.rec.done)
 
 
 __all__ = [

@@ -14,15 +14,51 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import re
 import secrets
 from ctypes import c_char, c_int32, c_int64, c_uint32, c_uint64
 from typing import Any
 
 import posix_ipc
 
+from . import _native
 from .constants import KTHREAD_NAME_LEN, TASK_COMM_LEN
 
 IMAGE_MAGIC = 0x454D55494D414745  # "EMUIMAGE"
+#: Every IPC name starts with this and the creating pid: /emu-<pid>-<token>[-<slot>]
+NAME_PREFIX = "emu-"
+_NAME_RE = re.compile(r"^(?:sem\.)?emu-(\d+)-[0-9a-f]{16}(?:-\d+)?$")
+SHM_DIR = "/dev/shm"
+
+
+def reclaim_orphans() -> list[str]:
+    """Unlink IPC objects left by emu kernels whose booting process is dead.
+
+    Names are unlinked right after creation, so only a boot killed in that instant
+    leaves one behind; the next boot removes it. Returns the names removed.
+    """
+    removed: list[str] = []
+    try:
+        entries = os.listdir(SHM_DIR)
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _NAME_RE.match(entry)
+        if m and _native.pid_is_dead(int(m.group(1))):
+            try:
+                os.unlink(os.path.join(SHM_DIR, entry))
+                removed.append(entry)
+            except OSError:
+                pass
+    return removed
+
+
+def own_ipc_names(pid: int) -> set[str]:
+    """The /dev/shm entries of kernels booted by process `pid` (should always be empty)."""
+    try:
+        return {e for e in os.listdir(SHM_DIR) if e.startswith((f"emu-{pid}-", f"sem.emu-{pid}-"))}
+    except OSError:
+        return set()
 LOG_TEXT_LEN = 240
 
 
@@ -148,12 +184,10 @@ class SharedImage:
     """The mapped image plus the per-slot semaphores, created by boot and inherited by fork."""
 
     def __init__(self, max_tasks: int, max_completions: int, log_records: int) -> None:
-        token = secrets.token_hex(8)
+        prefix = f"/{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
         itype = image_type(max_tasks, max_completions, log_records)
         self.size = ctypes.sizeof(itype)
-        shm = posix_ipc.SharedMemory(
-            f"/emu-{token}", posix_ipc.O_CREX, mode=0o600, size=self.size
-        )
+        shm = posix_ipc.SharedMemory(prefix, posix_ipc.O_CREX, mode=0o600, size=self.size)
         try:
             self.mm = mmap.mmap(shm.fd, self.size)
         finally:
@@ -162,6 +196,8 @@ class SharedImage:
         self.img: Any = itype.from_buffer(self.mm)
         self.base = ctypes.addressof(self.img)
         self.sems: list[posix_ipc.Semaphore] = []
+        #: native WaitCore: sleep/wake and completion queues
+        self.core: Any = _native.WaitCore(*self._core_layout(), os.getpid())
         #: emulated CPU i runs on real CPU cpu_map[i]
         self.cpu_map: list[int] = []
         #: True only in the process that booted this kernel
@@ -171,14 +207,31 @@ class SharedImage:
         self.watch_rfds: list[int] = []
         try:
             for i in range(max_tasks):
-                sem = posix_ipc.Semaphore(
-                    f"/emu-{token}-{i}", posix_ipc.O_CREX, mode=0o600, initial_value=0
-                )
-                sem.unlink()
-                self.sems.append(sem)
+                self._add_sem(f"{prefix}-{i}", i)
         except BaseException:
             self.close()
             raise
+
+    def _add_sem(self, name: str, slot: int) -> None:
+        sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o600, initial_value=0)
+        try:
+            self.sems.append(sem)
+            self.core.attach_sem(slot, name)
+        finally:
+            sem.unlink()
+
+    def _core_layout(self) -> tuple[Any, ...]:
+        """Where WaitCore finds task and completion fields: the layout, passed as offsets."""
+        img = self.img
+        tasks = (TaskSlot.state, TaskSlot.wq_next, TaskSlot.wq_on, TaskSlot.sigpending,
+                 TaskSlot.notify_signal, TaskSlot.nvcsw)
+        comps = (CompletionRec.lock, CompletionRec.done, CompletionRec.head, CompletionRec.tail)
+        return (
+            ctypes.addressof(img.tasks), ctypes.sizeof(TaskSlot), len(img.tasks),
+            tuple(f.offset for f in tasks),
+            ctypes.addressof(img.completions), ctypes.sizeof(CompletionRec),
+            len(img.completions), tuple(f.offset for f in comps),
+        )
 
     def after_fork_in_task(self) -> None:
         """In a new task process: drop what only the booting process may hold."""
@@ -189,6 +242,7 @@ class SharedImage:
 
     def close(self) -> None:
         """Unmap and close everything (idempotent)."""
+        self.core = None
         for sem in self.sems:
             sem.close()
         self.sems = []
@@ -217,3 +271,11 @@ def attach(image: SharedImage | None) -> None:
     """Make `image` this process's kernel image (None detaches)."""
     global _this
     _this = image
+
+
+def _after_fork_in_child() -> None:
+    if _this is not None and _this.core is not None:
+        _this.core.set_pid(os.getpid())
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

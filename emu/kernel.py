@@ -234,6 +234,7 @@ def boot(
     _check_int(hung_task_warnings, "hung_task_warnings", -1, 1 << 30)
     _check_int(hung_task_panic, "hung_task_panic", 0, 1)
 
+    image.reclaim_orphans()
     img = image.SharedImage(max_tasks, max_completions + 2 * max_tasks, log_records)
     hdr = img.img.hdr
     hdr.magic = image.IMAGE_MAGIC

@@ -37,13 +37,6 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-def _shm_entries() -> set[str]:
-    try:
-        return {n for n in os.listdir("/dev/shm") if "emu-" in n}
-    except OSError:
-        return set()
-
-
 def _counts(kernel: Any) -> dict[str, int]:
     return {
         "warnings": kernel.warnings,
@@ -74,7 +67,6 @@ def kernel(request: pytest.FixtureRequest) -> Iterator[Any]:
         if unknown:
             raise pytest.UsageError(f"emu_expect: unknown counters {sorted(unknown)}")
         expected.update(expect_marker.kwargs)
-    shm_before = _shm_entries()
     k = emu.boot(**boot_kwargs)
     setattr(request.node, _KERNEL_ATTR, k)
     try:
@@ -97,7 +89,9 @@ def kernel(request: pytest.FixtureRequest) -> Iterator[Any]:
         leftover = {p for p in leftover if _alive(p)}
     if leftover:
         problems.append(f"task processes left running after shutdown: {sorted(leftover)}")
-    shm_left = _shm_entries() - shm_before
+    from emu.image import own_ipc_names
+
+    shm_left = own_ipc_names(os.getpid())
     if shm_left:
         problems.append(f"IPC objects left in /dev/shm: {sorted(shm_left)}")
     if problems:

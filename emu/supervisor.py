@@ -26,7 +26,6 @@ from .constants import (
     TASK_WAKEKILL,
 )
 from .kthread import KTHREAD_EXITED
-from .locking import raw_spin_lock, raw_spin_unlock
 from .printk import log_store
 
 #: How often the death watch looks for new tasks, in seconds.
@@ -102,12 +101,8 @@ class Supervisor:
         bug.oops(None, f"task {comm}:{pid} died outside emu (killed by a real signal?)",
                  cpu=rec.cpu, pid=pid, comm=comm)
         if rec.wq_on:
-            c = _from_index(rec.wq_on - 1, self.img.img.completions[rec.wq_on - 1].generation)
-            raw_spin_lock(c._lock, "completion")
-            try:
-                remove_waiter(c._rec, slot)
-            finally:
-                raw_spin_unlock(c._lock)
+            index = rec.wq_on - 1
+            remove_waiter(_from_index(index, self.img.img.completions[index].generation), slot)
         rec.result = 0
         _native.or32(image.field_addr(rec, "flags"), PF_EXITING)
         _native.or32(image.field_addr(rec, "kflags"), KTHREAD_EXITED)

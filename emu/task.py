@@ -1,7 +1,7 @@
 """Tasks: the task table in the shared image, ``current``, task states, sleep and wake-up.
 
 Every task (the booting program and each kthread) owns one slot of the task table and
-one POSIX semaphore. The state protocol is the kernel's:
+one POSIX semaphore. The state protocol is the kernel's (implemented by native/'s WaitCore):
 
 * the sleeper publishes its state with a full barrier (``set_current_state``), re-checks
   its wake condition, then blocks on its semaphore until its state is TASK_RUNNING;
@@ -36,7 +36,6 @@ from .constants import (
     TASK_REPORT,
     TASK_REPORT_IDLE,
     TASK_RTLOCK_WAIT,
-    TASK_RUNNING,
     TASK_UNINTERRUPTIBLE,
 )
 from .errors import CapacityError, StaleObjectError
@@ -226,20 +225,17 @@ def live_tasks() -> list[Task]:
 
 _current: Task | None = None
 _state_addr = 0
-_sem: posix_ipc.Semaphore | None = None
 
 
 def set_current(task: Task | None) -> None:
     """Make `task` this process's ``current`` (boot and kthread start-up only)."""
-    global _current, _state_addr, _sem
+    global _current, _state_addr
     _current = task
     if task is None:
         _state_addr = 0
-        _sem = None
         preempt.attach(None)
         return
     _state_addr = image.field_addr(task._rec, "state")
-    _sem = image.this().sems[task.slot]
     preempt.attach(task._rec)
 
 
@@ -285,15 +281,7 @@ def wake_up_state(task: Task, mask: int) -> int:
 
 def wake_slot(slot: int, mask: int) -> int:
     """wake_up_state() by task-table slot (for wait queues, which hold slots)."""
-    img = image.this()
-    addr = image.field_addr(img.img.tasks[slot], "state")
-    while True:
-        s = _native.load32(addr)
-        if not s & mask:
-            return 0
-        if _native.cmpxchg32(addr, s, TASK_RUNNING) == s:
-            img.sems[slot].release()
-            return 1
+    return int(image.this().core.wake(slot, mask))
 
 
 def wake_up_process(task: Task) -> int:
@@ -312,31 +300,8 @@ def sleep(deadline_ns: int | None) -> bool:
     task then put itself back to TASK_RUNNING). If the wait is abandoned by an exception
     (KeyboardInterrupt in the booting process) the state is reset before it propagates.
     """
-    sem = _sem
-    addr = _state_addr
-    assert sem is not None and _current is not None
-    _current._rec.nvcsw += 1
-    try:
-        while True:
-            s = _native.load32(addr)
-            if s == TASK_RUNNING:
-                return True
-            if deadline_ns is None:
-                timeout = None
-            else:
-                left = deadline_ns - time.monotonic_ns()
-                if left <= 0:
-                    if _native.cmpxchg32(addr, s, TASK_RUNNING) == s:
-                        return False
-                    continue
-                timeout = left / 1e9
-            try:
-                sem.acquire(timeout)
-            except (posix_ipc.BusyError, posix_ipc.SignalError):
-                pass
-    except BaseException:
-        _native.xchg32(addr, TASK_RUNNING)
-        raise
+    assert _current is not None
+    return bool(image.this().core.sleep(_current.slot, -1 if deadline_ns is None else deadline_ns))
 
 
 # --- reporting ------------------------------------------------------------------------------

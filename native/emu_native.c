@@ -20,6 +20,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <semaphore.h>
 #include <linux/futex.h>
 #include <signal.h>
 #include <stdint.h>
@@ -656,6 +657,583 @@ emu_pid_is_dead(PyObject *self, PyObject *args)
 /* ------------------------------------------------------------------------- */
 /* module                                                                    */
 /* ------------------------------------------------------------------------- */
+/* WaitCore: task sleep/wake and completion wait queues                      */
+/* ------------------------------------------------------------------------- */
+/*
+ * The hot path of emu: the kernel's sleep/wake protocol and the completion wait
+ * queue (kernel/sched/completion.c, swait), over the task table and completion table
+ * of the shared image. emu/image.py declares the layout and passes the offsets in;
+ * this code computes none itself. Each task sleeps on its own POSIX semaphore.
+ *
+ * Sleep: the task publishes its state, re-checks, then waits on its semaphore until
+ * its state is TASK_RUNNING. Wake: compare-and-exchange the state from a sleeping
+ * one to TASK_RUNNING and, only if that succeeded, post the semaphore. A post that
+ * arrives after the sleeper left is absorbed by its next sleep, which loops on state.
+ */
+
+#define TASK_RUNNING 0x0000
+#define TASK_INTERRUPTIBLE 0x0001
+#define TASK_UNINTERRUPTIBLE 0x0002
+#define TASK_WAKEKILL 0x0100
+#define TASK_NORMAL (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE)
+#define SIGKILL_BIT (1LL << (SIGKILL - 1))
+#define WC_SPINS 200
+
+/* wait() results besides "completed after sleeping" (remaining ns >= 0). */
+#define WAIT_DONE_AT_ENTRY (-1)
+#define WAIT_TIMEDOUT (-2)
+#define WAIT_SIGNALLED (-3)
+
+typedef struct {
+    PyObject_HEAD
+    char *tasks;
+    Py_ssize_t task_size, ntasks;
+    Py_ssize_t t_state, t_wq_next, t_wq_on, t_sigpending, t_notify, t_nvcsw;
+    char *comps;
+    Py_ssize_t comp_size, ncomps;
+    Py_ssize_t c_lock, c_done, c_head, c_tail;
+    sem_t **sems;
+    int pid;
+    int dead_owner;
+} WaitCore;
+
+#define T_FIELD(wc, slot, off, type) ((type *)((wc)->tasks + (slot) * (wc)->task_size + (off)))
+#define C_FIELD(wc, idx, off, type) ((type *)((wc)->comps + (idx) * (wc)->comp_size + (off)))
+
+static int
+wc_check_slot(WaitCore *wc, Py_ssize_t slot)
+{
+    if (slot < 0 || slot >= wc->ntasks) {
+        PyErr_Format(PyExc_ValueError, "slot %zd out of range 0..%zd", slot, wc->ntasks - 1);
+        return -1;
+    }
+    return 0;
+}
+
+static int
+wc_check_index(WaitCore *wc, Py_ssize_t idx)
+{
+    if (idx < 0 || idx >= wc->ncomps) {
+        PyErr_Format(PyExc_ValueError, "completion index %zd out of range 0..%zd", idx,
+                     wc->ncomps - 1);
+        return -1;
+    }
+    return 0;
+}
+
+/* raw_spin_lock: spin, then sleep on the futex; take the lock over from a dead owner. */
+static void
+wc_lock(WaitCore *wc, int32_t *lockw)
+{
+    int32_t *waiters = lockw + 1, cur;
+    struct timespec ts;
+    long r;
+    int i;
+
+    for (i = 0; i < WC_SPINS; i++) {
+        if (__atomic_load_n(lockw, __ATOMIC_RELAXED) == 0 && lock_try(lockw, wc->pid))
+            return;
+        cpu_relax();
+    }
+    for (;;) {
+        cur = __atomic_load_n(lockw, __ATOMIC_SEQ_CST);
+        if (cur == 0) {
+            if (lock_try(lockw, wc->pid))
+                return;
+            continue;
+        }
+        ns_to_timespec(LOCK_SLEEP_NS, &ts);
+        __atomic_add_fetch(waiters, 1, __ATOMIC_SEQ_CST);
+        r = sys_futex_wait((uint32_t *)lockw, (uint32_t)cur, &ts);
+        __atomic_sub_fetch(waiters, 1, __ATOMIC_SEQ_CST);
+        if (r == -1 && errno == ETIMEDOUT && pid_dead(cur)) {
+            int32_t expected = cur;
+
+            if (__atomic_compare_exchange_n(lockw, &expected, (int32_t)wc->pid, 0,
+                                            __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+                wc->dead_owner = cur;
+                return;
+            }
+        }
+    }
+}
+
+static void
+wc_unlock(int32_t *lockw)
+{
+    __atomic_store_n(lockw, 0, __ATOMIC_SEQ_CST);
+    wake_one_if_waiters(lockw);
+}
+
+/* wake_up_state(): 1 if the task was moved to TASK_RUNNING (and its semaphore posted). */
+static int
+wc_wake_slot(WaitCore *wc, Py_ssize_t slot, int32_t mask)
+{
+    int32_t *state = T_FIELD(wc, slot, wc->t_state, int32_t);
+    int32_t s = __atomic_load_n(state, __ATOMIC_SEQ_CST);
+
+    for (;;) {
+        if (!(s & mask))
+            return 0;
+        if (__atomic_compare_exchange_n(state, &s, TASK_RUNNING, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST)) {
+            sem_post(wc->sems[slot]);
+            return 1;
+        }
+    }
+}
+
+/*
+ * Block until the task's state is TASK_RUNNING or CLOCK_MONOTONIC passes deadline_ns
+ * (< 0: no deadline). Returns 1 if woken, 0 on time-out (the task then put itself back
+ * to TASK_RUNNING), -1 with a Python exception if a signal handler raised. The GIL is
+ * released while blocked; Python signal handlers (emu's interrupt delivery) run when
+ * a signal interrupts the wait.
+ */
+static int
+wc_sleep(WaitCore *wc, Py_ssize_t slot, long long deadline_ns)
+{
+    int32_t *state = T_FIELD(wc, slot, wc->t_state, int32_t);
+    sem_t *sem = wc->sems[slot];
+    struct timespec ts;
+    int r, err;
+
+    __atomic_add_fetch(T_FIELD(wc, slot, wc->t_nvcsw, int64_t), 1, __ATOMIC_RELAXED);
+    for (;;) {
+        int32_t s = __atomic_load_n(state, __ATOMIC_SEQ_CST);
+
+        if (s == TASK_RUNNING)
+            return 1;
+        if (deadline_ns >= 0 && monotonic_ns() >= deadline_ns) {
+            if (__atomic_compare_exchange_n(state, &s, TASK_RUNNING, 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_SEQ_CST))
+                return 0;
+            continue;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        if (deadline_ns < 0) {
+            r = sem_wait(sem);
+        }
+        else {
+            ns_to_timespec(deadline_ns, &ts);
+            r = sem_clockwait(sem, CLOCK_MONOTONIC, &ts);
+        }
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (r == -1 && err == EINTR && PyErr_CheckSignals() < 0) {
+            __atomic_store_n(state, TASK_RUNNING, __ATOMIC_SEQ_CST);
+            return -1;
+        }
+    }
+}
+
+static int
+wc_signal_pending_state(WaitCore *wc, Py_ssize_t slot, int32_t state)
+{
+    int64_t pending;
+
+    if (!(state & (TASK_INTERRUPTIBLE | TASK_WAKEKILL)))
+        return 0;
+    pending = __atomic_load_n(T_FIELD(wc, slot, wc->t_sigpending, int64_t), __ATOMIC_SEQ_CST);
+    if (!pending && !__atomic_load_n(T_FIELD(wc, slot, wc->t_notify, int32_t), __ATOMIC_SEQ_CST))
+        return 0;
+    return (state & TASK_INTERRUPTIBLE) || (pending & SIGKILL_BIT);
+}
+
+/* --- the FIFO queue of a completion (caller holds its lock) --- */
+
+static void
+wc_enqueue_tail(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot)
+{
+    int32_t *head = C_FIELD(wc, idx, wc->c_head, int32_t);
+    int32_t *tail = C_FIELD(wc, idx, wc->c_tail, int32_t);
+
+    *T_FIELD(wc, slot, wc->t_wq_next, int32_t) = -1;
+    *T_FIELD(wc, slot, wc->t_wq_on, int32_t) = (int32_t)idx + 1;
+    if (*tail == -1)
+        *head = (int32_t)slot;
+    else
+        *T_FIELD(wc, *tail, wc->t_wq_next, int32_t) = (int32_t)slot;
+    *tail = (int32_t)slot;
+}
+
+static Py_ssize_t
+wc_dequeue_head(WaitCore *wc, Py_ssize_t idx)
+{
+    int32_t *head = C_FIELD(wc, idx, wc->c_head, int32_t);
+    Py_ssize_t slot = *head;
+
+    if (slot == -1)
+        return -1;
+    *head = *T_FIELD(wc, slot, wc->t_wq_next, int32_t);
+    if (*head == -1)
+        *C_FIELD(wc, idx, wc->c_tail, int32_t) = -1;
+    *T_FIELD(wc, slot, wc->t_wq_next, int32_t) = -1;
+    *T_FIELD(wc, slot, wc->t_wq_on, int32_t) = 0;
+    return slot;
+}
+
+static int
+wc_remove(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot)
+{
+    int32_t *head = C_FIELD(wc, idx, wc->c_head, int32_t);
+    int32_t *tail = C_FIELD(wc, idx, wc->c_tail, int32_t);
+    int32_t prev = -1, cur = *head, next;
+    Py_ssize_t guard = 0;
+
+    while (cur != -1 && cur != slot && guard++ < wc->ntasks) {
+        prev = cur;
+        cur = *T_FIELD(wc, cur, wc->t_wq_next, int32_t);
+    }
+    if (cur != slot)
+        return 0;
+    next = *T_FIELD(wc, slot, wc->t_wq_next, int32_t);
+    if (prev == -1)
+        *head = next;
+    else
+        *T_FIELD(wc, prev, wc->t_wq_next, int32_t) = next;
+    if (*tail == slot)
+        *tail = prev;
+    *T_FIELD(wc, slot, wc->t_wq_next, int32_t) = -1;
+    *T_FIELD(wc, slot, wc->t_wq_on, int32_t) = 0;
+    return 1;
+}
+
+/* --- methods --- */
+
+static PyObject *
+WaitCore_wake(WaitCore *wc, PyObject *args)
+{
+    Py_ssize_t slot;
+    int mask;
+
+    if (!PyArg_ParseTuple(args, "ni:wake", &slot, &mask) || wc_check_slot(wc, slot) < 0)
+        return NULL;
+    return PyLong_FromLong(wc_wake_slot(wc, slot, mask));
+}
+
+static PyObject *
+WaitCore_sleep(WaitCore *wc, PyObject *args)
+{
+    Py_ssize_t slot;
+    long long deadline_ns;
+    int r;
+
+    if (!PyArg_ParseTuple(args, "nL:sleep", &slot, &deadline_ns) || wc_check_slot(wc, slot) < 0)
+        return NULL;
+    r = wc_sleep(wc, slot, deadline_ns);
+    if (r < 0)
+        return NULL;
+    return PyBool_FromLong(r);
+}
+
+static PyObject *
+WaitCore_complete(WaitCore *wc, PyObject *args)
+{
+    Py_ssize_t idx, slot;
+    int all, result = 0;
+    int32_t *lockw;
+    uint32_t *done;
+
+    if (!PyArg_ParseTuple(args, "np:complete", &idx, &all) || wc_check_index(wc, idx) < 0)
+        return NULL;
+    lockw = C_FIELD(wc, idx, wc->c_lock, int32_t);
+    done = C_FIELD(wc, idx, wc->c_done, uint32_t);
+    wc_lock(wc, lockw);
+    if (all) {
+        result = *done == UINT32_MAX;
+        *done = UINT32_MAX;
+        while ((slot = wc_dequeue_head(wc, idx)) != -1)
+            wc_wake_slot(wc, slot, TASK_NORMAL);
+    }
+    else {
+        if (*done != UINT32_MAX)
+            (*done)++;
+        slot = wc_dequeue_head(wc, idx);
+        if (slot != -1)
+            result = wc_wake_slot(wc, slot, TASK_NORMAL);
+    }
+    wc_unlock(lockw);
+    return PyLong_FromLong(result);
+}
+
+/*
+ * __wait_for_common(): returns WAIT_DONE_AT_ENTRY, the ns left (>= 0) when completed
+ * after sleeping, WAIT_TIMEDOUT, or WAIT_SIGNALLED. timeout_ns < 0: no timeout.
+ */
+static PyObject *
+WaitCore_wait(WaitCore *wc, PyObject *args)
+{
+    Py_ssize_t idx, slot;
+    long long timeout_ns, deadline = -1, result = WAIT_DONE_AT_ENTRY;
+    int state, r = 1, qid;
+    int32_t *lockw, *st, *wq_on;
+    uint32_t *done;
+
+    if (!PyArg_ParseTuple(args, "nnLi:wait", &idx, &slot, &timeout_ns, &state) ||
+        wc_check_index(wc, idx) < 0 || wc_check_slot(wc, slot) < 0)
+        return NULL;
+    lockw = C_FIELD(wc, idx, wc->c_lock, int32_t);
+    done = C_FIELD(wc, idx, wc->c_done, uint32_t);
+    st = T_FIELD(wc, slot, wc->t_state, int32_t);
+    wq_on = T_FIELD(wc, slot, wc->t_wq_on, int32_t);
+    qid = (int)idx + 1;
+    if (timeout_ns >= 0)
+        deadline = monotonic_ns() + timeout_ns;
+
+    wc_lock(wc, lockw);
+    if (!*done) {
+        for (;;) {
+            if (wc_signal_pending_state(wc, slot, state)) {
+                result = WAIT_SIGNALLED;
+                break;
+            }
+            if (*wq_on != qid)
+                wc_enqueue_tail(wc, idx, slot);
+            __atomic_store_n(st, state, __ATOMIC_SEQ_CST);
+            wc_unlock(lockw);
+            r = wc_sleep(wc, slot, deadline);
+            wc_lock(wc, lockw);
+            if (r < 0 || *done)
+                break;
+            if (r == 0) {
+                result = WAIT_TIMEDOUT;
+                break;
+            }
+        }
+        if (*wq_on == qid)
+            wc_remove(wc, idx, slot);
+        __atomic_store_n(st, TASK_RUNNING, __ATOMIC_SEQ_CST);
+        if (r < 0) {
+            wc_unlock(lockw);
+            return NULL;
+        }
+        if (!*done) {
+            wc_unlock(lockw);
+            return PyLong_FromLongLong(result);
+        }
+        result = deadline < 0 ? 0 : deadline - monotonic_ns();
+        if (result < 0)
+            result = 0;
+    }
+    if (*done != UINT32_MAX)
+        (*done)--;
+    wc_unlock(lockw);
+    return PyLong_FromLongLong(result);
+}
+
+static PyObject *
+WaitCore_try_wait(WaitCore *wc, PyObject *args)
+{
+    Py_ssize_t idx;
+    int32_t *lockw;
+    uint32_t *done;
+    int ok = 0;
+
+    if (!PyArg_ParseTuple(args, "n:try_wait", &idx) || wc_check_index(wc, idx) < 0)
+        return NULL;
+    lockw = C_FIELD(wc, idx, wc->c_lock, int32_t);
+    done = C_FIELD(wc, idx, wc->c_done, uint32_t);
+    if (!__atomic_load_n(done, __ATOMIC_SEQ_CST))
+        Py_RETURN_FALSE;
+    wc_lock(wc, lockw);
+    if (*done) {
+        ok = 1;
+        if (*done != UINT32_MAX)
+            (*done)--;
+    }
+    wc_unlock(lockw);
+    return PyBool_FromLong(ok);
+}
+
+static PyObject *
+WaitCore_reset(WaitCore *wc, PyObject *args)
+{
+    Py_ssize_t idx;
+    int drop_queue, queued = 0;
+    int32_t *lockw;
+
+    if (!PyArg_ParseTuple(args, "np:reset", &idx, &drop_queue) || wc_check_index(wc, idx) < 0)
+        return NULL;
+    lockw = C_FIELD(wc, idx, wc->c_lock, int32_t);
+    wc_lock(wc, lockw);
+    *C_FIELD(wc, idx, wc->c_done, uint32_t) = 0;
+    if (drop_queue) {
+        while (wc_dequeue_head(wc, idx) != -1)
+            queued++;
+    }
+    else {
+        queued = *C_FIELD(wc, idx, wc->c_head, int32_t) != -1;
+    }
+    wc_unlock(lockw);
+    return PyLong_FromLong(queued);
+}
+
+static PyObject *
+WaitCore_remove_waiter(WaitCore *wc, PyObject *args)
+{
+    Py_ssize_t idx, slot;
+    int32_t *lockw;
+    int removed;
+
+    if (!PyArg_ParseTuple(args, "nn:remove_waiter", &idx, &slot) ||
+        wc_check_index(wc, idx) < 0 || wc_check_slot(wc, slot) < 0)
+        return NULL;
+    lockw = C_FIELD(wc, idx, wc->c_lock, int32_t);
+    wc_lock(wc, lockw);
+    removed = wc_remove(wc, idx, slot);
+    wc_unlock(lockw);
+    return PyBool_FromLong(removed);
+}
+
+static PyObject *
+WaitCore_take_dead_owner(WaitCore *wc, PyObject *noargs)
+{
+    int dead = wc->dead_owner;
+
+    wc->dead_owner = 0;
+    return PyLong_FromLong(dead);
+}
+
+static PyObject *
+WaitCore_set_pid(WaitCore *wc, PyObject *args)
+{
+    if (!PyArg_ParseTuple(args, "i:set_pid", &wc->pid))
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static int
+WaitCore_init(WaitCore *wc, PyObject *args, PyObject *kwds)
+{
+    Py_ssize_t tasks, comps;
+
+    if (wc->sems != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "WaitCore is already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(args, "nnn(nnnnnn)nnn(nnnn)i:WaitCore", &tasks, &wc->task_size,
+                          &wc->ntasks, &wc->t_state, &wc->t_wq_next, &wc->t_wq_on,
+                          &wc->t_sigpending, &wc->t_notify, &wc->t_nvcsw, &comps,
+                          &wc->comp_size, &wc->ncomps, &wc->c_lock, &wc->c_done, &wc->c_head,
+                          &wc->c_tail, &wc->pid))
+        return -1;
+    if (!check_addr(tasks, 8, "tasks") || !check_addr(comps, 8, "completions"))
+        return -1;
+    wc->tasks = (char *)tasks;
+    wc->comps = (char *)comps;
+    wc->sems = PyMem_Calloc((size_t)wc->ntasks, sizeof(sem_t *));
+    if (wc->sems == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+/*
+ * attach_sem(slot, name): use the named semaphore (already created by posix_ipc in this
+ * process; glibc's sem_open returns that same mapping) as task `slot`'s sleep primitive.
+ * The caller unlinks the name afterwards; the mapping is inherited over fork.
+ */
+static PyObject *
+WaitCore_attach_sem(WaitCore *wc, PyObject *args)
+{
+    Py_ssize_t slot;
+    const char *name;
+    sem_t *sem;
+
+    if (!PyArg_ParseTuple(args, "ns:attach_sem", &slot, &name) || wc_check_slot(wc, slot) < 0)
+        return NULL;
+    if (wc->sems[slot] != NULL) {
+        PyErr_Format(PyExc_ValueError, "slot %zd already has a semaphore", slot);
+        return NULL;
+    }
+    sem = sem_open(name, 0);
+    if (sem == SEM_FAILED)
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, name);
+    wc->sems[slot] = sem;
+    Py_RETURN_NONE;
+}
+
+static void
+WaitCore_dealloc(WaitCore *wc)
+{
+    PyTypeObject *tp = Py_TYPE(wc);
+    Py_ssize_t i;
+
+    if (wc->sems) {
+        for (i = 0; i < wc->ntasks; i++)
+            if (wc->sems[i])
+                sem_close(wc->sems[i]);
+        PyMem_Free(wc->sems);
+    }
+    tp->tp_free((PyObject *)wc);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef WaitCore_methods[] = {
+    {"wake", (PyCFunction)WaitCore_wake, METH_VARARGS,
+     "wake(slot, mask) -> 1 if the task's state had a bit of mask and it was woken, else 0"},
+    {"sleep", (PyCFunction)WaitCore_sleep, METH_VARARGS,
+     "sleep(slot, deadline_ns) -> True if woken, False on time-out (deadline_ns < 0: none)"},
+    {"complete", (PyCFunction)WaitCore_complete, METH_VARARGS,
+     "complete(index, all) -> complete(): 1 if a waiter was woken; complete_all(): 1 if done "
+     "was already UINT_MAX"},
+    {"wait", (PyCFunction)WaitCore_wait, METH_VARARGS,
+     "wait(index, slot, timeout_ns, state) -> -1 done at entry, -2 timed out, -3 signalled, "
+     "else ns left when completed after sleeping"},
+    {"try_wait", (PyCFunction)WaitCore_try_wait, METH_VARARGS,
+     "try_wait(index) -> True if one completion was consumed"},
+    {"reset", (PyCFunction)WaitCore_reset, METH_VARARGS,
+     "reset(index, drop_queue) -> done = 0; waiters dropped (drop_queue) or 1 if any queued"},
+    {"remove_waiter", (PyCFunction)WaitCore_remove_waiter, METH_VARARGS,
+     "remove_waiter(index, slot) -> True if the task was unlinked from the queue"},
+    {"attach_sem", (PyCFunction)WaitCore_attach_sem, METH_VARARGS,
+     "attach_sem(slot, name): open the named POSIX semaphore as task slot's sleep primitive"},
+    {"take_dead_owner", (PyCFunction)WaitCore_take_dead_owner, METH_NOARGS,
+     "take_dead_owner() -> pid of the last lock holder found dead (then 0), or 0"},
+    {"set_pid", (PyCFunction)WaitCore_set_pid, METH_VARARGS,
+     "set_pid(pid): the lock owner id of this process (after fork)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot WaitCore_slots[] = {
+    {Py_tp_doc, "WaitCore(tasks, task_size, ntasks, (state, wq_next, wq_on, sigpending, "
+                "notify, nvcsw), completions, comp_size, ncomps, (lock, done, head, tail), pid): "
+                "sleep/wake and completion queues over the shared image"},
+    {Py_tp_init, WaitCore_init},
+    {Py_tp_dealloc, WaitCore_dealloc},
+    {Py_tp_methods, WaitCore_methods},
+    {Py_tp_new, PyType_GenericNew},
+    {0, NULL},
+};
+
+static PyType_Spec WaitCore_spec = {
+    .name = "emu._native.WaitCore",
+    .basicsize = sizeof(WaitCore),
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = WaitCore_slots,
+};
+
+static int
+emu_native_exec(PyObject *module)
+{
+    PyObject *type = PyType_FromSpec(&WaitCore_spec);
+
+    if (type == NULL)
+        return -1;
+    if (PyModule_AddObject(module, "WaitCore", type) < 0) {
+        Py_DECREF(type);
+        return -1;
+    }
+    if (PyModule_AddIntConstant(module, "WAIT_DONE_AT_ENTRY", WAIT_DONE_AT_ENTRY) < 0 ||
+        PyModule_AddIntConstant(module, "WAIT_TIMEDOUT", WAIT_TIMEDOUT) < 0 ||
+        PyModule_AddIntConstant(module, "WAIT_SIGNALLED", WAIT_SIGNALLED) < 0)
+        return -1;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------- */
 
 #define DOC(name, sig, text) PyDoc_STRVAR(name##_doc, #name sig "\n--\n\n" text)
 
@@ -756,6 +1334,7 @@ PyDoc_STRVAR(emu_native_doc,
 "otherwise ValueError is raised.");
 
 static PyModuleDef_Slot emu_native_slots[] = {
+    {Py_mod_exec, emu_native_exec},
 #ifdef Py_mod_multiple_interpreters
     {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
 #endif

@@ -14,12 +14,12 @@ import pytest
 from util import stop_after_exit, wait_until
 
 import emu
+from emu.image import own_ipc_names, reclaim_orphans
 
-SHM_PREFIX = "emu-"
 
-
-def emu_shm() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if SHM_PREFIX in n}
+def emu_shm(pid: int | None = None) -> set[str]:
+    """IPC objects of kernels booted by `pid` (this process by default)."""
+    return own_ipc_names(os.getpid() if pid is None else pid)
 
 
 def test_boot_makes_the_booting_process_a_user_task():
@@ -63,10 +63,9 @@ def test_bad_boot_arguments_name_the_argument(kwargs, exc, word):
 
 
 def test_boot_leaves_nothing_in_dev_shm():
-    before = emu_shm()
     with emu.boot():
-        assert emu_shm() == before
-    assert emu_shm() == before
+        assert emu_shm() == set()
+    assert emu_shm() == set()
 
 
 def test_more_emulated_cpus_than_real_ones_round_robin():
@@ -184,16 +183,14 @@ def _all_gone(pids, timeout=2.0):
 
 
 def test_sigkill_of_the_booting_process_kills_every_task_within_2s(tmp_path):
-    before = emu_shm()
     proc, sup, pids = _spawn_kernel(tmp_path)
     proc.kill()
     proc.communicate()
     assert _all_gone(pids + [sup]) == set()
-    assert emu_shm() == before
+    assert emu_shm(proc.pid) == set()
 
 
 def test_sigkill_of_the_supervisor_kills_every_task_within_2s(tmp_path):
-    before = emu_shm()
     proc, sup, pids = _spawn_kernel(tmp_path)
     try:
         os.kill(sup, signal.SIGKILL)
@@ -201,7 +198,23 @@ def test_sigkill_of_the_supervisor_kills_every_task_within_2s(tmp_path):
     finally:
         proc.kill()
         proc.communicate()
-    assert emu_shm() == before
+    assert emu_shm(proc.pid) == set()
+
+
+def test_next_boot_reclaims_ipc_objects_of_a_dead_booter(tmp_path):
+    """A boot killed between creating and unlinking a name leaves it; the next boot removes it."""
+    import posix_ipc
+
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, cwd=tmp_path)
+    dead = int(child.stdout)
+    name = f"/emu-{dead}-{'ab' * 8}-3"
+    posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o600).close()
+    assert emu_shm(dead) == {f"sem.emu-{dead}-{'ab' * 8}-3"}
+    with emu.boot():
+        pass
+    assert emu_shm(dead) == set()
+    assert reclaim_orphans() == []
 
 
 @pytest.mark.emu_expect(oopses=1)
