@@ -51,7 +51,7 @@ class Completion:
     afterwards raises :class:`emu.StaleObjectError` (the kernel's use-after-free).
     """
 
-    __slots__ = ("index", "generation", "_rec", "_lock", "_owner", "__weakref__")
+    __slots__ = ("index", "generation", "_rec", "_core", "_owner", "__weakref__")
 
     def __init__(self) -> None:
         self.index, self.generation = _alloc()
@@ -59,8 +59,9 @@ class Completion:
         self._owner = _pid
 
     def _attach(self) -> None:
-        self._rec: Any = image.this().img.completions[self.index]
-        self._lock = image.field_addr(self._rec, "lock")
+        img = image.this()
+        self._rec: Any = img.img.completions[self.index]
+        self._core: Any = img.core
         self._owner = 0
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -75,19 +76,24 @@ class Completion:
 
     @property
     def rec(self) -> Any:
+        """The completion's record; raises StaleObjectError once it was freed."""
         rec = self._rec
-        if rec.generation != self.generation or not rec.in_use:
-            raise StaleObjectError(
-                f"completion #{self.index} was freed: its creating handle was "
-                "garbage-collected; keep it alive while other tasks use the completion"
-            )
+        if rec.generation != self.generation:  # freeing bumps the generation
+            self._stale()
         return rec
 
     @property
     def live_index(self) -> int:
         """The index in the completion table; raises StaleObjectError once freed."""
-        _ = self.rec
+        if self._rec.generation != self.generation:
+            self._stale()
         return self.index
+
+    def _stale(self) -> None:
+        raise StaleObjectError(
+            f"completion #{self.index} was freed: its creating handle was "
+            "garbage-collected; keep it alive while other tasks use the completion"
+        )
 
     @property
     def done(self) -> int:
@@ -150,6 +156,7 @@ def _free(c: Completion) -> None:
     locking.raw_spin_lock(lock, "completion table")
     try:
         rec.in_use = 0
+        rec.generation += 1
         rec.tail = hdr.completion_free
         hdr.completion_free = c.index + 1
     finally:
@@ -158,20 +165,16 @@ def _free(c: Completion) -> None:
 
 # --- the wait queue and the slow path live in native/'s WaitCore ----------------------------
 
-def _core() -> Any:
-    return image.this().core
-
-
-def _report_dead_owner() -> None:
-    dead = _core().take_dead_owner()
+def _report_dead_owner(core: Any) -> None:
+    dead = core.take_dead_owner()
     if dead:
         bug.warn(f"emu: completion lock taken over from dead task (pid {dead})", depth=3)
 
 
 def remove_waiter(x: Completion, slot: int) -> bool:
     """Unlink task `slot` from `x`'s queue wherever it is; False if it was not queued."""
-    removed = bool(_core().remove_waiter(x.index, slot))
-    _report_dead_owner()
+    removed = bool(x._core.remove_waiter(x.index, slot))
+    _report_dead_owner(x._core)
     return removed
 
 
@@ -182,8 +185,10 @@ def complete(x: Completion) -> None:
 
     ``done`` is incremented unless it is UINT_MAX (after complete_all()). Any context.
     """
-    _core().complete(x.live_index, False)
-    _report_dead_owner()
+    core = x._core
+    core.complete(x.live_index, False)
+    if core.take_dead_owner():  # rare: report it the slow way
+        _report_dead_owner(core)
 
 
 def complete_all(x: Completion) -> None:
@@ -193,8 +198,8 @@ def complete_all(x: Completion) -> None:
     complete_all() without reinit_completion() is reported with a WARN (the kernel
     documents it as a bug but does not check). Any context.
     """
-    twice = _core().complete(x.live_index, True)
-    _report_dead_owner()
+    twice = x._core.complete(x.live_index, True)
+    _report_dead_owner(x._core)
     if twice:
         bug.warn("complete_all() called twice without reinit_completion()", depth=2)
 
@@ -205,8 +210,8 @@ def init_completion(x: Completion) -> None:
     Waiters still queued are lost (never woken by complete()): that is reported with a
     WARN, as the kernel documentation calls it a bug.
     """
-    lost = _core().reset(x.live_index, True)
-    _report_dead_owner()
+    lost = x._core.reset(x.live_index, True)
+    _report_dead_owner(x._core)
     if lost:
         bug.warn(f"init_completion() with {lost} waiter(s) queued: they are lost", depth=2)
 
@@ -217,8 +222,8 @@ def reinit_completion(x: Completion) -> None:
     The caller must ensure no task is waiting: a reinit with waiters queued is reported
     with a WARN.
     """
-    waiting = _core().reset(x.live_index, False)
-    _report_dead_owner()
+    waiting = x._core.reset(x.live_index, False)
+    _report_dead_owner(x._core)
     if waiting:
         bug.warn("reinit_completion() while tasks wait on the completion", depth=2)
 
@@ -234,16 +239,17 @@ def _wait_for_common(x: Completion, timeout: int, state: int) -> int:
     jiffies.
     """
     preempt.might_sleep(depth=3)
-    rec = x.rec
-    me = current()
-    if preempt.in_atomic() and not rec.done:
+    index = x.live_index
+    if preempt.in_atomic() and not x._rec.done:
         preempt.schedule_debug()
-    hz = image.this().img.hdr.hz
-    jiffy_ns = 1_000_000_000 // hz
+    jiffy_ns = image.this().jiffy_ns
     timeout_ns = -1 if timeout == MAX_SCHEDULE_TIMEOUT else timeout * jiffy_ns
-    result = _core().wait(x.index, me.slot, timeout_ns, state)
-    _report_dead_owner()
-    preempt.local_irq_enable()  # raw_spin_unlock_irq(): interrupts are on afterwards
+    core = x._core
+    result = core.wait(index, current().slot, timeout_ns, state)
+    if core.take_dead_owner():
+        _report_dead_owner(core)
+    if preempt.irqs_disabled():
+        preempt.local_irq_enable()  # raw_spin_unlock_irq(): interrupts are on afterwards
     if result == _native.WAIT_DONE_AT_ENTRY:
         return timeout or 1
     if result == _native.WAIT_TIMEDOUT:
@@ -322,8 +328,8 @@ def wait_for_completion_state(x: Completion, state: int) -> int:
 
 def try_wait_for_completion(x: Completion) -> bool:
     """Consume one completion without sleeping: True if one was available. Any context."""
-    ok = bool(_core().try_wait(x.live_index))
-    _report_dead_owner()
+    ok = bool(x._core.try_wait(x.live_index))
+    _report_dead_owner(x._core)
     return ok
 
 

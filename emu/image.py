@@ -198,6 +198,8 @@ class SharedImage:
         self.sems: list[posix_ipc.Semaphore] = []
         #: native WaitCore: sleep/wake and completion queues
         self.core: Any = _native.WaitCore(*self._core_layout(), os.getpid())
+        #: nanoseconds per jiffy (set at boot with HZ)
+        self.jiffy_ns = 0
         #: emulated CPU i runs on real CPU cpu_map[i]
         self.cpu_map: list[int] = []
         #: True only in the process that booted this kernel

@@ -240,6 +240,7 @@ def boot(
     hdr.magic = image.IMAGE_MAGIC
     hdr.boot_ns = time.monotonic_ns()
     hdr.hz = hz
+    img.jiffy_ns = 1_000_000_000 // hz
     hdr.ncpus = len(cpu_map)
     hdr.max_tasks = max_tasks
     hdr.max_completions = max_completions + 2 * max_tasks

@@ -693,6 +693,7 @@ typedef struct {
     Py_ssize_t comp_size, ncomps;
     Py_ssize_t c_lock, c_done, c_head, c_tail;
     sem_t **sems;
+    Py_ssize_t *woken;  /* scratch list for complete_all(): one entry per task slot */
     int pid;
     int dead_owner;
 } WaitCore;
@@ -765,9 +766,16 @@ wc_unlock(int32_t *lockw)
     wake_one_if_waiters(lockw);
 }
 
-/* wake_up_state(): 1 if the task was moved to TASK_RUNNING (and its semaphore posted). */
+/*
+ * The state half of wake_up_state(): 1 if the task's state had a bit of `mask` and
+ * was moved to TASK_RUNNING; its semaphore must then be posted (wc_post). Wakers that
+ * hold a completion lock post only after releasing it (the kernel's wake_q): otherwise,
+ * on one CPU, the woken task preempts the waker and blocks on the lock it still holds.
+ * The sleeper re-checks its state before blocking, so a late post is never lost, and a
+ * post that finds it awake is absorbed by its next sleep.
+ */
 static int
-wc_wake_slot(WaitCore *wc, Py_ssize_t slot, int32_t mask)
+wc_set_running(WaitCore *wc, Py_ssize_t slot, int32_t mask)
 {
     int32_t *state = T_FIELD(wc, slot, wc->t_state, int32_t);
     int32_t s = __atomic_load_n(state, __ATOMIC_SEQ_CST);
@@ -776,11 +784,25 @@ wc_wake_slot(WaitCore *wc, Py_ssize_t slot, int32_t mask)
         if (!(s & mask))
             return 0;
         if (__atomic_compare_exchange_n(state, &s, TASK_RUNNING, 0, __ATOMIC_SEQ_CST,
-                                        __ATOMIC_SEQ_CST)) {
-            sem_post(wc->sems[slot]);
+                                        __ATOMIC_SEQ_CST))
             return 1;
-        }
     }
+}
+
+static void
+wc_post(WaitCore *wc, Py_ssize_t slot)
+{
+    sem_post(wc->sems[slot]);
+}
+
+/* wake_up_state(): 1 if the task was moved to TASK_RUNNING and its semaphore posted. */
+static int
+wc_wake_slot(WaitCore *wc, Py_ssize_t slot, int32_t mask)
+{
+    if (!wc_set_running(wc, slot, mask))
+        return 0;
+    wc_post(wc, slot);
+    return 1;
 }
 
 /*
@@ -930,7 +952,8 @@ WaitCore_sleep(WaitCore *wc, PyObject *args)
 static PyObject *
 WaitCore_complete(WaitCore *wc, PyObject *args)
 {
-    Py_ssize_t idx, slot;
+    Py_ssize_t idx, slot, n = 0, i;
+    Py_ssize_t *woken;
     int all, result = 0;
     int32_t *lockw;
     uint32_t *done;
@@ -939,21 +962,26 @@ WaitCore_complete(WaitCore *wc, PyObject *args)
         return NULL;
     lockw = C_FIELD(wc, idx, wc->c_lock, int32_t);
     done = C_FIELD(wc, idx, wc->c_done, uint32_t);
+    woken = wc->woken;
     wc_lock(wc, lockw);
     if (all) {
         result = *done == UINT32_MAX;
         *done = UINT32_MAX;
         while ((slot = wc_dequeue_head(wc, idx)) != -1)
-            wc_wake_slot(wc, slot, TASK_NORMAL);
+            if (wc_set_running(wc, slot, TASK_NORMAL))
+                woken[n++] = slot;
     }
     else {
         if (*done != UINT32_MAX)
             (*done)++;
         slot = wc_dequeue_head(wc, idx);
-        if (slot != -1)
-            result = wc_wake_slot(wc, slot, TASK_NORMAL);
+        if (slot != -1 && wc_set_running(wc, slot, TASK_NORMAL))
+            woken[n++] = slot;
+        result = (int)n;
     }
     wc_unlock(lockw);
+    for (i = 0; i < n; i++)
+        wc_post(wc, woken[i]);
     return PyLong_FromLong(result);
 }
 
@@ -1123,7 +1151,8 @@ WaitCore_init(WaitCore *wc, PyObject *args, PyObject *kwds)
     wc->tasks = (char *)tasks;
     wc->comps = (char *)comps;
     wc->sems = PyMem_Calloc((size_t)wc->ntasks, sizeof(sem_t *));
-    if (wc->sems == NULL) {
+    wc->woken = PyMem_Calloc((size_t)wc->ntasks, sizeof(Py_ssize_t));
+    if (wc->sems == NULL || wc->woken == NULL) {
         PyErr_NoMemory();
         return -1;
     }
@@ -1167,6 +1196,7 @@ WaitCore_dealloc(WaitCore *wc)
                 sem_close(wc->sems[i]);
         PyMem_Free(wc->sems);
     }
+    PyMem_Free(wc->woken);
     tp->tp_free((PyObject *)wc);
     Py_DECREF(tp);
 }
