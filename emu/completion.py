@@ -185,10 +185,8 @@ def complete(x: Completion) -> None:
 
     ``done`` is incremented unless it is UINT_MAX (after complete_all()). Any context.
     """
-    core = x._core
-    core.complete(x.live_index, False)
-    if core.take_dead_owner():  # rare: report it the slow way
-        _report_dead_owner(core)
+    x._core.complete(x.live_index, False)
+    _report_dead_owner(x._core)
 
 
 def complete_all(x: Completion) -> None:
@@ -246,8 +244,7 @@ def _wait_for_common(x: Completion, timeout: int, state: int) -> int:
     timeout_ns = -1 if timeout == MAX_SCHEDULE_TIMEOUT else timeout * jiffy_ns
     core = x._core
     result = core.wait(index, current().slot, timeout_ns, state)
-    if core.take_dead_owner():
-        _report_dead_owner(core)
+    _report_dead_owner(core)
     if preempt.irqs_disabled():
         preempt.local_irq_enable()  # raw_spin_unlock_irq(): interrupts are on afterwards
     if result == _native.WAIT_DONE_AT_ENTRY:

@@ -9,8 +9,10 @@ import sys
 import textwrap
 import time
 
+import hypothesis.strategies as st
 import psutil
 import pytest
+from hypothesis import given, settings
 from util import stop_after_exit, wait_until
 
 import emu
@@ -227,3 +229,47 @@ def test_kthread_killed_by_a_real_sigkill_is_an_oops_and_stop_returns(kernel):
     assert "victim" in "\n".join(kernel.dmesg())
     emu.complete(c)  # the queue no longer holds the dead task
     assert c.done == 1
+
+
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_cpu_sets_map_to_real_cpus_and_pin(data):
+    real = sorted(os.sched_getaffinity(0))
+    cpus = data.draw(st.one_of(
+        st.integers(1, 2 * len(real)),
+        st.lists(st.sampled_from(real), min_size=1, max_size=4, unique=True),
+    ))
+    with emu.boot(cpus=cpus) as kernel:
+        expected = [real[i % len(real)] for i in range(cpus)] if isinstance(cpus, int) else cpus
+        assert kernel.cpu_map == expected and kernel.ncpus == len(expected)
+        cpu = data.draw(st.integers(0, kernel.ncpus - 1))
+        t = emu.kthread_create_on_cpu(lambda d: 0, None, cpu, "c%u")
+        assert psutil.Process(t.pid).cpu_affinity() == [kernel.cpu_map[cpu]]
+        assert emu.kthread_stop(t) == -emu.EINTR
+        assert kernel.warnings == 0
+
+
+@pytest.mark.emu_expect(oopses=1, warnings=1)
+def test_completion_lock_of_a_killed_holder_is_taken_over_and_reported(kernel):
+    """A task SIGKILLed while holding a completion's lock does not wedge the completion."""
+    from emu import _native
+    from emu.image import field_addr
+
+    c = emu.Completion()
+    lock_addr = field_addr(c.rec, "lock")
+    held = emu.Completion()
+
+    def hold(d):
+        assert _native.lock(lock_addr, os.getpid(), 0, -1) == 0
+        emu.complete(held)
+        while True:
+            pass
+
+    t = emu.kthread_run(hold, None, "holder")
+    emu.wait_for_completion(held)
+    os.kill(t.pid, signal.SIGKILL)
+    emu.complete(c)  # waits for the dead holder's lock, takes it over
+    assert c.done == 1 and emu.try_wait_for_completion(c)
+    assert emu.kthread_stop(t) == 0
+    log = "\n".join(kernel.dmesg())
+    assert f"completion lock taken over from dead task (pid {t.pid})" in log
