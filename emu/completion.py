@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import _native, bug, image, locking, preempt
+from . import _native, bug, image, preempt
 from .constants import (
     ERESTARTSYS,
     MAX_SCHEDULE_TIMEOUT,
@@ -28,7 +28,8 @@ from .constants import (
     TASK_KILLABLE,
     TASK_UNINTERRUPTIBLE,
 )
-from .errors import CapacityError, StaleObjectError
+from .errors import StaleObjectError
+from .sched import FOREVER_NS
 from .task import current
 
 _pid = os.getpid()
@@ -115,52 +116,18 @@ def _from_index(index: int, generation: int) -> Completion:
 
 
 def _alloc() -> tuple[int, int]:
-    img = image.this()
-    hdr = img.img.hdr
-    lock = image.field_addr(hdr, "completion_lock")
-    locking.raw_spin_lock(lock, "completion table")
-    try:
-        if hdr.completion_free:
-            index = hdr.completion_free - 1
-            rec = img.img.completions[index]
-            hdr.completion_free = rec.tail
-        elif hdr.completion_high < hdr.max_completions:
-            index = hdr.completion_high
-            hdr.completion_high += 1
-            rec = img.img.completions[index]
-        else:
-            raise CapacityError(
-                f"all {hdr.max_completions} completions are in use: drop unused ones or "
-                "boot with a larger max_completions="
-            )
-        rec.generation += 1
-        rec.in_use = 1
-        rec.done = 0
-        rec.head = rec.tail = -1
-        rec.owner_pid = _pid
-        return index, int(rec.generation)
-    finally:
-        locking.raw_spin_unlock(lock)
+    index, generation = image.alloc_record("completions")
+    rec = image.this().img.completions[index]
+    rec.head = rec.tail = -1
+    return index, generation
 
 
 def _free(c: Completion) -> None:
-    img = image.this()
     rec = c._rec
-    if rec.generation != c.generation or not rec.in_use:
-        return
-    if rec.head != -1:
+    if rec.generation == c.generation and rec.head != -1:
         bug.warn(f"completion #{c.index} freed while tasks wait on it", depth=3)
         return
-    hdr = img.img.hdr
-    lock = image.field_addr(hdr, "completion_lock")
-    locking.raw_spin_lock(lock, "completion table")
-    try:
-        rec.in_use = 0
-        rec.generation += 1
-        rec.tail = hdr.completion_free
-        hdr.completion_free = c.index + 1
-    finally:
-        locking.raw_spin_unlock(lock)
+    image.free_record("completions", c.index, c.generation)
 
 
 # --- the wait queue and the slow path live in native/'s WaitCore ----------------------------
@@ -241,7 +208,9 @@ def _wait_for_common(x: Completion, timeout: int, state: int) -> int:
     if preempt.in_atomic() and not x._rec.done:
         preempt.schedule_debug()
     jiffy_ns = image.this().jiffy_ns
-    timeout_ns = -1 if timeout == MAX_SCHEDULE_TIMEOUT else timeout * jiffy_ns
+    timeout_ns = timeout * jiffy_ns
+    if timeout_ns >= FOREVER_NS:
+        timeout_ns = -1  # no timer: it would outlive the machine
     core = x._core
     result = core.wait(index, current().slot, timeout_ns, state)
     _report_dead_owner(core)
@@ -253,16 +222,18 @@ def _wait_for_common(x: Completion, timeout: int, state: int) -> int:
         return 0
     if result == _native.WAIT_SIGNALLED:
         return -ERESTARTSYS
-    if timeout == MAX_SCHEDULE_TIMEOUT:
-        return MAX_SCHEDULE_TIMEOUT
+    if timeout_ns < 0:
+        return timeout
     return max(1, -(-result // jiffy_ns))
 
 
 def _check_timeout(timeout: int) -> None:
     if not isinstance(timeout, int) or isinstance(timeout, bool):
         raise TypeError(f"timeout must be an int number of jiffies, not {type(timeout).__name__}")
-    if timeout < 0:
-        raise ValueError(f"timeout must be a non-negative number of jiffies, got {timeout}")
+    if not 0 <= timeout <= MAX_SCHEDULE_TIMEOUT:
+        raise ValueError(
+            f"timeout must be between 0 and MAX_SCHEDULE_TIMEOUT jiffies, got {timeout}"
+        )
 
 
 def wait_for_completion(x: Completion) -> None:

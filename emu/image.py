@@ -23,6 +23,7 @@ import posix_ipc
 
 from . import _native
 from .constants import KTHREAD_NAME_LEN, TASK_COMM_LEN
+from .errors import CapacityError
 
 IMAGE_MAGIC = 0x454D55494D414745  # "EMUIMAGE"
 #: Every IPC name starts with this and the creating pid: /emu-<pid>-<token>[-<slot>]
@@ -68,6 +69,16 @@ class LockWord(ctypes.Structure):
     _fields_ = [("owner", c_int32), ("waiters", c_int32)]
 
 
+class PoolHdr(ctypes.Structure):
+    """Allocation state of one table of records (completions, atomics, ...)."""
+
+    _fields_ = [
+        ("lock", LockWord),
+        ("free", c_int32),  # first free record index + 1, 0 = none
+        ("high", c_int32),  # records ever handed out
+    ]
+
+
 class Header(ctypes.Structure):
     _fields_ = [
         ("magic", c_uint64),
@@ -91,10 +102,11 @@ class Header(ctypes.Structure):
         ("hung_task_panic", c_int32),
         ("hung_task_detect_count", c_int32),
         ("cpu_rotor", c_int32),
-        ("completion_free", c_int32),  # first free completion index + 1, 0 = none
-        ("completion_high", c_int32),  # completion slots ever handed out
+        ("softlockup_thresh_secs", c_int32),
         ("task_lock", LockWord),  # task-slot allocation
-        ("completion_lock", LockWord),  # completion-slot allocation
+        ("completions_pool", PoolHdr),
+        ("atomics_pool", PoolHdr),
+        ("spinlocks_pool", PoolHdr),
         ("log_lock", LockWord),
         ("log_next_seq", c_uint64),
         ("log_first_seq", c_uint64),
@@ -107,13 +119,36 @@ class CompletionRec(ctypes.Structure):
     _fields_ = [
         ("lock", LockWord),  # wait.lock, taken irqsave
         ("in_use", c_int32),
-        ("generation", c_int32),
+        ("generation", c_int32),  # bumped on allocation and on free
+        ("free_next", c_int32),
         ("done", c_uint32),
         ("head", c_int32),  # first waiting task slot, -1 if none
         ("tail", c_int32),
-        ("owner_pid", c_int32),
-        ("woken", c_int32),  # waiters woken but not yet returned (reinit race check)
+    ]
+
+
+class AtomicRec(ctypes.Structure):
+    """atomic_t / atomic64_t: one 64-bit word (atomic_t uses its low 32 bits)."""
+
+    _fields_ = [
+        ("in_use", c_int32),
+        ("generation", c_int32),
+        ("free_next", c_int32),
         ("pad", c_int32),
+        ("value", c_int64),
+    ]
+
+
+class SpinlockRec(ctypes.Structure):
+    """spinlock_t: native/'s owner-aware lock plus who holds it, for lockup reports."""
+
+    _fields_ = [
+        ("lock", LockWord),
+        ("in_use", c_int32),
+        ("generation", c_int32),
+        ("free_next", c_int32),
+        ("owner_cpu", c_int32),
+        ("held_since_ns", c_int64),
     ]
 
 
@@ -161,7 +196,8 @@ class LogRec(ctypes.Structure):
     ]
 
 
-def image_type(max_tasks: int, max_completions: int, log_records: int) -> type[ctypes.Structure]:
+def image_type(max_tasks: int, max_completions: int, log_records: int,
+               max_atomics: int, max_spinlocks: int) -> type[ctypes.Structure]:
     """The ctypes type of a whole image with the given capacities."""
 
     class Image(ctypes.Structure):
@@ -169,6 +205,8 @@ def image_type(max_tasks: int, max_completions: int, log_records: int) -> type[c
             ("hdr", Header),
             ("tasks", TaskSlot * max_tasks),
             ("completions", CompletionRec * max_completions),
+            ("atomics", AtomicRec * max_atomics),
+            ("spinlocks", SpinlockRec * max_spinlocks),
             ("log", LogRec * log_records),
         ]
 
@@ -183,9 +221,10 @@ def field_addr(obj: ctypes.Structure, name: str) -> int:
 class SharedImage:
     """The mapped image plus the per-slot semaphores, created by boot and inherited by fork."""
 
-    def __init__(self, max_tasks: int, max_completions: int, log_records: int) -> None:
+    def __init__(self, max_tasks: int, max_completions: int, log_records: int,
+                 max_atomics: int = 1024, max_spinlocks: int = 1024) -> None:
         prefix = f"/{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
-        itype = image_type(max_tasks, max_completions, log_records)
+        itype = image_type(max_tasks, max_completions, log_records, max_atomics, max_spinlocks)
         self.size = ctypes.sizeof(itype)
         shm = posix_ipc.SharedMemory(prefix, posix_ipc.O_CREX, mode=0o600, size=self.size)
         try:
@@ -255,6 +294,66 @@ class SharedImage:
             except BufferError:
                 pass  # views into the image still exist; the mapping goes with them
             self.mm = None  # type: ignore[assignment]
+
+
+def alloc_record(table: str) -> tuple[int, int]:
+    """Reserve a free record of `table` ("completions", "atomics", "spinlocks").
+
+    Returns (index, generation). The record is zeroed but for its bookkeeping fields.
+    Raises CapacityError naming the boot parameter when the table is full.
+    """
+    from . import locking
+
+    img = this()
+    pool = getattr(img.img.hdr, f"{table}_pool")
+    records = getattr(img.img, table)
+    lock = field_addr(pool, "lock")
+    locking.raw_spin_lock(lock, f"{table} table")
+    try:
+        if pool.free:
+            index = pool.free - 1
+            rec = records[index]
+            pool.free = rec.free_next
+        elif pool.high < len(records):
+            index = pool.high
+            pool.high += 1
+            rec = records[index]
+        else:
+            raise CapacityError(
+                f"all {len(records)} {table} are in use: free unused ones or boot with a "
+                f"larger max_{table}="
+            )
+        generation = rec.generation + 1
+        ctypes.memset(ctypes.addressof(rec), 0, ctypes.sizeof(rec))
+        rec.generation = generation
+        rec.in_use = 1
+        return index, generation
+    finally:
+        locking.raw_spin_unlock(lock)
+
+
+def free_record(table: str, index: int, generation: int) -> bool:
+    """Return record `index` of `table` to its pool; False if it was already freed.
+
+    Freeing bumps the generation, so handles on the record become stale at once.
+    """
+    from . import locking
+
+    img = this()
+    pool = getattr(img.img.hdr, f"{table}_pool")
+    rec = getattr(img.img, table)[index]
+    lock = field_addr(pool, "lock")
+    locking.raw_spin_lock(lock, f"{table} table")
+    try:
+        if rec.generation != generation or not rec.in_use:
+            return False
+        rec.in_use = 0
+        rec.generation += 1
+        rec.free_next = pool.free
+        pool.free = index + 1
+        return True
+    finally:
+        locking.raw_spin_unlock(lock)
 
 
 _this: SharedImage | None = None

@@ -15,7 +15,7 @@ import signal as _os_signal
 import time
 from typing import Any
 
-from . import _native, image, kthread, supervisor, task
+from . import _native, image, kthread, preempt, supervisor, task
 from .constants import PF_KTHREAD, TASK_RUNNING
 from .errors import AlreadyBootedError, EmuError, KernelDeadError
 from .kthread import KTHREAD_EXITED, KTHREAD_SHOULD_STOP, kthread_unpark
@@ -205,6 +205,9 @@ def boot(
     *,
     max_tasks: int = 256,
     max_completions: int = 16384,
+    max_atomics: int = 16384,
+    max_spinlocks: int = 4096,
+    softlockup_thresh_secs: int = 20,
     log_records: int = 4096,
     console_loglevel: int = CONSOLE_LOGLEVEL_DEFAULT,
     hung_task_check_interval_secs: int = 0,
@@ -228,6 +231,9 @@ def boot(
     _check_int(hung_task_timeout_secs, "hung_task_timeout_secs", 0, 1 << 30)
     _check_int(max_tasks, "max_tasks", 2, 1 << 16)
     _check_int(max_completions, "max_completions", 16, 1 << 22)
+    _check_int(max_atomics, "max_atomics", 1, 1 << 22)
+    _check_int(max_spinlocks, "max_spinlocks", 1, 1 << 22)
+    _check_int(softlockup_thresh_secs, "softlockup_thresh_secs", 1, 1 << 20)
     _check_int(log_records, "log_records", 16, 1 << 22)
     _check_int(console_loglevel, "console_loglevel", 0, 8)
     _check_int(hung_task_check_interval_secs, "hung_task_check_interval_secs", 0, 1 << 30)
@@ -235,7 +241,8 @@ def boot(
     _check_int(hung_task_panic, "hung_task_panic", 0, 1)
 
     image.reclaim_orphans()
-    img = image.SharedImage(max_tasks, max_completions + 2 * max_tasks, log_records)
+    img = image.SharedImage(max_tasks, max_completions + 2 * max_tasks, log_records,
+                            max_atomics, max_spinlocks)
     hdr = img.img.hdr
     hdr.magic = image.IMAGE_MAGIC
     hdr.boot_ns = time.monotonic_ns()
@@ -251,6 +258,7 @@ def boot(
     hdr.hung_task_check_interval_secs = hung_task_check_interval_secs
     hdr.hung_task_warnings = hung_task_warnings
     hdr.hung_task_panic = hung_task_panic
+    hdr.softlockup_thresh_secs = softlockup_thresh_secs
     img.cpu_map = cpu_map
     image.attach(img)
     try:
@@ -268,6 +276,7 @@ def boot(
 
 
 def _make_boot_task(img: image.SharedImage) -> None:
+    preempt.reset()
     try:
         with open("/proc/self/comm") as f:
             name = f.read().strip()

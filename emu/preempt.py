@@ -47,6 +47,11 @@ def _mirror() -> None:
         _rec.irqs_disabled = int(_irqs_off)
 
 
+def this_cpu() -> int:
+    """smp_processor_id(): the emulated CPU this task runs on."""
+    return -1 if _rec is None else int(_rec.cpu)
+
+
 def _who() -> tuple[int, str]:
     if _rec is None:
         return os.getpid(), "?"
@@ -200,12 +205,16 @@ def schedule_debug() -> None:
     )
 
 
-def _after_fork_in_child() -> None:
+def reset() -> None:
+    """A fresh task context: preemptible, interrupts on, not attached to a slot."""
     global _count, _irqs_off, _last_resched_splat, _rec
     _count = 0
     _irqs_off = False
     _last_resched_splat = 0
     _rec = None
+
+
+_after_fork_in_child = reset
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

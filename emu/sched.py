@@ -25,6 +25,8 @@ from .task import current, current_state, set_current_state, sleep
 
 #: jiffies value at boot. Linux starts at -300 s to expose wrap bugs; emu starts at 0.
 INITIAL_JIFFIES = 0
+#: Sleeps at least this long (~146 years) get no timer at all.
+FOREVER_NS = 1 << 62
 
 
 def _hz() -> int:
@@ -102,15 +104,18 @@ def schedule_timeout(timeout: int) -> int:
         log_store(4, "\n".join(bug.stack_lines(bug._caller(1))))
         set_current_state(TASK_RUNNING)
         return 0
-    jiffy_ns = 1_000_000_000 // _hz()
-    deadline = time.monotonic_ns() + timeout * jiffy_ns
+    jiffy_ns = image.this().jiffy_ns
+    length = min(timeout * jiffy_ns, FOREVER_NS)
+    deadline = time.monotonic_ns() + length
     state = current_state()
     if state != TASK_RUNNING:
         if signal_pending_state(state, me):
             set_current_state(TASK_RUNNING)
         else:
             preempt.schedule_debug()
-            sleep(deadline)
+            sleep(None if length == FOREVER_NS else deadline)
+    if length == FOREVER_NS:
+        return timeout
     left = deadline - time.monotonic_ns()
     return -(-left // jiffy_ns) if left > 0 else 0
 
