@@ -70,6 +70,22 @@ from .errors import (
     NotBootedError,
     StaleObjectError,
 )
+from .irq import (
+    IRQ_HANDLED,
+    IRQ_NONE,
+    IRQ_WAKE_THREAD,
+    IRQF_ONESHOT,
+    IRQF_SHARED,
+    disable_irq,
+    disable_irq_nosync,
+    enable_irq,
+    free_irq,
+    irq_inject_interrupt,
+    irq_set_affinity,
+    request_irq,
+    request_threaded_irq,
+    synchronize_irq,
+)
 from .kernel import HZ_DEFAULT as HZ
 from .kernel import Kernel, boot
 from .kthread import (
@@ -208,6 +224,15 @@ from .signal import (
     kernel_dequeue_signal,
     send_sig,
     signal_pending,
+)
+from .softirq import (
+    Tasklet,
+    tasklet_disable,
+    tasklet_enable,
+    tasklet_hi_schedule,
+    tasklet_kill,
+    tasklet_schedule,
+    tasklet_setup,
 )
 from .task import (
     Task,

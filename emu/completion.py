@@ -68,6 +68,14 @@ class Completion:
     def __reduce__(self) -> tuple[Any, ...]:
         return (_from_index, (self.index, self.generation))
 
+    def __eq__(self, other: object) -> bool:
+        """Handles are equal when they name the same completion (in any process)."""
+        return (isinstance(other, Completion) and other.index == self.index
+                and other.generation == self.generation)
+
+    def __hash__(self) -> int:
+        return hash((Completion, self.index, self.generation))
+
     def __repr__(self) -> str:
         return f"<Completion #{self.index} done={self._rec.done}>"
 

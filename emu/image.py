@@ -26,6 +26,14 @@ from .constants import KTHREAD_NAME_LEN, TASK_COMM_LEN
 from .errors import CapacityError
 
 IMAGE_MAGIC = 0x454D55494D414745  # "EMUIMAGE"
+#: Emulated CPUs and IRQ lines are bits of 64-bit masks.
+MAX_CPUS = 64
+NR_IRQS_MAX = 64
+#: Actions (request_irq() users) one IRQ line can have (IRQF_SHARED).
+MAX_IRQ_ACTIONS = 4
+IRQ_NAME_LEN = 32
+FUNCREF_LEN = 1000
+MAX_IRQ_SOURCES = 32
 #: Every IPC name starts with this and the creating pid: /emu-<pid>-<token>[-<slot>]
 NAME_PREFIX = "emu-"
 _NAME_RE = re.compile(r"^(?:sem\.)?emu-(\d+)-[0-9a-f]{16}(?:-\d+)?$")
@@ -107,6 +115,11 @@ class Header(ctypes.Structure):
         ("completions_pool", PoolHdr),
         ("atomics_pool", PoolHdr),
         ("spinlocks_pool", PoolHdr),
+        ("funcrefs_pool", PoolHdr),
+        ("tasklets_pool", PoolHdr),
+        ("nr_irqs", c_int32),
+        ("irq_ready", c_int32),  # idle tasks exist (created by the first request_irq)
+        ("irq_lock", LockWord),  # request/free of IRQ actions
         ("log_lock", LockWord),
         ("log_next_seq", c_uint64),
         ("log_first_seq", c_uint64),
@@ -149,6 +162,93 @@ class SpinlockRec(ctypes.Structure):
         ("free_next", c_int32),
         ("owner_cpu", c_int32),
         ("held_since_ns", c_int64),
+    ]
+
+
+class FuncRef(ctypes.Structure):
+    """A callable and its data, pickled by reference, runnable in any task (IRQ handlers,
+    tasklet callbacks run in whichever task the interrupt hits)."""
+
+    _fields_ = [
+        ("in_use", c_int32),
+        ("generation", c_int32),
+        ("free_next", c_int32),
+        ("length", c_int32),
+        ("data", c_char * FUNCREF_LEN),
+    ]
+
+
+class IrqAction(ctypes.Structure):
+    """struct irqaction: one request_irq() on a line."""
+
+    _fields_ = [
+        ("in_use", c_int32),
+        ("flags", c_int32),  # IRQF_*
+        ("ref", c_int32),  # FuncRef index of (handler, dev)
+        ("ref_generation", c_int32),
+        ("thread_slot", c_int32),  # irq/N-name kthread, -1 if none
+        ("thread_generation", c_int32),
+        ("thread_flags", c_int32),  # IRQTF_RUNTHREAD
+        ("warned", c_int32),  # IRQ_WAKE_THREAD-without-thread_fn message printed
+        ("name", c_char * IRQ_NAME_LEN),
+    ]
+
+
+class IrqDesc(ctypes.Structure):
+    """struct irq_desc: state, statistics and actions of one IRQ line."""
+
+    _fields_ = [
+        ("lock", LockWord),
+        ("depth", c_int32),  # disable_irq() nesting
+        ("status", c_int32),  # IRQS_* (irq.py)
+        ("affinity", c_int32),  # target CPU
+        ("threads_active", c_int32),
+        ("irq_count", c_int32),  # note_interrupt(): interrupts in this window
+        ("irqs_unhandled", c_int32),
+        ("kstat", c_int64 * MAX_CPUS),  # /proc/interrupts counts per CPU
+        ("actions", IrqAction * MAX_IRQ_ACTIONS),
+    ]
+
+
+class PerCpu(ctypes.Structure):
+    """Per-CPU interrupt controller and softirq state."""
+
+    _fields_ = [
+        ("lock", LockWord),  # tasklet lists
+        ("irq_pending", c_int64),  # bit n: IRQ n raised for this CPU, not yet handled
+        ("softirq_pending", c_int32),
+        ("idle_slot", c_int32),  # this CPU's idle task, -1 until the IRQ layer starts
+        ("tasklet_head", c_int32 * 2),  # [TASKLET_SOFTIRQ, HI_SOFTIRQ] FIFO lists
+        ("tasklet_tail", c_int32 * 2),
+    ]
+
+
+class TaskletRec(ctypes.Structure):
+    """struct tasklet_struct."""
+
+    _fields_ = [
+        ("in_use", c_int32),
+        ("generation", c_int32),
+        ("free_next", c_int32),
+        ("state", c_int32),  # TASKLET_STATE_SCHED | TASKLET_STATE_RUN
+        ("count", c_int32),  # tasklet_disable() nesting
+        ("next", c_int32),  # per-CPU list link
+        ("ref", c_int32),  # FuncRef of (callback, data)
+        ("ref_generation", c_int32),
+    ]
+
+
+class IrqSource(ctypes.Structure):
+    """A device the supervisor emulates: raises `irq` after a delay, then periodically."""
+
+    _fields_ = [
+        ("in_use", c_int32),
+        ("irq", c_int32),
+        ("burst", c_int32),  # interrupts raised each time it fires
+        ("remaining", c_int32),  # firings left, -1 = unlimited
+        ("next_ns", c_int64),  # CLOCK_MONOTONIC of the next firing
+        ("period_ns", c_int64),  # 0 = fire once
+        ("fired", c_int64),
     ]
 
 
@@ -197,7 +297,8 @@ class LogRec(ctypes.Structure):
 
 
 def image_type(max_tasks: int, max_completions: int, log_records: int,
-               max_atomics: int, max_spinlocks: int) -> type[ctypes.Structure]:
+               max_atomics: int, max_spinlocks: int, nr_irqs: int = NR_IRQS_MAX,
+               max_tasklets: int = 256, max_funcrefs: int = 512) -> type[ctypes.Structure]:
     """The ctypes type of a whole image with the given capacities."""
 
     class Image(ctypes.Structure):
@@ -207,6 +308,11 @@ def image_type(max_tasks: int, max_completions: int, log_records: int,
             ("completions", CompletionRec * max_completions),
             ("atomics", AtomicRec * max_atomics),
             ("spinlocks", SpinlockRec * max_spinlocks),
+            ("irqs", IrqDesc * nr_irqs),
+            ("percpu", PerCpu * MAX_CPUS),
+            ("tasklets", TaskletRec * max_tasklets),
+            ("funcrefs", FuncRef * max_funcrefs),
+            ("irq_sources", IrqSource * MAX_IRQ_SOURCES),
             ("log", LogRec * log_records),
         ]
 
@@ -222,9 +328,11 @@ class SharedImage:
     """The mapped image plus the per-slot semaphores, created by boot and inherited by fork."""
 
     def __init__(self, max_tasks: int, max_completions: int, log_records: int,
-                 max_atomics: int = 1024, max_spinlocks: int = 1024) -> None:
+                 max_atomics: int = 1024, max_spinlocks: int = 1024,
+                 nr_irqs: int = NR_IRQS_MAX) -> None:
         prefix = f"/{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
-        itype = image_type(max_tasks, max_completions, log_records, max_atomics, max_spinlocks)
+        itype = image_type(max_tasks, max_completions, log_records, max_atomics, max_spinlocks,
+                           nr_irqs)
         self.size = ctypes.sizeof(itype)
         shm = posix_ipc.SharedMemory(prefix, posix_ipc.O_CREX, mode=0o600, size=self.size)
         try:

@@ -15,8 +15,8 @@ import signal as _os_signal
 import time
 from typing import Any
 
-from . import _native, image, kthread, preempt, supervisor, task
-from .constants import PF_KTHREAD, TASK_RUNNING
+from . import _native, image, irq, kthread, preempt, supervisor, task
+from .constants import PF_IDLE, PF_KTHREAD, TASK_RUNNING
 from .errors import AlreadyBootedError, EmuError, KernelDeadError
 from .kthread import KTHREAD_EXITED, KTHREAD_SHOULD_STOP, kthread_unpark
 from .printk import CONSOLE_LOGLEVEL_DEFAULT, dmesg, log_store
@@ -41,7 +41,7 @@ def _cpu_map(cpus: Any) -> list[int]:
     if cpus is None:
         return allowed
     if isinstance(cpus, int) and not isinstance(cpus, bool):
-        _check_int(cpus, "cpus", 1, 1024)
+        _check_int(cpus, "cpus", 1, image.MAX_CPUS)
         return [allowed[i % len(allowed)] for i in range(cpus)]
     try:
         wanted = list(cpus)
@@ -49,8 +49,8 @@ def _cpu_map(cpus: Any) -> list[int]:
         raise TypeError(
             f"cpus must be a CPU count or a list of real CPU ids, not {type(cpus).__name__}"
         ) from None
-    if not wanted:
-        raise ValueError("cpus must name at least one CPU")
+    if not 1 <= len(wanted) <= image.MAX_CPUS:
+        raise ValueError(f"cpus must name 1 to {image.MAX_CPUS} CPUs, got {len(wanted)}")
     for c in wanted:
         if not isinstance(c, int) or isinstance(c, bool):
             raise TypeError(f"cpus must hold int CPU ids, got {c!r}")
@@ -113,8 +113,23 @@ class Kernel:
         return dmesg(self._img)
 
     def tasks(self) -> list[task.Task]:
-        """Every task: the booting process and each kthread."""
-        return task.live_tasks()
+        """Every task: the booting process and each kthread (not the idle tasks)."""
+        return [t for t in task.live_tasks() if not t.flags & PF_IDLE]
+
+    def proc_interrupts(self) -> str:
+        """Interrupt counts per CPU, laid out like /proc/interrupts."""
+        return irq.proc_interrupts()
+
+    def add_irq_source(self, irq_nr: int, *, delay: float = 0.0, rate_hz: float = 0.0,
+                       burst: int = 1, count: int = 1) -> int:
+        """Emulate a device: the supervisor raises `irq_nr` `burst` times after `delay`
+        seconds, then every 1/`rate_hz` seconds, `count` times in all (-1: until removed).
+        Returns the source's id for remove_irq_source()."""
+        return supervisor.add_irq_source(irq_nr, delay, rate_hz, burst, count)
+
+    def remove_irq_source(self, source: int) -> None:
+        """Stop an emulated device."""
+        supervisor.remove_irq_source(source)
 
     def ps(self) -> str:
         """A ps-style table of the tasks."""
@@ -208,6 +223,7 @@ def boot(
     max_atomics: int = 16384,
     max_spinlocks: int = 4096,
     softlockup_thresh_secs: int = 20,
+    nr_irqs: int = 32,
     log_records: int = 4096,
     console_loglevel: int = CONSOLE_LOGLEVEL_DEFAULT,
     hung_task_check_interval_secs: int = 0,
@@ -234,6 +250,7 @@ def boot(
     _check_int(max_atomics, "max_atomics", 1, 1 << 22)
     _check_int(max_spinlocks, "max_spinlocks", 1, 1 << 22)
     _check_int(softlockup_thresh_secs, "softlockup_thresh_secs", 1, 1 << 20)
+    _check_int(nr_irqs, "nr_irqs", 1, image.NR_IRQS_MAX)
     _check_int(log_records, "log_records", 16, 1 << 22)
     _check_int(console_loglevel, "console_loglevel", 0, 8)
     _check_int(hung_task_check_interval_secs, "hung_task_check_interval_secs", 0, 1 << 30)
@@ -242,7 +259,7 @@ def boot(
 
     image.reclaim_orphans()
     img = image.SharedImage(max_tasks, max_completions + 2 * max_tasks, log_records,
-                            max_atomics, max_spinlocks)
+                            max_atomics, max_spinlocks, nr_irqs)
     hdr = img.img.hdr
     hdr.magic = image.IMAGE_MAGIC
     hdr.boot_ns = time.monotonic_ns()
@@ -259,6 +276,10 @@ def boot(
     hdr.hung_task_warnings = hung_task_warnings
     hdr.hung_task_panic = hung_task_panic
     hdr.softlockup_thresh_secs = softlockup_thresh_secs
+    hdr.nr_irqs = nr_irqs
+    for pc in img.img.percpu:
+        pc.idle_slot = -1
+        pc.tasklet_head[0] = pc.tasklet_head[1] = pc.tasklet_tail[0] = pc.tasklet_tail[1] = -1
     img.cpu_map = cpu_map
     image.attach(img)
     try:
@@ -288,6 +309,7 @@ def _make_boot_task(img: image.SharedImage) -> None:
     me._rec.pid = os.getpid()
     me._rec.ppid = os.getppid()
     task.set_current(me)
+    irq.install_doorbell()
 
 
 def _start_supervisor(img: image.SharedImage) -> int:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import _native, bug, image, preempt
+from . import _native, bug, image, irq, preempt
 from .completion import Completion, _free, _from_index, complete, wait_for_completion
 from .constants import (
     EBUSY,
@@ -200,6 +200,7 @@ def _become_kthread(task: Task) -> None:
     _children.clear()
     task._rec.pid = os.getpid()
     set_current(task)
+    irq.install_doorbell()
     try:
         _native.set_comm(task.comm)
     except OSError:

@@ -97,6 +97,14 @@ class _Shared:
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self)._from_index, (self.index, self.generation))
 
+    def __eq__(self, other: object) -> bool:
+        """Handles are equal when they name the same object (in any process)."""
+        return (isinstance(other, _Shared) and type(other) is type(self)
+                and other.index == self.index and other.generation == self.generation)
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.index, self.generation))
+
     def __del__(self) -> None:
 
 

@@ -32,6 +32,8 @@ _last_resched_splat = 0
 _rec: Any = None  # this task's slot, where the state is mirrored
 #: Called when interrupts become enabled again (IRQ replay hooks in later layers).
 irq_enable_hooks: list[Callable[[], None]] = []
+#: Called by local_bh_enable() (pending softirqs run there).
+bh_enable_hooks: list[Callable[[], None]] = []
 
 
 def attach(rec: Any) -> None:
@@ -161,11 +163,43 @@ def local_irq_restore(flags: int) -> None:
 
 
 def local_bh_disable() -> None:
+    """Keep softirqs and tasklets off this CPU until local_bh_enable()."""
     preempt_count_add(SOFTIRQ_DISABLE_OFFSET)
 
 
 def local_bh_enable() -> None:
+    """Allow softirqs again and run the pending ones (outside interrupt context)."""
     preempt_count_sub(SOFTIRQ_DISABLE_OFFSET)
+    for hook in bh_enable_hooks:
+        hook()
+
+
+def irq_enter() -> tuple[int, bool]:
+    """Enter hardirq context (interrupts off); returns what irq_exit() restores."""
+    global _count, _irqs_off
+    saved = (_count, _irqs_off)
+    _count += HARDIRQ_OFFSET
+    _irqs_off = True
+    _mirror()
+    return saved
+
+
+def irq_exit(saved: tuple[int, bool]) -> None:
+    """Leave hardirq context, restoring the interrupted context exactly (even if the
+    handler leaked preemption or interrupt state, or died)."""
+    global _count, _irqs_off
+    _count, _irqs_off = saved
+    _mirror()
+
+
+def softirq_enter() -> tuple[int, bool]:
+    """Serve softirqs: BH disabled, in_serving_softirq(), interrupts on."""
+    global _count, _irqs_off
+    saved = (_count, _irqs_off)
+    _count += SOFTIRQ_OFFSET
+    _irqs_off = False
+    _mirror()
+    return saved
 
 
 def might_sleep(depth: int = 1) -> None:
@@ -203,6 +237,10 @@ def schedule_debug() -> None:
         f"BUG: scheduling while atomic: {comm}/{pid}/0x{_count + PREEMPT_OFFSET:08x}", [],
         depth=2,
     )
+    if in_interrupt():
+        # Blocking here would stall the interrupted task for good: end the handler,
+        # which is reported as an Oops in interrupt context.
+        raise bug.TaskKilled()
 
 
 def reset() -> None:

@@ -25,6 +25,8 @@ from .constants import (
     TASK_UNINTERRUPTIBLE,
     TASK_WAKEKILL,
 )
+from .errors import CapacityError
+from .irq import irq_inject_interrupt
 from .kthread import KTHREAD_EXITED
 from .printk import log_store
 
@@ -56,7 +58,8 @@ class Supervisor:
     def run(self) -> None:
         while not self.hdr.shutting_down:
             self.watch_new_tasks()
-            for fd, _ in self.poller.poll(POLL_INTERVAL * 1000):
+            timeout_ms = min(POLL_INTERVAL * 1000, fire_irq_sources(self.img) / 1e6)
+            for fd, _ in self.poller.poll(max(timeout_ms, 0)):
                 self.task_died(fd)
             self.hung.maybe_scan()
 
@@ -108,6 +111,60 @@ class Supervisor:
         _native.or32(image.field_addr(rec, "kflags"), KTHREAD_EXITED)
         rec.state = TASK_DEAD
         complete(_from_index(rec.exited, self.img.img.completions[rec.exited].generation))
+
+
+def add_irq_source(irq_nr: int, delay: float, rate_hz: float, burst: int, count: int) -> int:
+    """Register an emulated device (see Kernel.add_irq_source()); returns its id."""
+    img = image.this()
+    if not 0 <= irq_nr < img.img.hdr.nr_irqs:
+        raise ValueError(f"irq must be from 0 to {img.img.hdr.nr_irqs - 1}, got {irq_nr}")
+    if delay < 0 or rate_hz < 0:
+        raise ValueError("delay and rate_hz must not be negative")
+    if burst < 1:
+        raise ValueError(f"burst must be at least 1, got {burst}")
+    if count == 0 or count < -1:
+        raise ValueError(f"count must be positive or -1 (unlimited), got {count}")
+    if count != 1 and not rate_hz:
+        raise ValueError("a source that fires more than once needs rate_hz")
+    for index, src in enumerate(img.img.irq_sources):
+        if not src.in_use:
+            src.irq = irq_nr
+            src.burst = burst
+            src.remaining = count
+            src.period_ns = int(1e9 / rate_hz) if rate_hz else 0
+            src.fired = 0
+            src.next_ns = time.monotonic_ns() + int(delay * 1e9)
+            src.in_use = 1
+            return index
+    raise CapacityError(f"all {len(img.img.irq_sources)} interrupt sources are in use")
+
+
+def remove_irq_source(index: int) -> None:
+    """Stop emulated device `index`."""
+    image.this().img.irq_sources[index].in_use = 0
+
+
+def fire_irq_sources(img: image.SharedImage) -> int:
+    """Raise the interrupts of every device that is due; returns ns until the next one."""
+    now = time.monotonic_ns()
+    wait = 1 << 62
+    for src in img.img.irq_sources:
+        if not src.in_use:
+            continue
+        while src.in_use and src.next_ns <= now:
+            for _ in range(src.burst):
+                irq_inject_interrupt(src.irq)
+            src.fired += 1
+            if src.remaining > 0:
+                src.remaining -= 1
+                if src.remaining == 0:
+                    src.in_use = 0
+            if not src.period_ns:
+                src.in_use = 0
+            src.next_ns += src.period_ns
+        if src.in_use:
+            wait = min(wait, src.next_ns - now)
+    return wait
 
 
 class HungTaskDetector:

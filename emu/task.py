@@ -26,6 +26,7 @@ from .constants import (
     EXIT_DEAD,
     EXIT_ZOMBIE,
     KTHREAD_NAME_LEN,
+    PF_IDLE,
     PF_KTHREAD,
     TASK_COMM_LEN,
     TASK_DEAD,
@@ -331,6 +332,8 @@ def ps_lines() -> list[str]:
     """A ps-style table: pid, cpu, state letter, name ([brackets] for kthreads)."""
     lines = [f"{'PID':>7} {'CPU':>3} S COMMAND"]
     for t in live_tasks():
+        if t.flags & PF_IDLE:
+            continue  # like pid 0, the idle tasks are not listed
         name = f"[{t.full_name}]" if t.is_kthread else t.full_name
         lines.append(f"{t.pid:>7} {t.cpu:>3} {task_state_to_char(t)} {name}")
     return lines

@@ -809,8 +809,8 @@ wc_wake_slot(WaitCore *wc, Py_ssize_t slot, int32_t mask)
  * Block until the task's state is TASK_RUNNING or CLOCK_MONOTONIC passes deadline_ns
  * (< 0: no deadline). Returns 1 if woken, 0 on time-out (the task then put itself back
  * to TASK_RUNNING), -1 with a Python exception if a signal handler raised. The GIL is
- * released while blocked; Python signal handlers (emu's interrupt delivery) run when
- * a signal interrupts the wait.
+ * released while blocked; Python signal handlers (emu's interrupt delivery) run
+ * whenever the wait returns.
  */
 static int
 wc_sleep(WaitCore *wc, Py_ssize_t slot, long long deadline_ns)
@@ -818,7 +818,6 @@ wc_sleep(WaitCore *wc, Py_ssize_t slot, long long deadline_ns)
     int32_t *state = T_FIELD(wc, slot, wc->t_state, int32_t);
     sem_t *sem = wc->sems[slot];
     struct timespec ts;
-    int r, err;
 
     __atomic_add_fetch(T_FIELD(wc, slot, wc->t_nvcsw, int64_t), 1, __ATOMIC_RELAXED);
     for (;;) {
@@ -832,17 +831,20 @@ wc_sleep(WaitCore *wc, Py_ssize_t slot, long long deadline_ns)
                 return 0;
             continue;
         }
+        /* Woken, timed out or interrupted: the loop re-checks the state either way. */
         Py_BEGIN_ALLOW_THREADS
         if (deadline_ns < 0) {
-            r = sem_wait(sem);
+            (void)sem_wait(sem);
         }
         else {
             ns_to_timespec(deadline_ns, &ts);
-            r = sem_clockwait(sem, CLOCK_MONOTONIC, &ts);
+            (void)sem_clockwait(sem, CLOCK_MONOTONIC, &ts);
         }
-        err = errno;
         Py_END_ALLOW_THREADS
-        if (r == -1 && err == EINTR && PyErr_CheckSignals() < 0) {
+        /* Run Python signal handlers (interrupt delivery) after any return: a doorbell
+         * that arrived just before sem_wait only set CPython's flag, and the interrupt
+         * controller posts the semaphore too so that it is seen here. */
+        if (PyErr_CheckSignals() < 0) {
             __atomic_store_n(state, TASK_RUNNING, __ATOMIC_SEQ_CST);
             return -1;
         }

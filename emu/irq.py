@@ -1,0 +1,594 @@
+"""Hard interrupts (kernel/irq/manage.c, handle.c, chip.c, spurious.c, proc.c).
+
+An interrupt is real: irq_inject_interrupt() marks the IRQ pending for its target CPU
+in shared memory and rings that CPU's doorbell, a real-time signal to a task running
+on that CPU (or to the CPU's idle task when none is), plus a post of its semaphore so
+that a doorbell racing with the start of a sleep is not lost. The signal handler runs
+the line's handlers in hardirq context in the middle of whatever Python code was
+running there, then pending softirqs and tasklets, then returns to it.
+
+A task that has interrupts disabled leaves them pending; they are delivered when it
+enables interrupts again. A line is never handled re-entrantly: an arrival while its
+handler runs on another CPU, or while it is disabled, is replayed once afterwards.
+
+Hard-IRQ handlers run in whichever task the interrupt hits, so `handler` and `dev` are
+stored pickled in the shared image: the handler must be importable by reference (a
+module-level function) and `dev` picklable (an int, a Completion, an Atomic, ...).
+Threaded handlers (`thread_fn`) run in their own ``irq/N-name`` kthread, forked from
+the requesting task, so they may be any callable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import signal as _os_signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import _native, bug, image, locking, preempt
+from .constants import EBUSY, EINVAL, ENOMEM, PF_IDLE, TASK_INTERRUPTIBLE, TASK_RUNNING
+from .printk import log_store
+from .task import Task, set_current_state, task_from_slot, wake_up_process
+
+IRQ_NONE = 0
+IRQ_HANDLED = 1
+IRQ_WAKE_THREAD = 2
+
+IRQF_SHARED = 0x00000080
+IRQF_ONESHOT = 0x00002000
+
+# desc->istate bits (kernel/irq/internals.h), as far as emu needs them.
+IRQS_INPROGRESS = 0x1  # a CPU is running the handlers
+IRQS_REPLAY = 0x2  # arrived while another CPU ran them: run once more
+IRQS_PENDING = 0x4  # arrived while disabled or masked: replay on enable/unmask
+IRQS_ONESHOT = 0x8  # masked until the threaded handler returns
+IRQS_SPURIOUS_DISABLED = 0x10  # "nobody cared"
+
+IRQTF_RUNTHREAD = 0x1
+
+ACTION_LIVE = 1  # IrqAction.in_use: handlers run
+ACTION_RESERVED = 2  # claimed by a request_irq() that has not finished
+
+#: The doorbell: interrupt delivery to a task process.
+SIG_IRQ = _os_signal.SIGRTMIN + 1
+
+_handlers: dict[tuple[int, int], tuple[Any, Any]] = {}  # FuncRef (index, gen) -> unpickled
+
+
+# --- callables stored by reference --------------------------------------------------------
+
+def store_funcref(obj: Any, what: str) -> tuple[int, int]:
+    """Pickle `obj` into a FuncRef record; TypeError naming `what` if it cannot be."""
+    try:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        raise TypeError(
+            f"{what} must be a module-level function with picklable data: it runs in "
+            f"whichever task the interrupt hits ({exc})"
+        ) from None
+    if len(data) > image.FUNCREF_LEN:
+        raise ValueError(f"{what} pickles to {len(data)} bytes, more than {image.FUNCREF_LEN}")
+    index, generation = image.alloc_record("funcrefs")
+    rec = image.this().img.funcrefs[index]
+    ctypes.memmove(image.field_addr(rec, "data"), data, len(data))  # binary: not rec.data
+    rec.length = len(data)
+    return index, generation
+
+
+def load_funcref(index: int, generation: int) -> Any:
+    """The object stored by store_funcref(), unpickled once per process."""
+    key = (index, generation)
+    obj = _handlers.get(key)
+    if obj is None:
+        rec = image.this().img.funcrefs[index]
+        obj = pickle.loads(ctypes.string_at(image.field_addr(rec, "data"), rec.length))
+        _handlers[key] = obj
+    return obj
+
+
+def free_funcref(index: int, generation: int) -> None:
+    _handlers.pop((index, generation), None)
+    image.free_record("funcrefs", index, generation)
+
+
+# --- delivery -------------------------------------------------------------------------------
+
+def _desc(irq: int) -> Any:
+    img = image.this()
+    if not isinstance(irq, int) or isinstance(irq, bool) or not 0 <= irq < img.img.hdr.nr_irqs:
+        raise ValueError(f"irq must be an IRQ number from 0 to {img.img.hdr.nr_irqs - 1}, "
+                         f"got {irq!r}")
+    return img.img.irqs[irq]
+
+
+def _lock(desc: Any) -> int:
+    addr = image.field_addr(desc, "lock")
+    locking.raw_spin_lock(addr, "irq descriptor")
+    return addr
+
+
+def irq_inject_interrupt(irq: int) -> None:
+    """Raise IRQ `irq` now on its target CPU (irq_set_affinity()). Any context, any process."""
+    desc = _desc(irq)
+    raise_on_cpu(desc.affinity, irq)
+
+
+def raise_on_cpu(cpu: int, irq: int) -> None:
+    pc = image.this().img.percpu[cpu]
+    _native.or64(image.field_addr(pc, "irq_pending"), 1 << irq)
+    ring_doorbell(cpu)
+
+
+_last_target: dict[int, int] = {}  # cpu -> slot that took its last doorbell
+
+
+def _running_on(rec: Any, cpu: int) -> bool:
+    return bool(rec.in_use and rec.cpu == cpu and rec.state == TASK_RUNNING and rec.pid > 0)
+
+
+def _target(cpu: int) -> tuple[int, int]:
+    """(slot, pid) of a task running on `cpu`, else of the CPU's idle task."""
+    img = image.this()
+    tasks = img.img.tasks
+    last = _last_target.get(cpu)
+    if last is not None and _running_on(tasks[last], cpu):
+        return last, int(tasks[last].pid)
+    for slot in range(img.img.hdr.max_tasks):
+        rec = tasks[slot]
+        if _running_on(rec, cpu):
+            _last_target[cpu] = slot
+            return slot, int(rec.pid)
+    idle = img.img.percpu[cpu].idle_slot
+    if idle < 0:
+        return -1, 0
+    return idle, int(tasks[idle].pid)
+
+
+def ring_doorbell(cpu: int) -> None:
+    """Make `cpu` look at its pending interrupts and softirqs."""
+    from . import task
+
+    me = task._current
+    if me is not None and me._rec.cpu == cpu:
+        do_IRQ()  # our own CPU: take it now (or leave it pending if IRQs are off)
+        return
+    for _ in range(3):
+        slot, pid = _target(cpu)
+        if pid <= 0:
+            return  # no task and no idle task yet: it stays pending
+        try:
+            os.kill(pid, SIG_IRQ)
+        except ProcessLookupError:
+            continue
+        image.this().sems[slot].release()  # no state change: see the module doc
+        return
+
+
+def _doorbell(signum: int, frame: Any) -> None:
+    do_IRQ()
+
+
+def install_doorbell() -> None:
+    """Take interrupts in this task process (boot and kthread start-up)."""
+    _os_signal.signal(SIG_IRQ, _doorbell)
+
+
+def do_IRQ() -> None:
+    """Handle every IRQ pending for this task's CPU, unless interrupts are disabled here."""
+    from . import softirq
+
+    if preempt.irqs_disabled() or preempt.in_hardirq():
+        return
+    cpu = preempt.this_cpu()
+    if cpu < 0:
+        return
+    addr = image.field_addr(image.this().img.percpu[cpu], "irq_pending")
+    # Loop until nothing is pending: an interrupt raised while we handle the previous
+    # one found us in hardirq context and only left its bit.
+    while pending := _native.xchg64(addr, 0) & ((1 << 64) - 1):
+        while pending:
+            low = pending & -pending
+            pending ^= low
+            handle_irq(low.bit_length() - 1)
+    softirq.irq_exit_softirqs()
+
+
+preempt.irq_enable_hooks.append(do_IRQ)
+
+
+def handle_irq(irq: int) -> None:
+    """handle_edge_irq(): run the line's handlers unless it is disabled or in progress."""
+    desc = image.this().img.irqs[irq]
+    cpu = preempt.this_cpu()
+    addr = _lock(desc)
+    try:
+        if desc.depth > 0 or desc.status & (IRQS_ONESHOT | IRQS_SPURIOUS_DISABLED) or not any(
+            a.in_use == ACTION_LIVE for a in desc.actions
+        ):
+            desc.status |= IRQS_PENDING
+            return
+        if desc.status & IRQS_INPROGRESS:
+            desc.status |= IRQS_REPLAY
+            return
+        desc.status |= IRQS_INPROGRESS
+        desc.kstat[cpu] += 1
+    finally:
+        locking.raw_spin_unlock(addr)
+    while True:
+        _run_actions(irq, desc)
+        addr = _lock(desc)
+        try:
+            if desc.status & IRQS_REPLAY and desc.depth == 0:
+                desc.status &= ~IRQS_REPLAY
+                continue
+            desc.status &= ~IRQS_INPROGRESS
+            return
+        finally:
+            locking.raw_spin_unlock(addr)
+
+
+def _run_actions(irq: int, desc: Any) -> None:
+    """handle_irq_event(): every action's handler in hardirq context, then note_interrupt()."""
+    saved = preempt.irq_enter()
+    ret = IRQ_NONE
+    try:
+        for action in desc.actions:
+            if action.in_use != ACTION_LIVE:
+                continue
+            res = _call_handler(irq, action)
+            ret |= res
+            if res & IRQ_WAKE_THREAD:
+                _wake_thread(irq, desc, action)
+            if not preempt.irqs_disabled():
+                bug.warn(f"irq {irq} handler {action.name.decode()} enabled interrupts", depth=2)
+                preempt.local_irq_disable()
+    finally:
+        preempt.irq_exit(saved)
+    note_interrupt(irq, desc, ret)
+
+
+def _call_handler(irq: int, action: Any) -> int:
+    try:
+        handler, dev = load_funcref(action.ref, action.ref_generation)
+        res = handler(irq, dev)
+    except bug.TaskKilled:
+        return IRQ_HANDLED  # BUG() in the handler, already reported
+    except Exception as exc:
+        bug.oops(exc, f"{type(exc).__name__} in interrupt handler of irq {irq}: {exc}")
+        return IRQ_HANDLED
+    if not isinstance(res, int) or res & ~(IRQ_HANDLED | IRQ_WAKE_THREAD):
+        log_store(3, f"irq event {irq}: bogus return value {res!r}")
+        return IRQ_NONE
+    return res
+
+
+def _wake_thread(irq: int, desc: Any, action: Any) -> None:
+    if action.thread_slot < 0:
+        if not action.warned:
+            action.warned = 1
+            log_store(4, f"IRQ {irq} device {action.name.decode()} returned IRQ_WAKE_THREAD "
+                         "but no thread function available.")
+        return
+    if action.flags & IRQF_ONESHOT:
+        desc.status |= IRQS_ONESHOT
+    _native.or32(image.field_addr(action, "thread_flags"), IRQTF_RUNTHREAD)
+    thread = task_from_slot(action.thread_slot, action.thread_generation)
+    wake_up_process(thread)
+
+
+#: note_interrupt(): a line with 99,900 of 100,000 interrupts unhandled is disabled.
+SPURIOUS_WINDOW = 100_000
+SPURIOUS_LIMIT = 99_900
+
+
+def note_interrupt(irq: int, desc: Any, ret: int) -> None:
+    desc.irq_count += 1
+    if ret == IRQ_NONE:
+        desc.irqs_unhandled += 1
+    if desc.irq_count < SPURIOUS_WINDOW:
+        return
+    if desc.irqs_unhandled > SPURIOUS_LIMIT:
+        names = [a.name.decode() for a in desc.actions if a.in_use]
+        log_store(0, "\n".join([
+            f'irq {irq}: nobody cared (try booting with the "irqpoll" option)',
+            "handlers:", *[f"[<0>] {n}" for n in names], f"Disabling IRQ #{irq}",
+        ]))
+        desc.status |= IRQS_SPURIOUS_DISABLED
+    desc.irq_count = desc.irqs_unhandled = 0
+
+
+# --- threaded handlers ----------------------------------------------------------------------
+
+def _irq_thread(data: tuple[int, int, Callable[[int, Any], int], Any]) -> int:
+    """irq_thread(): run thread_fn each time the primary handler asks for it."""
+    irq, index, thread_fn, dev = data
+    desc = image.this().img.irqs[irq]
+    action = desc.actions[index]
+    flags = image.field_addr(action, "thread_flags")
+    from .kthread import kthread_should_stop
+    from .sched import schedule
+
+    while not kthread_should_stop():
+        set_current_state(TASK_INTERRUPTIBLE)
+        if _native.and32(flags, ~IRQTF_RUNTHREAD) & IRQTF_RUNTHREAD:
+            set_current_state(TASK_RUNNING)
+            _native.add32(image.field_addr(desc, "threads_active"), 1)
+            try:
+                thread_fn(irq, dev)
+            except Exception as exc:
+                bug.oops(exc, f"{type(exc).__name__} in threaded handler of irq {irq}: {exc}")
+            finally:
+                _native.add32(image.field_addr(desc, "threads_active"), -1)
+                _unmask_oneshot(irq, desc, action)
+            continue
+        schedule()
+    set_current_state(TASK_RUNNING)
+    return 0
+
+
+def _unmask_oneshot(irq: int, desc: Any, action: Any) -> None:
+    if not action.flags & IRQF_ONESHOT:
+        return
+    addr = _lock(desc)
+    try:
+        desc.status &= ~IRQS_ONESHOT
+        replay = desc.status & IRQS_PENDING and desc.depth == 0
+        if replay:
+            desc.status &= ~IRQS_PENDING
+    finally:
+        locking.raw_spin_unlock(addr)
+    if replay:
+        irq_inject_interrupt(irq)
+
+
+def irq_default_primary_handler(irq: int, dev: Any) -> int:
+    """The primary handler installed when request_threaded_irq() gets handler=None."""
+    return IRQ_WAKE_THREAD
+
+
+# --- request / free ---------------------------------------------------------------------------
+
+def request_irq(irq: int, handler: Callable[[int, Any], int], flags: int, name: str,
+                dev: Any) -> int:
+    """request_threaded_irq() without a threaded handler."""
+    return request_threaded_irq(irq, handler, None, flags, name, dev)
+
+
+def request_threaded_irq(irq: int, handler: Callable[[int, Any], int] | None,
+                         thread_fn: Callable[[int, Any], int] | None, flags: int, name: str,
+                         dev: Any) -> int:
+    """Install a handler on line `irq`: 0 on success or a negative errno.
+
+    -EINVAL: no handler at all, IRQF_SHARED without `dev`, or handler=None without
+    IRQF_ONESHOT; -EBUSY: the line is taken and the flags do not allow sharing;
+    -ENOMEM: no free action slot. From the moment it returns 0 the handler may run.
+    With `thread_fn`, an ``irq/N-name`` kthread runs it whenever the primary handler
+    returns IRQ_WAKE_THREAD. Process context only (it may sleep).
+    """
+    desc = _desc(irq)
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, not {type(name).__name__}")
+    if handler is None and thread_fn is None:
+        return -EINVAL
+    if flags & IRQF_SHARED and dev is None:
+        return -EINVAL
+    if handler is None and not flags & IRQF_ONESHOT:
+        log_store(3, f"genirq: Threaded irq requested with handler=NULL and !ONESHOT for "
+                     f"{name} (irq {irq})")
+        return -EINVAL
+    if thread_fn is not None and not callable(thread_fn):
+        raise TypeError(f"thread_fn must be callable, not {type(thread_fn).__name__}")
+    if handler is not None and not callable(handler):
+        raise TypeError(f"handler must be callable, not {type(handler).__name__}")
+    preempt.might_sleep()
+    start_irq_layer()
+    ref = store_funcref((handler or irq_default_primary_handler, dev), "handler")
+    index = _claim_action(irq, desc, flags, name, ref)
+    if index < 0:
+        free_funcref(*ref)
+        return index
+    if thread_fn is not None:
+        from .kthread import kthread_run
+
+        t = kthread_run(_irq_thread, (irq, index, thread_fn, dev), "irq/%d-%s", irq, name)
+        action = desc.actions[index]
+        action.thread_generation = t.generation
+        action.thread_slot = t.slot
+    desc.actions[index].in_use = ACTION_LIVE  # from now on the handler may run
+    return 0
+
+
+def _claim_action(irq: int, desc: Any, flags: int, name: str, ref: tuple[int, int]) -> int:
+    addr = _lock(desc)
+    try:
+        used = [a for a in desc.actions if a.in_use]
+        if used and not all(a.flags & flags & IRQF_SHARED for a in used):
+            return -EBUSY
+        if used and any((a.flags ^ flags) & IRQF_ONESHOT for a in used):
+            return -EBUSY
+        for index, action in enumerate(desc.actions):
+            if not action.in_use:
+                action.in_use = ACTION_RESERVED
+                action.flags = flags
+                action.ref, action.ref_generation = ref
+                action.thread_slot = -1
+                action.thread_flags = 0
+                action.warned = 0
+                action.name = name.encode("utf-8")[: image.IRQ_NAME_LEN - 1]
+                if not used:
+                    desc.status &= ~(IRQS_PENDING | IRQS_ONESHOT | IRQS_SPURIOUS_DISABLED)
+                return index
+        return -ENOMEM
+    finally:
+        locking.raw_spin_unlock(addr)
+
+
+def free_irq(irq: int, dev: Any) -> str | None:
+    """Remove the action of `dev` from line `irq`; returns its name, or None.
+
+    Waits for running hard and threaded handlers and stops the irq thread. From
+    interrupt context, or for an action that does not exist, it WARNs and returns None.
+    """
+    desc = _desc(irq)
+    if preempt.in_interrupt():
+        bug.warn(f"Trying to free IRQ {irq} from IRQ context!", depth=2)
+        return None
+    preempt.might_sleep()
+    action = _find_action(desc, dev)
+    if action is None:
+        bug.warn(f"Trying to free already-free IRQ {irq}", depth=2)
+        return None
+    addr = _lock(desc)
+    try:
+        action.in_use = 0
+        name = action.name.decode("utf-8", "replace")
+    finally:
+        locking.raw_spin_unlock(addr)
+    synchronize_irq(irq)
+    if action.thread_slot >= 0:
+        from .kthread import kthread_stop
+
+        kthread_stop(task_from_slot(action.thread_slot, action.thread_generation))
+        action.thread_slot = -1
+    free_funcref(action.ref, action.ref_generation)
+    return name
+
+
+def _find_action(desc: Any, dev: Any) -> Any:
+    for action in desc.actions:
+        if action.in_use and load_funcref(action.ref, action.ref_generation)[1] == dev:
+            return action
+    return None
+
+
+# --- line control -----------------------------------------------------------------------------
+
+def disable_irq_nosync(irq: int) -> None:
+    """Disable line `irq` (nesting); arrivals are held and replayed once on enable. Any context."""
+    desc = _desc(irq)
+    addr = _lock(desc)
+    desc.depth += 1
+    locking.raw_spin_unlock(addr)
+
+
+def disable_irq(irq: int) -> None:
+    """disable_irq_nosync() and wait for running handlers (synchronize_irq()). Sleeps."""
+    preempt.might_sleep()
+    disable_irq_nosync(irq)
+    synchronize_irq(irq)
+
+
+def enable_irq(irq: int) -> None:
+    """Undo one disable_irq(); at depth 0 a held arrival is replayed. Any context.
+
+    Without a matching disable: WARN "Unbalanced enable for IRQ n".
+    """
+    desc = _desc(irq)
+    addr = _lock(desc)
+    try:
+        if desc.depth == 0:
+            unbalanced = True
+        else:
+            unbalanced = False
+            desc.depth -= 1
+            replay = desc.depth == 0 and desc.status & IRQS_PENDING
+            if replay:
+                desc.status &= ~IRQS_PENDING
+    finally:
+        locking.raw_spin_unlock(addr)
+    if unbalanced:
+        bug.warn(f"Unbalanced enable for IRQ {irq}", depth=2)
+    elif replay:
+        irq_inject_interrupt(irq)
+
+
+def synchronize_irq(irq: int) -> None:
+    """Wait until no hard or threaded handler of `irq` runs. Process context (sleeps)."""
+    desc = _desc(irq)
+    preempt.might_sleep()
+    while desc.status & IRQS_INPROGRESS or desc.threads_active or any(
+        a.in_use and a.thread_flags & IRQTF_RUNTHREAD for a in desc.actions
+    ):
+        time.sleep(0.0002)
+
+
+def irq_set_affinity(irq: int, cpus: Any) -> int:
+    """Route `irq` to a CPU of `cpus` (a CPU number or a set): 0, or -EINVAL."""
+    desc = _desc(irq)
+    ncpus = image.this().img.hdr.ncpus
+    wanted = [cpus] if isinstance(cpus, int) else sorted(cpus)
+    valid = [c for c in wanted if isinstance(c, int) and 0 <= c < ncpus]
+    if not valid or len(valid) != len(wanted):
+        return -EINVAL
+    desc.affinity = valid[0]
+    return 0
+
+
+# --- the idle tasks ---------------------------------------------------------------------------
+
+def _idle(cpu: int) -> int:
+    """A CPU's idle task: it takes the CPU's interrupts while no task runs there."""
+    from .kthread import kthread_should_stop
+    from .sched import schedule_timeout_idle
+
+    while not kthread_should_stop():
+        schedule_timeout_idle(1 << 40)
+    return 0
+
+
+def start_irq_layer() -> None:
+    """Create the per-CPU idle tasks on the first request_irq() (idempotent)."""
+    img = image.this()
+    hdr = img.img.hdr
+    if hdr.irq_ready:
+        return
+    addr = image.field_addr(hdr, "irq_lock")
+    locking.raw_spin_lock(addr, "irq layer")
+    try:
+        if hdr.irq_ready:
+            return
+        from .kthread import kthread_create_on_cpu
+
+        for cpu in range(hdr.ncpus):
+            t = kthread_create_on_cpu(_idle, cpu, cpu, "swapper/%u")
+            _native.or32(image.field_addr(t._rec, "flags"), PF_IDLE)
+            img.img.percpu[cpu].idle_slot = t.slot
+            wake_up_process(t)
+        hdr.irq_ready = 1
+    finally:
+        locking.raw_spin_unlock(addr)
+
+
+# --- /proc/interrupts ---------------------------------------------------------------------------
+
+def proc_interrupts() -> str:
+    """The interrupt counts laid out like /proc/interrupts (kernel/irq/proc.c)."""
+    img = image.this()
+    hdr = img.img.hdr
+    ncpus = hdr.ncpus
+    prec = max(3, len(str(hdr.nr_irqs)))
+    lines = [" " * (prec + 1) + "".join(f"CPU{c:<8d}" for c in range(ncpus)).rstrip()]
+    for irq in range(hdr.nr_irqs):
+        desc = img.img.irqs[irq]
+        names = [a.name.decode("utf-8", "replace") for a in desc.actions if a.in_use]
+        counts = [desc.kstat[c] for c in range(ncpus)]
+        if not names and not any(counts):
+            continue
+        line = f"{irq:>{prec}}:" + "".join(f" {n:10d}" for n in counts)
+        line += f"  emu-irq  {irq:>3}-edge"
+        if names:
+            line += "      " + ", ".join(names)
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def irq_task(irq: int) -> Task | None:
+    """The irq/N-name thread of the first threaded action on `irq`, if any."""
+    for action in _desc(irq).actions:
+        if action.in_use and action.thread_slot >= 0:
+            return task_from_slot(action.thread_slot, action.thread_generation)
+    return None
+

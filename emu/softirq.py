@@ -1,0 +1,246 @@
+"""Softirqs and tasklets (kernel/softirq.c, include/linux/interrupt.h).
+
+Pending softirqs run on the way out of a hard interrupt, or at local_bh_enable(), on
+the same CPU, with bottom halves disabled (in_serving_softirq()). A tasklet scheduled
+from process context runs at once in the scheduling task, standing in for the
+kernel's ksoftirqd. Tasklets are queued on the scheduling CPU; one never runs
+concurrently with itself; scheduling it while it runs makes it run once more.
+
+Like hard-IRQ handlers, tasklet callbacks run in whichever task serves the CPU's
+softirqs, so the callback is stored pickled by reference (a module-level function)
+with its picklable `data`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import _native, bug, image, locking, preempt
+from .irq import free_funcref, load_funcref, ring_doorbell, store_funcref
+
+HI_SOFTIRQ = 0
+TASKLET_SOFTIRQ = 6
+_LIST = {TASKLET_SOFTIRQ: 0, HI_SOFTIRQ: 1}  # PerCpu.tasklet_head index
+
+TASKLET_STATE_SCHED = 0x1
+TASKLET_STATE_RUN = 0x2
+#: __do_softirq() restarts at most this many times, then leaves the rest for later.
+MAX_SOFTIRQ_RESTART = 10
+
+
+class Tasklet(locking._Shared):
+    """struct tasklet_struct: `callback(tasklet)` run in softirq context after scheduling.
+
+    `data` travels with the callback and is available as ``tasklet.data``.
+    """
+
+    TABLE = "tasklets"
+    FIELD = "state"
+    __slots__ = ()
+
+    def __init__(self, callback: Callable[[Tasklet], None], data: Any = None) -> None:
+        super().__init__()
+        tasklet_setup(self, callback, data)
+
+    @property
+    def data(self) -> Any:
+        return load_funcref(self._rec.ref, self._rec.ref_generation)[1]
+
+    def __del__(self) -> None:
+        rec = getattr(self, "_rec", None)
+        if rec is not None and self._owner and rec.generation == self.generation and rec.ref:
+            free_funcref(rec.ref - 1, rec.ref_generation)
+            rec.ref = 0
+        super().__del__()
+
+
+def tasklet_setup(t: Tasklet, callback: Callable[[Tasklet], None], data: Any = None) -> None:
+    """(Re)initialise `t` with `callback` (a module-level function taking the tasklet)."""
+    if not callable(callback):
+        raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+    rec = t._rec
+    index, generation = store_funcref((callback, data), "callback")
+    if rec.ref:
+        free_funcref(rec.ref - 1, rec.ref_generation)
+    rec.ref, rec.ref_generation = index + 1, generation
+    rec.state = 0
+    rec.count = 0
+    rec.next = -1
+
+
+def _addr(t: Tasklet, field: str) -> int:
+    t.addr()
+    return image.field_addr(t._rec, field)
+
+
+def _schedule(t: Tasklet, nr: int) -> None:
+    if _native.or32(_addr(t, "state"), TASKLET_STATE_SCHED) & TASKLET_STATE_SCHED:
+        return  # already scheduled and not yet started: it runs once
+    cpu = max(preempt.this_cpu(), 0)
+    _enqueue(cpu, nr, t.index)
+    raise_softirq(cpu, nr)
+
+
+def tasklet_schedule(t: Tasklet) -> None:
+    """Run `t` soon on this CPU (TASKLET_SOFTIRQ). Any context."""
+    _schedule(t, TASKLET_SOFTIRQ)
+
+
+def tasklet_hi_schedule(t: Tasklet) -> None:
+    """tasklet_schedule() on the high-priority list (HI_SOFTIRQ)."""
+    _schedule(t, HI_SOFTIRQ)
+
+
+def tasklet_disable(t: Tasklet) -> None:
+    """Keep `t` from running (nesting) and wait until it is not running. Sleeps."""
+    _native.add32(_addr(t, "count"), 1)
+    tasklet_unlock_wait(t)
+
+
+def tasklet_disable_nosync(t: Tasklet) -> None:
+    _native.add32(_addr(t, "count"), 1)
+
+
+def tasklet_enable(t: Tasklet) -> None:
+    """Undo one tasklet_disable(); a schedule that arrived meanwhile then runs."""
+    if _native.add32(_addr(t, "count"), -1) < 0:
+        _native.store32(_addr(t, "count"), 0)
+        bug.warn("tasklet_enable() without tasklet_disable()", depth=2)
+    kick_pending_cpus()
+
+
+def tasklet_unlock_wait(t: Tasklet) -> None:
+    while _native.load32(_addr(t, "state")) & TASKLET_STATE_RUN:
+        _poll_softirqs()
+
+
+def tasklet_kill(t: Tasklet) -> None:
+    """Wait until `t` is neither scheduled nor running. Process context only."""
+    if preempt.in_interrupt():
+        bug.warn("Attempt to kill tasklet from interrupt", depth=2)
+    preempt.might_sleep()
+    while _native.load32(_addr(t, "state")) & (TASKLET_STATE_SCHED | TASKLET_STATE_RUN):
+        _poll_softirqs()
+
+
+def _poll_softirqs() -> None:
+    kick_pending_cpus()
+    time.sleep(0.0002)
+
+
+# --- per-CPU lists and the softirq loop -------------------------------------------------------
+
+def _percpu(cpu: int) -> Any:
+    return image.this().img.percpu[cpu]
+
+
+def _enqueue(cpu: int, nr: int, index: int) -> None:
+    pc = _percpu(cpu)
+    tasklets = image.this().img.tasklets
+    which = _LIST[nr]
+    addr = image.field_addr(pc, "lock")
+    locking.raw_spin_lock(addr, "tasklet list")
+    try:
+        tasklets[index].next = -1
+        if pc.tasklet_tail[which] == -1:
+            pc.tasklet_head[which] = index
+        else:
+            tasklets[pc.tasklet_tail[which]].next = index
+        pc.tasklet_tail[which] = index
+    finally:
+        locking.raw_spin_unlock(addr)
+
+
+def _take_list(cpu: int, nr: int) -> list[int]:
+    pc = _percpu(cpu)
+    tasklets = image.this().img.tasklets
+    which = _LIST[nr]
+    addr = image.field_addr(pc, "lock")
+    out = []
+    locking.raw_spin_lock(addr, "tasklet list")
+    try:
+        index = pc.tasklet_head[which]
+        while index != -1:
+            out.append(index)
+            index = tasklets[index].next
+        pc.tasklet_head[which] = pc.tasklet_tail[which] = -1
+    finally:
+        locking.raw_spin_unlock(addr)
+    return out
+
+
+def raise_softirq(cpu: int, nr: int) -> None:
+    """Mark softirq `nr` pending on `cpu`; outside interrupt context serve it at once."""
+    _native.or32(image.field_addr(_percpu(cpu), "softirq_pending"), 1 << nr)
+    if cpu != preempt.this_cpu():
+        ring_doorbell(cpu)
+    elif not preempt.in_interrupt() and not preempt.irqs_disabled():
+        do_softirq()  # ksoftirqd's job, done by the raising task itself
+
+
+def do_softirq() -> None:
+    """__do_softirq(): run this CPU's pending softirqs unless in interrupt context."""
+    cpu = preempt.this_cpu()
+    if cpu < 0 or preempt.in_interrupt():
+        return
+    addr = image.field_addr(_percpu(cpu), "softirq_pending")
+    for _ in range(MAX_SOFTIRQ_RESTART):
+        pending = _native.xchg32(addr, 0)
+        if not pending:
+            return
+        saved = preempt.softirq_enter()
+        try:
+            for nr in (HI_SOFTIRQ, TASKLET_SOFTIRQ):
+                if pending & (1 << nr):
+                    _tasklet_action(cpu, nr)
+        finally:
+            preempt.irq_exit(saved)
+
+
+def irq_exit_softirqs() -> None:
+    """The tail of irq_exit(): serve softirqs raised by the handlers just run."""
+    if not preempt.in_interrupt():
+        do_softirq()
+
+
+def _tasklet_action(cpu: int, nr: int) -> None:
+    """tasklet_action_common(): run each queued tasklet that is enabled and not running."""
+    tasklets = image.this().img.tasklets
+    for index in _take_list(cpu, nr):
+        rec = tasklets[index]
+        state = image.field_addr(rec, "state")
+        if rec.count or _native.or32(state, TASKLET_STATE_RUN) & TASKLET_STATE_RUN:
+            _requeue(cpu, nr, index)  # disabled, or running on another CPU: later
+            continue
+        if rec.count:  # disabled between the test and taking RUN
+            _native.and32(state, ~TASKLET_STATE_RUN)
+            _requeue(cpu, nr, index)
+            continue
+        _native.and32(state, ~TASKLET_STATE_SCHED)
+        try:
+            callback, _data = load_funcref(rec.ref - 1, rec.ref_generation)
+            callback(Tasklet._from_index(index, rec.generation))
+        except bug.TaskKilled:
+            pass  # BUG() in the callback, already reported
+        except Exception as exc:
+            bug.oops(exc, f"{type(exc).__name__} in tasklet: {exc}")
+        finally:
+            _native.and32(state, ~TASKLET_STATE_RUN)
+
+
+def _requeue(cpu: int, nr: int, index: int) -> None:
+    _enqueue(cpu, nr, index)
+    _native.or32(image.field_addr(_percpu(cpu), "softirq_pending"), 1 << nr)
+
+
+def kick_pending_cpus() -> None:
+    """Ring every CPU that has softirqs pending (after an enable, or while waiting)."""
+    img = image.this()
+    for cpu in range(img.img.hdr.ncpus):
+        if img.img.percpu[cpu].softirq_pending:
+            ring_doorbell(cpu)
+
+
+preempt.bh_enable_hooks.append(irq_exit_softirqs)
