@@ -77,9 +77,18 @@ def header_line(cpu: int | None = None, pid: int | None = None, comm: str | None
 
 
 def stack_lines(frame: FrameType | None) -> list[str]:
-    """The Python stack ending at `frame`, one line per kernel-style trace entry."""
+    """The Python stack ending at `frame`, one line per kernel-style trace entry.
+
+    In a kthread the trace starts at the kthread's entry point: the frames above it
+    belong to its creator and were only inherited through fork.
+    """
+    entries = traceback.extract_stack(frame)
+    starts = [i for i, e in enumerate(entries)
+              if e.name == "_kthread" and e.filename.endswith(os.path.join("emu", "kthread.py"))]
+    if starts:
+        entries = entries[starts[-1]:]
     lines: list[str] = []
-    for entry in traceback.format_stack(frame):
+    for entry in traceback.format_list(entries):
         lines.extend(" " + part for part in entry.rstrip("\n").split("\n"))
     return lines
 

@@ -118,8 +118,7 @@ class Header(ctypes.Structure):
         ("funcrefs_pool", PoolHdr),
         ("tasklets_pool", PoolHdr),
         ("nr_irqs", c_int32),
-        ("irq_ready", c_int32),  # idle tasks exist (created by the first request_irq)
-        ("irq_lock", LockWord),  # request/free of IRQ actions
+        ("irq_ready", c_int32),  # idle tasks: 0 none, 1 being created, 2 running
         ("log_lock", LockWord),
         ("log_next_seq", c_uint64),
         ("log_first_seq", c_uint64),

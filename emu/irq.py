@@ -539,27 +539,27 @@ def _idle(cpu: int) -> int:
     return 0
 
 
+IRQ_LAYER_STARTING = 1
+IRQ_LAYER_READY = 2
+
+
 def start_irq_layer() -> None:
-    """Create the per-CPU idle tasks on the first request_irq() (idempotent)."""
+    """Create the per-CPU idle tasks on the first request_irq() (idempotent, any task)."""
+    from .kthread import kthread_create_on_cpu
+
     img = image.this()
     hdr = img.img.hdr
-    if hdr.irq_ready:
+    ready = image.field_addr(hdr, "irq_ready")
+    if _native.cmpxchg32(ready, 0, IRQ_LAYER_STARTING) != 0:
+        while _native.load32(ready) != IRQ_LAYER_READY:  # another task is creating them
+            time.sleep(0.001)
         return
-    addr = image.field_addr(hdr, "irq_lock")
-    locking.raw_spin_lock(addr, "irq layer")
-    try:
-        if hdr.irq_ready:
-            return
-        from .kthread import kthread_create_on_cpu
-
-        for cpu in range(hdr.ncpus):
-            t = kthread_create_on_cpu(_idle, cpu, cpu, "swapper/%u")
-            _native.or32(image.field_addr(t._rec, "flags"), PF_IDLE)
-            img.img.percpu[cpu].idle_slot = t.slot
-            wake_up_process(t)
-        hdr.irq_ready = 1
-    finally:
-        locking.raw_spin_unlock(addr)
+    for cpu in range(hdr.ncpus):
+        t = kthread_create_on_cpu(_idle, cpu, cpu, "swapper/%u")
+        _native.or32(image.field_addr(t._rec, "flags"), PF_IDLE)
+        img.img.percpu[cpu].idle_slot = t.slot
+        wake_up_process(t)
+    _native.store32(ready, IRQ_LAYER_READY)
 
 
 # --- /proc/interrupts ---------------------------------------------------------------------------

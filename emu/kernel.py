@@ -15,7 +15,7 @@ import signal as _os_signal
 import time
 from typing import Any
 
-from . import _native, image, irq, kthread, preempt, supervisor, task
+from . import _native, image, irq, kthread, preempt, sched, supervisor, task
 from .constants import PF_IDLE, PF_KTHREAD, TASK_RUNNING
 from .errors import AlreadyBootedError, EmuError, KernelDeadError
 from .kthread import KTHREAD_EXITED, KTHREAD_SHOULD_STOP, kthread_unpark
@@ -310,6 +310,7 @@ def _make_boot_task(img: image.SharedImage) -> None:
     me._rec.ppid = os.getppid()
     task.set_current(me)
     irq.install_doorbell()
+    sched.install_show_stack()
 
 
 def _start_supervisor(img: image.SharedImage) -> int:

@@ -32,7 +32,7 @@ from .constants import (
 )
 from .errors import EmuError
 from .printk import log_store
-from .sched import schedule
+from .sched import install_show_stack, schedule
 from .task import (
     Task,
     alloc_slot,
@@ -201,6 +201,7 @@ def _become_kthread(task: Task) -> None:
     task._rec.pid = os.getpid()
     set_current(task)
     irq.install_doorbell()
+    install_show_stack()
     try:
         _native.set_comm(task.comm)
     except OSError:

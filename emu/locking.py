@@ -1,9 +1,11 @@
 """Locks and atomics in the shared image, over native/'s owner-aware lock.
 
-The raw locks here protect the emulator's own shared structures (task table,
-completions, the log). Each records its holder's pid, so a holder that dies is
-detected by the next acquirer, which takes the lock over; the recovery is reported
-to the kernel log once the lock is released again.
+The raw locks here protect the emulator's own shared structures (task table, record
+pools, the log, IRQ descriptors). They are always taken irqsave: an interrupt
+handler (a Python signal handler, which may run between any two bytecodes) that
+needed the same lock would otherwise deadlock on its own task. Each records its
+holder's pid, so a holder that dies is detected by the next acquirer, which takes
+the lock over; the takeover is reported once the lock is released again.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ SPINS = 200
 
 _pid = os.getpid()
 _recovered: list[tuple[str, int]] = []
+_irq_flags: list[int] = []  # saved interrupt states of the raw locks held, innermost last
 
 
 def _after_fork_in_child() -> None:
     global _pid
     _pid = os.getpid()
     _recovered.clear()
+    _irq_flags.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -34,17 +38,13 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 def raw_spin_lock(addr: int, what: str = "raw") -> None:
     """Take the raw lock at `addr`, taking it over if its holder died.
 
-    A takeover is reported (a WARN naming `what` and the dead pid) when the lock is
-    released.
+    Interrupts are disabled until the matching raw_spin_unlock(). A takeover is
+    reported (a WARN naming `what` and the dead pid) when the lock is released.
     """
+    _irq_flags.append(preempt.local_irq_save())
     dead = _native.lock(addr, _pid, SPINS, -1)
     if dead > 0:
         _recovered.append((what, dead))
-
-
-def raw_spin_trylock(addr: int) -> bool:
-    """Take the lock at `addr` if it is free; never waits."""
-    return bool(_native.trylock(addr, _pid))
 
 
 def raw_spin_unlock(addr: int) -> None:
@@ -53,6 +53,7 @@ def raw_spin_unlock(addr: int) -> None:
         raise RuntimeError(
             f"emu internal error: unlock of a raw lock held by pid {_native.lock_owner(addr)}"
         )
+    preempt.local_irq_restore(_irq_flags.pop())
     if _recovered:
         _report_recovered()
 

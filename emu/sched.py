@@ -7,7 +7,9 @@ the time left is returned in whole jiffies, rounded up.
 
 from __future__ import annotations
 
+import signal as _os_signal
 import time
+from typing import Any
 
 from . import bug, image, preempt
 from .constants import (
@@ -191,3 +193,19 @@ def usleep_range(min_us: int, max_us: int) -> None:
         set_current_state(TASK_UNINTERRUPTIBLE)
         sleep(deadline)
     set_current_state(TASK_RUNNING)
+
+
+# --- sched_show_task(): a task prints its own stack on request -------------------------------
+
+#: Sent by khungtaskd (the supervisor) to a hung task: print your call trace.
+SIG_SHOW_STACK = _os_signal.SIGRTMIN + 2
+
+
+def _show_stack(signum: int, frame: Any) -> None:
+    # Runs inside the task's sleep (the wait goes on afterwards), or between bytecodes.
+    log_store(3, "\n".join(["Call Trace:", *bug.stack_lines(frame)]))
+
+
+def install_show_stack() -> None:
+    """Let the supervisor ask this task for its stack (boot and kthread start-up)."""
+    _os_signal.signal(SIG_SHOW_STACK, _show_stack)

@@ -29,6 +29,7 @@ from .errors import CapacityError
 from .irq import irq_inject_interrupt
 from .kthread import KTHREAD_EXITED
 from .printk import log_store
+from .sched import SIG_SHOW_STACK
 
 #: How often the death watch looks for new tasks, in seconds.
 POLL_INTERVAL = 0.05
@@ -238,6 +239,10 @@ class HungTaskDetector:
             f"ppid:{rec.ppid} flags:0x{rec.flags:08x}",
         ]
         log_store(3, "\n".join(lines))
+        try:
+            os.kill(rec.pid, SIG_SHOW_STACK)  # the task prints its own "Call Trace:"
+        except ProcessLookupError:
+            pass
         if warnings == 1:
             log_store(
                 3, "Future hung task reports are suppressed, see sysctl kernel.hung_task_warnings"
