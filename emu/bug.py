@@ -82,7 +82,7 @@ def stack_lines(frame: FrameType | None) -> list[str]:
     In a kthread the trace starts at the kthread's entry point: the frames above it
     belong to its creator and were only inherited through fork.
     """
-    entries = traceback.extract_stack(frame)
+    entries: list[traceback.FrameSummary] = list(traceback.extract_stack(frame))
     starts = [i for i, e in enumerate(entries)
               if e.name == "_kthread" and e.filename.endswith(os.path.join("emu", "kthread.py"))]
     if starts:
