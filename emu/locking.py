@@ -328,9 +328,12 @@ def _acquire(lock: Spinlock) -> None:
         dead = _native.lock(addr, _pid, SPINS, _lockup_ns())
     if dead > 0:
         bug.warn(f"emu: spinlock taken over from dead task (pid {dead})", depth=3)
-    rec = lock._rec
-    rec.owner_cpu = preempt.this_cpu()
-    rec.held_since_ns = time.monotonic_ns()
+    _note_holder(lock)
+
+
+def _note_holder(lock: Spinlock) -> None:
+    lock._rec.owner_cpu = preempt.this_cpu()
+    lock._rec.held_since_ns = time.monotonic_ns()
 
 
 def _release(lock: Spinlock) -> None:
@@ -377,8 +380,7 @@ def spin_trylock(lock: Spinlock) -> int:
     addr = _check_lock(lock)  # before touching the context
     preempt.preempt_disable()
     if _native.trylock(addr, _pid):
-        lock._rec.owner_cpu = preempt.this_cpu()
-        lock._rec.held_since_ns = time.monotonic_ns()
+        _note_holder(lock)
         return 1
     preempt.preempt_enable()
     return 0
@@ -400,7 +402,6 @@ def spin_unlock_irq(lock: Spinlock) -> None:
 def spin_lock_irqsave(lock: Spinlock) -> int:
     """Save and disable interrupts, then spin_lock(); returns the flags for the restore."""
     _check_lock(lock)  # before touching the context
-
     flags = preempt.local_irq_save()
     spin_lock(lock)
     return flags
