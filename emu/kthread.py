@@ -9,6 +9,7 @@ through its task slot to kthread_stop(), which consumes the exit event exactly o
 
 from __future__ import annotations
 
+import gc
 import os
 import signal as _os_signal
 import time
@@ -16,7 +17,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _native, bug, image, irq, preempt
-from .completion import Completion, _free, _from_index, complete, wait_for_completion
+from .completion import (
+    Completion,
+    _free,
+    _from_index,
+    complete,
+    wait_for_completion,
+    wait_for_completion_timeout,
+)
 from .constants import (
     EBUSY,
     EINTR,
@@ -140,11 +148,18 @@ def _create(threadfn: Callable[[Any], int], data: Any, name: str, cpu: int | Non
             os.setpgid(pid, img.img.hdr.supervisor_pid)
         except OSError:
             pass  # the child did it first, or it is gone
-    try:
-        os.sched_setaffinity(pid, {real_cpu(task.cpu)})
-    except OSError:
-        pass  # the child is gone already; its death is reported like any other
+    if bound:
+        _wait_bound(task, parked)
     return task
+
+
+def _wait_bound(task: Task, pinned: Completion) -> None:
+    """kthread_create_on_cpu() returns a bound thread: wait until it pinned itself.
+    A child that died meanwhile is an error."""
+    while not wait_for_completion_timeout(pinned, max(1, image.this().img.hdr.hz // 10)):
+        if _native.pid_is_dead(task.pid):
+            release_task(task)
+            raise EmuError(f"kthread {task.full_name!r} died while starting up")
 
 
 def kthread_create(threadfn: Callable[[Any], int], data: Any, namefmt: str, *args: Any) -> Task:
@@ -189,7 +204,21 @@ def kthread_run_on_cpu(threadfn: Callable[[Any], int], data: Any, cpu: int,
 
 # --- the thread itself ---------------------------------------------------------------------
 
+def _pin_self(task: Task) -> None:
+    """Pin this new kthread to its CPU. The creator does not do it: pinning a child that
+    already runs costs it ~1 ms. Re-checked, since kthread_bind() may change the CPU
+    meanwhile (it sets task.cpu, then the affinity)."""
+    while True:
+        cpu = task._rec.cpu
+        os.sched_setaffinity(0, {real_cpu(cpu)})
+        if task._rec.cpu == cpu:
+            return
+
+
 def _become_kthread(task: Task) -> None:
+    # Objects inherited from the creator are never collected here: a collection would
+    # walk, and so copy page by page, the creator's whole heap.
+    gc.freeze()
     img = image.this()
     # Join the supervisor's process group before letting go of the boot pipe: if the
     # booting process died meanwhile, closing our copy of its end kills the group, us too.
@@ -199,6 +228,9 @@ def _become_kthread(task: Task) -> None:
         _os_signal.signal(getattr(_os_signal, name), _os_signal.SIG_IGN)
     _children.clear()
     task._rec.pid = os.getpid()
+    _pin_self(task)
+    if task._rec.flags & PF_NO_SETAFFINITY:
+        complete(_task_completion(task, "parked"))  # the creator waits for this
     set_current(task)
     irq.install_doorbell()
     install_show_stack()
