@@ -46,11 +46,13 @@ class Tasklet(locking._Shared):
 
     @property
     def data(self) -> Any:
-        return load_funcref(self._rec.ref, self._rec.ref_generation)[1]
+        """The `data` given at setup (rec.ref holds the FuncRef index + 1, 0 = none)."""
+        return load_funcref(self._rec.ref - 1, self._rec.ref_generation)[1]
 
     def __del__(self) -> None:
         rec = getattr(self, "_rec", None)
-        if rec is not None and self._owner and rec.generation == self.generation and rec.ref:
+        if (rec is not None and self._owner and image._this is not None
+                and rec.generation == self.generation and rec.ref):
             free_funcref(rec.ref - 1, rec.ref_generation)
             rec.ref = 0
         super().__del__()

@@ -18,10 +18,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import benchlib as bl
 import pytest
 
 import emu
+
+import benchlib as bl
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -16,12 +16,13 @@ import statistics
 import sys
 import time
 
-import benchlib as bl
 import posix_ipc  # noqa: F401  (same parent footprint as shared/bench)
 import psutil
 import pytest
 
 import emu
+
+import benchlib as bl
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -13,10 +13,11 @@ import hypothesis.strategies as st
 import psutil
 import pytest
 from hypothesis import given, settings
-from util import stop_after_exit, wait_until
 
 import emu
 from emu.image import own_ipc_names, reclaim_orphans
+
+from util import stop_after_exit, wait_until
 
 
 def emu_shm(pid: int | None = None) -> set[str]:

@@ -9,9 +9,10 @@ import hypothesis.strategies as st
 import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
-from util import stop_after_exit, wait_state, wait_until
 
 import emu
+
+from util import stop_after_exit, wait_state, wait_until
 
 
 def idle_until_stopped(data):

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import emu
+
 from util import stop_after_exit, wait_state
 
 INT_MAX = 2**31 - 1

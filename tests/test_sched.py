@@ -8,9 +8,10 @@ import time
 import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, given, settings
-from util import stop_after_exit, wait_state
 
 import emu
+
+from util import stop_after_exit, wait_state
 
 FAST = pytest.mark.emu_boot(hz=1000)
 

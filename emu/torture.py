@@ -1,0 +1,623 @@
+"""Torture tests in the spirit of locktorture/rcutorture: load every CPU with kthreads and
+interrupts hammering the primitives, check invariants while it runs, report statistics
+at intervals and end with a verdict.
+
+Types:
+
+* ``completion``: waiters of every variant against completers in kthreads and in an IRQ
+  handler, with random timeouts and injected signals. Checks: completions are
+  conserved (every complete() is consumed at most once and none is lost: posted ==
+  consumed + done), return values fit the variant, no timed wait outlives its timeout,
+  no waiter sleeps while completions are available (lost wake-up), FIFO order of
+  wake-ups (a probe at every stat interval).
+* ``kthread``: create/run/stop/park/unpark/bind churn. Checks: results (-EINTR only
+  when threadfn never ran), states, placement (the OS affinity of every thread).
+* ``irq``: interrupt storms on every CPU whose handlers share data with kthreads under
+  spin_lock_irqsave and schedule tasklets. Checks: no update is lost, no handler or
+  tasklet runs re-entrantly.
+
+Each check that fails logs ``<type>-torture: FAILURE: <invariant>: <details>`` to the
+kernel log; any WARN, BUG, Oops or hung task also fails the run.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import random
+import signal as _os_signal
+import struct
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import posix_ipc
+
+from . import irq as _irq
+from .completion import (
+    Completion,
+    complete,
+    try_wait_for_completion,
+    wait_for_completion,
+    wait_for_completion_interruptible_timeout,
+    wait_for_completion_killable_timeout,
+    wait_for_completion_timeout,
+)
+from .constants import EINTR, ERESTARTSYS
+from .kernel import Kernel, boot
+from .kthread import (
+    kthread_bind,
+    kthread_create,
+    kthread_park,
+    kthread_parkme,
+    kthread_run,
+    kthread_run_on_cpu,
+    kthread_should_park,
+    kthread_should_stop,
+    kthread_stop,
+    kthread_unpark,
+    real_cpu,
+)
+from .locking import (
+    Atomic,
+    Atomic64,
+    Spinlock,
+    atomic64_add,
+    atomic64_read,
+    atomic64_set,
+    atomic_dec,
+    atomic_inc_return,
+    atomic_read,
+    atomic_set,
+    spin_lock,
+    spin_lock_irqsave,
+    spin_unlock,
+    spin_unlock_irqrestore,
+)
+from .printk import pr_err
+from .sched import (
+    jiffies_to_msecs,
+    msecs_to_jiffies,
+    schedule_timeout_interruptible,
+    usleep_range,
+)
+from .signal import allow_signal, flush_signals, send_sig
+from .softirq import Tasklet, tasklet_kill, tasklet_schedule
+from .task import Task, current, task_state_to_char
+
+TYPES = ("completion", "kthread", "irq")
+SIGNAL = int(_os_signal.SIGUSR1)
+
+
+def fail(kind: str, invariant: str, details: str) -> None:
+    """Report a broken invariant (any task, any context)."""
+    pr_err("%s-torture: FAILURE: %s: %s", kind, invariant, details)
+
+
+class Counters:
+    """Per-CPU operation counters in shared memory, one row per torture type."""
+
+    def __init__(self, ncpus: int) -> None:
+        self.ops = [Atomic64() for _ in range(ncpus)]
+        self.failures = Atomic64()
+
+    def add(self, cpu: int, n: int = 1) -> None:
+        atomic64_add(n, self.ops[cpu])
+
+    def per_cpu(self) -> list[int]:
+        return [atomic64_read(a) for a in self.ops]
+
+
+# --- completion torture ---------------------------------------------------------------------
+
+@dataclass
+class CompletionState:
+    c: Completion
+    posted: Atomic64
+    consumed: Atomic64
+    stop: Atomic
+    counters: Counters
+    broken: bool = False  # a deliberately broken complete(), to prove the checks work
+
+
+VARIANTS = ("plain", "timeout", "interruptible", "killable", "try")
+
+
+def _completion_waiter(data: tuple[CompletionState, int]) -> int:
+    st, seed = data
+    rng = random.Random(seed)
+    allow_signal(SIGNAL)
+    cpu = current().cpu
+    while not _stopped(st.stop):
+        variant = rng.choice(VARIANTS)
+        timeout = rng.randint(0, msecs_to_jiffies(20))
+        start = time.monotonic()
+        if variant == "plain":
+            wait_for_completion(st.c)
+            ok, ret = True, 0
+        elif variant == "timeout":
+            ret = wait_for_completion_timeout(st.c, timeout)
+            ok = _check_timed(st, "timeout", ret, timeout, start, allow_signal_ret=False)
+        elif variant == "interruptible":
+            ret = wait_for_completion_interruptible_timeout(st.c, timeout)
+            ok = _check_timed(st, "interruptible", ret, timeout, start, allow_signal_ret=True)
+        elif variant == "killable":
+            ret = wait_for_completion_killable_timeout(st.c, timeout)
+            ok = _check_timed(st, "killable", ret, timeout, start, allow_signal_ret=False)
+        else:
+            ok, ret = try_wait_for_completion(st.c), 0
+        if ok:
+            atomic64_add(1, st.consumed)
+        if ret == -ERESTARTSYS:
+            flush_signals(current())
+        st.counters.add(cpu)
+    return 0
+
+
+def _stopped(flag: Atomic) -> bool:
+    return bool(atomic_read(flag))
+
+
+def _check_timed(st: CompletionState, variant: str, ret: int, timeout: int, start: float,
+                 allow_signal_ret: bool) -> bool:
+    """Check a timed wait's result; True if it consumed a completion."""
+    elapsed_ms = (time.monotonic() - start) * 1000
+    if ret == -ERESTARTSYS and allow_signal_ret:
+        return False
+    if ret == 0:
+        if elapsed_ms + 1 < jiffies_to_msecs(timeout):
+            _count_failure(st, "return value", f"{variant} wait returned 0 after "
+                           f"{elapsed_ms:.1f} ms, before its {timeout}-jiffy timeout")
+        return False
+    if not 1 <= ret <= max(timeout, 1):
+        _count_failure(st, "return value", f"{variant} wait({timeout}) returned {ret}")
+        return False
+    if elapsed_ms > jiffies_to_msecs(timeout) + 1000:
+        _count_failure(st, "stuck past timeout", f"{variant} wait({timeout} jiffies) "
+                       f"took {elapsed_ms:.0f} ms")
+    return True
+
+
+def _count_failure(st: CompletionState, invariant: str, details: str) -> None:
+    atomic64_add(1, st.counters.failures)
+    fail("completion", invariant, details)
+
+
+def _completion_completer(data: tuple[CompletionState, int]) -> int:
+    st, seed = data
+    rng = random.Random(seed)
+    cpu = current().cpu
+    while not _stopped(st.stop):
+        atomic64_add(1, st.posted)
+        if st.broken and rng.random() < 0.05:
+            st.c.rec.done += 1  # the bug: count it, but skip the wake-up
+        else:
+            complete(st.c)
+        st.counters.add(cpu)
+        if rng.random() < 0.3:
+            usleep_range(50, 100)
+    return 0
+
+
+def completion_irq_handler(irq_nr: int, dev: tuple[Completion, Atomic64, Atomic]) -> int:
+    """IRQ-side completer (module level: it runs in whichever task the interrupt hits)."""
+    c, posted, stop = dev
+    if not _stopped(stop):
+        atomic64_add(1, posted)
+        complete(c)
+    return _irq.IRQ_HANDLED
+
+
+# --- kthread torture -----------------------------------------------------------------------
+
+def _trivial(value: int) -> int:
+    return value
+
+
+def _parkable(data: Any) -> int:
+    while not kthread_should_stop():
+        if kthread_should_park():
+            kthread_parkme()
+        schedule_timeout_interruptible(msecs_to_jiffies(100))
+    return 7
+
+
+def _kthread_churner(data: tuple[Counters, Atomic, int, int]) -> int:
+    counters, stop, seed, ncpus = data
+    rng = random.Random(seed)
+    cpu = current().cpu
+
+    def check(ok: bool, invariant: str, details: str) -> None:
+        if not ok:
+            atomic64_add(1, counters.failures)
+            fail("kthread", invariant, details)
+
+    parker = kthread_run(_parkable, None, "torture-park/%d", cpu)
+    while not _stopped(stop):
+        op = rng.choice(("run", "stop-early", "bind", "park"))
+        value = rng.randint(-1000, 1000)
+        if op == "run":
+            t = kthread_run(_trivial, value, "torture-run/%d", cpu)
+            while task_state_to_char(t) != "X":
+                usleep_range(100, 200)
+            check(kthread_stop(t) == value, "result", f"kthread_stop() != threadfn's {value}")
+        elif op == "stop-early":
+            t = kthread_create(_trivial, value, "torture-new/%d", cpu)
+            check(task_state_to_char(t) == "D", "state", "a created kthread is not in D")
+            check(kthread_stop(t) == -EINTR, "result",
+                  "stop before the first wake-up did not return -EINTR")
+        elif op == "bind":
+            target = rng.randrange(ncpus)
+            t = kthread_create(_trivial, value, "torture-bind/%d", cpu)
+            kthread_bind(t, target)
+            check(t.cpu == target and os.sched_getaffinity(t.pid) == {real_cpu(target)},
+                  "placement", f"bound to {target} but affinity {os.sched_getaffinity(t.pid)}")
+            check(kthread_stop(t) == -EINTR, "result", "bound, never woken: not -EINTR")
+        else:
+            check(kthread_park(parker) == 0, "park", "kthread_park() != 0")
+            check(task_state_to_char(parker) == "P", "state", "parked thread not in P")
+            kthread_unpark(parker)
+        counters.add(cpu)
+    check(kthread_stop(parker) == 7, "result", "parkable thread's result")
+    return 0
+
+
+# --- irq torture ---------------------------------------------------------------------------
+
+@dataclass
+class IrqState:
+    lock: Spinlock
+    shared: Atomic64  # updated non-atomically (read, then set) under `lock`
+    handled: Atomic64
+    worker_ops: Atomic64
+    tasklet_inside: Atomic
+    tasklet_runs: Atomic64
+    failures: Atomic64
+    tasklet: Tasklet | None = None
+
+
+def torture_tasklet(t: Tasklet) -> None:
+    st: IrqState = t.data
+    if atomic_inc_return(st.tasklet_inside) != 1:
+        atomic64_add(1, st.failures)
+        fail("irq", "tasklet re-entered", "a tasklet ran concurrently with itself")
+    atomic64_add(1, st.tasklet_runs)
+    atomic_dec(st.tasklet_inside)
+
+
+def irq_torture_handler(irq_nr: int, dev: tuple[IrqState, Atomic]) -> int:
+    """Hard-IRQ side of the irq torture (module level: stored by reference)."""
+    st, inside = dev  # `inside` belongs to this line: other lines may run meanwhile
+    if atomic_inc_return(inside) != 1:
+        atomic64_add(1, st.failures)
+        fail("irq", "handler re-entered", f"irq {irq_nr} ran re-entrantly")
+    spin_lock(st.lock)
+    _rmw(st.shared)
+    spin_unlock(st.lock)
+    atomic64_add(1, st.handled)
+    if st.tasklet is not None:
+        tasklet_schedule(st.tasklet)
+    atomic_dec(inside)
+    return _irq.IRQ_HANDLED
+
+
+def _rmw(v: Atomic64) -> None:
+    """A deliberately non-atomic read-modify-write: only the lock makes it safe."""
+    atomic64_set(v, atomic64_read(v) + 1)
+
+
+def _irq_worker(data: tuple[IrqState, Atomic, Counters]) -> int:
+    st, stop, counters = data
+    cpu = current().cpu
+    while not _stopped(stop):
+        flags = spin_lock_irqsave(st.lock)
+        _rmw(st.shared)
+        spin_unlock_irqrestore(st.lock, flags)
+        atomic64_add(1, st.worker_ops)
+        counters.add(cpu)
+    return 0
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+@dataclass
+class Options:
+    types: tuple[str, ...] = TYPES
+    cpus: Any = None
+    threads_per_cpu: int = 2
+    duration: float = 10.0
+    irq_rate: float = 500.0
+    signal_rate: float = 100.0
+    seed: int = 1
+    stat_interval: float = 5.0
+    json_file: str | None = None
+    broken: bool = False
+
+
+@dataclass
+class Run:
+    kernel: Kernel
+    opts: Options
+    stop: Atomic
+    counters: dict[str, Counters] = field(default_factory=dict)
+    threads: list[Task] = field(default_factory=list)
+    finish: list[Callable[[], list[str]]] = field(default_factory=list)
+    cstate: CompletionState | None = None
+
+
+def _start_completion(run: Run, rng: random.Random) -> None:
+    k, opts = run.kernel, run.opts
+    counters = run.counters["completion"] = Counters(k.ncpus)
+    st = run.cstate = CompletionState(Completion(), Atomic64(), Atomic64(), run.stop, counters,
+                                      broken=opts.broken)
+    for cpu in range(k.ncpus):
+        for _ in range(opts.threads_per_cpu):
+            run.threads.append(kthread_run_on_cpu(
+                _completion_waiter, (st, rng.randrange(1 << 30)), cpu, "cwait/%u"))
+        run.threads.append(kthread_run_on_cpu(
+            _completion_completer, (st, rng.randrange(1 << 30)), cpu, "cpost/%u"))
+    if opts.irq_rate > 0:
+        line = 1
+        _irq.request_irq(line, completion_irq_handler, 0, "torture-complete",
+                         (st.c, st.posted, run.stop))
+        source = k.add_irq_source(line, rate_hz=opts.irq_rate, count=-1)
+
+        def stop_irq() -> list[str]:
+            k.remove_irq_source(source)
+            _irq.free_irq(line, (st.c, st.posted, run.stop))
+            return []
+
+        run.finish.append(stop_irq)
+    run.finish.append(lambda: _drain_completion(run))
+
+
+def _drain_completion(run: Run) -> list[str]:
+    """Release the waiters and check conservation: posted == consumed + done."""
+    st = run.cstate
+    assert st is not None
+    waiters = [t for t in run.threads if t.comm.startswith("cwait")]
+    deadline = time.monotonic() + 10
+    while any(task_state_to_char(t) != "X" for t in waiters) and time.monotonic() < deadline:
+        atomic64_add(1, st.posted)
+        complete(st.c)
+        time.sleep(0.001)
+    posted, consumed, done = atomic64_read(st.posted), atomic64_read(st.consumed), st.c.done
+    problems = []
+    diff = posted - consumed - done
+    if diff:
+        what = f"{diff} lost" if diff > 0 else f"{-diff} consumed twice"
+        problems.append(f"completion: conservation: posted {posted} != consumed {consumed} "
+                        f"+ done {done} ({what})")
+    return problems
+
+
+def _check_lost_wakeup(run: Run) -> None:
+    """Waiters asleep in D/S on the completion while done > 0 for a whole interval: lost."""
+    st = run.cstate
+    if st is None or not st.c.done:
+        return
+    asleep = [t for t in run.threads if t.comm.startswith("cwait")
+              and task_state_to_char(t) in "DS" and t._rec.wq_on]
+    if asleep and st.c.done:
+        time.sleep(0.2)  # a wake-up in flight gets time to land
+        still = [t for t in asleep if task_state_to_char(t) in "DS" and t._rec.wq_on]
+        if still and st.c.done:
+            atomic64_add(1, st.counters.failures)
+            fail("completion", "lost wake-up",
+                 f"{len(still)} waiter(s) asleep on the queue while done={st.c.done}")
+
+
+def _fifo_waiter(c: Completion) -> int:
+    wait_for_completion(c)
+    return 0
+
+
+def _fifo_probe(run: Run) -> None:
+    """Three waiters queued in a known order must be woken in that order."""
+    c = Completion()
+    ts = []
+    for i in range(3):
+        t = kthread_run(_fifo_waiter, c, "fifo/%d", i)
+        deadline = time.monotonic() + 5
+        while not t._rec.wq_on and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        ts.append(t)
+    for i, t in enumerate(ts):
+        complete(c)
+        deadline = time.monotonic() + 5
+        while task_state_to_char(t) != "X" and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        later = [u for u in ts[i + 1:] if task_state_to_char(u) == "X"]
+        if task_state_to_char(t) != "X" or later:
+            fail("completion", "FIFO", f"complete() #{i + 1} did not wake waiter #{i + 1} first")
+            if run.cstate:
+                atomic64_add(1, run.cstate.counters.failures)
+    for t in ts:
+        kthread_stop(t)
+
+
+def _start_kthread(run: Run, rng: random.Random) -> None:
+    k = run.kernel
+    counters = run.counters["kthread"] = Counters(k.ncpus)
+    for cpu in range(k.ncpus):
+        run.threads.append(kthread_run_on_cpu(
+            _kthread_churner, (counters, run.stop, rng.randrange(1 << 30), k.ncpus), cpu,
+            "kchurn/%u"))
+
+
+def _start_irq(run: Run, rng: random.Random) -> None:
+    k, opts = run.kernel, run.opts
+    counters = run.counters["irq"] = Counters(k.ncpus)
+    st = IrqState(Spinlock(), Atomic64(), Atomic64(), Atomic64(), Atomic(), Atomic64(),
+                  counters.failures)
+    st.tasklet = Tasklet(torture_tasklet, st)
+    sources = []
+    devs = [(st, Atomic()) for _ in range(k.ncpus)]
+    for cpu in range(k.ncpus):
+        line = 8 + cpu
+        _irq.request_irq(line, irq_torture_handler, 0, "torture-irq", devs[cpu])
+        _irq.irq_set_affinity(line, cpu)
+        if opts.irq_rate > 0:
+            sources.append((line, k.add_irq_source(line, rate_hz=opts.irq_rate, count=-1)))
+        run.threads.append(kthread_run_on_cpu(_irq_worker, (st, run.stop, counters), cpu,
+                                              "irqwork/%u"))
+
+    def finish() -> list[str]:
+        for _line, source in sources:
+            k.remove_irq_source(source)
+        for cpu in range(k.ncpus):
+            _irq.free_irq(8 + cpu, devs[cpu])
+        assert st.tasklet is not None
+        tasklet_kill(st.tasklet)
+        shared = atomic64_read(st.shared)
+        expected = atomic64_read(st.worker_ops) + atomic64_read(st.handled)
+        if shared != expected:
+            return [f"irq: lost update: shared counter {shared} != worker updates "
+                    f"{atomic64_read(st.worker_ops)} + handler updates "
+                    f"{atomic64_read(st.handled)}"]
+        return []
+
+    run.finish.append(finish)
+
+
+STARTERS = {"completion": _start_completion, "kthread": _start_kthread, "irq": _start_irq}
+
+
+def _stat_line(kind: str, counters: Counters, elapsed: float) -> str:
+    per_cpu = counters.per_cpu()
+    total = sum(per_cpu)
+    spread = " ".join(f"cpu{i}:{n}" for i, n in enumerate(per_cpu))
+    return (f"{kind}-torture: t={elapsed:.1f}s ops {total} ({total / max(elapsed, 1e-9):.0f}/s) "
+            f"[{spread}] failures {atomic64_read(counters.failures)}")
+
+
+def _inject_signals(run: Run, rng: random.Random, budget: float) -> None:
+    waiters = [t for t in run.threads if t.comm.startswith("cwait")]
+    for _ in range(int(budget)):
+        if waiters:
+            send_sig(SIGNAL, rng.choice(waiters), 0)
+
+
+def run_torture(opts: Options, out: Any = sys.stdout) -> dict[str, Any]:
+    """Run a torture test; returns the statistics (``verdict`` is SUCCESS or FAILURE)."""
+    rng = random.Random(opts.seed)
+    result: dict[str, Any] = {"seed": opts.seed, "types": {}}
+    interrupted = False
+    with boot(cpus=opts.cpus, hz=1000, max_tasks=max(256, 64 + 8 * opts.threads_per_cpu),
+              hung_task_timeout_secs=max(5, int(opts.duration) + 5)) as kernel:
+        run = Run(kernel, opts, Atomic())
+        for kind in opts.types:
+            STARTERS[kind](run, rng)
+        start = time.monotonic()
+        next_stat = start + opts.stat_interval
+        tty = hasattr(out, "isatty") and out.isatty()
+        try:
+            while (now := time.monotonic()) < start + opts.duration:
+                time.sleep(0.05)
+                if "completion" in opts.types:
+                    _inject_signals(run, rng, opts.signal_rate * 0.05)
+                if tty:
+                    out.write(f"\r[{now - start:6.1f}/{opts.duration:.0f}s] running...")
+                    out.flush()
+                if now >= next_stat:
+                    next_stat += opts.stat_interval
+                    if "completion" in opts.types:
+                        _fifo_probe(run)
+                        _check_lost_wakeup(run)
+                    for kind, counters in run.counters.items():
+                        print(("\r" if tty else "") + _stat_line(kind, counters, now - start),
+                              file=out, flush=True)
+        except KeyboardInterrupt:
+            interrupted = True
+        elapsed = time.monotonic() - start
+        if "completion" in opts.types:
+            _check_lost_wakeup(run)
+        atomic_set(run.stop, 1)
+        problems: list[str] = []
+        for finish in run.finish:
+            problems += finish()
+        for t in run.threads:
+            kthread_stop(t)
+        for kind, counters in run.counters.items():
+            per_cpu = counters.per_cpu()
+            result["types"][kind] = {
+                "ops": sum(per_cpu), "ops_per_s": sum(per_cpu) / elapsed,
+                "per_cpu": per_cpu, "failures": atomic64_read(counters.failures),
+            }
+        log = kernel.dmesg()
+        problems += [line[15:] for line in log if "-torture: FAILURE:" in line]
+        for name, count in (("WARN", kernel.warnings), ("BUG", kernel.bugs),
+                            ("Oops", kernel.oopses), ("hung task", len(kernel.hung_tasks))):
+            if count:
+                problems.append(f"kernel: {count} {name} report(s)")
+        result.update(duration=elapsed, cpus=kernel.ncpus, interrupted=interrupted,
+                      problems=problems, verdict="FAILURE" if problems else "SUCCESS")
+        if problems:
+            result["log_tail"] = log[-40:]
+    if "completion" in opts.types and not interrupted:
+        rate = posix_ipc_baseline(result["cpus"], opts.threads_per_cpu,
+                                  min(opts.duration, 3.0), opts.cpus)
+        ours = result["types"]["completion"]["ops_per_s"]
+        result["baseline_posix_ipc_ops_per_s"] = rate
+        result["baseline"] = (f"baseline: raw posix_ipc post/wait loop, same tasks and CPUs: "
+                              f"{rate:.0f} ops/s (completion-torture at {ours / rate:.0%} "
+                              f"of it)")
+    _summary(result, out)
+    if opts.json_file:
+        with open(opts.json_file, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def posix_ipc_baseline(ncpus: int, threads_per_cpu: int, seconds: float,
+                       cpus: Any = None) -> float:
+    """ops/s of the completion torture's shape done with one raw posix_ipc semaphore:
+    per CPU `threads_per_cpu` waiters (acquire) and one poster (release), pinned alike."""
+    real = sorted(os.sched_getaffinity(0))
+    cpu_map = (cpus if isinstance(cpus, list) else
+               [real[i % len(real)] for i in range(ncpus)])
+    sem = posix_ipc.Semaphore(None, posix_ipc.O_CREX, mode=0o600)
+    sem.unlink()
+    counts = mmap.mmap(-1, 8 * 64)
+    pids: list[int] = []
+    deadline = time.monotonic() + seconds
+    for cpu in range(ncpus):
+        for role in ["wait"] * threads_per_cpu + ["post"]:
+            index = len(pids)
+            pid = os.fork()
+            if pid == 0:
+                os.sched_setaffinity(0, {cpu_map[cpu]})
+                n = 0
+                while time.monotonic() < deadline:
+                    if role == "post":
+                        sem.release()
+                    else:
+                        try:
+                            sem.acquire(0.01)
+                        except posix_ipc.BusyError:
+                            continue
+                    n += 1
+                struct.pack_into("q", counts, 8 * index, n)
+                os._exit(0)
+            pids.append(pid)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    sem.close()
+    total = sum(struct.unpack_from("q", counts, 8 * i)[0] for i in range(len(pids)))
+    return total / seconds
+
+
+def _summary(result: dict[str, Any], out: Any) -> None:
+    print(f"--- torture summary: {result['duration']:.1f}s on {result['cpus']} CPU(s), "
+          f"seed {result['seed']}{', interrupted' if result['interrupted'] else ''}", file=out)
+    for kind, st in result["types"].items():
+        print(f"{kind}-torture: ops {st['ops']} ({st['ops_per_s']:.0f}/s) per-cpu "
+              f"{st['per_cpu']} failures {st['failures']}", file=out)
+    if "baseline" in result:
+        print(result["baseline"], file=out)
+    for p in result["problems"]:
+        print(f"  FAILURE: {p}", file=out)
+    print(f"End of test: {result['verdict']}", file=out, flush=True)

@@ -1,0 +1,46 @@
+"""python -m emu torture: a short run of every type succeeds; a broken completion fails."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+from emu.torture import Options, run_torture
+
+
+def test_short_torture_of_every_type_succeeds(tmp_path):
+    out = io.StringIO()
+    report = tmp_path / "t.json"
+    result = run_torture(Options(duration=3, stat_interval=1, irq_rate=300, signal_rate=50,
+                                 json_file=str(report)), out)
+    text = out.getvalue()
+    assert result["verdict"] == "SUCCESS", text + "\n".join(result.get("log_tail", []))
+    assert text.rstrip().endswith("End of test: SUCCESS")
+    for kind in ("completion", "kthread", "irq"):
+        assert f"{kind}-torture: t=" in text
+        assert result["types"][kind]["ops"] > 0
+        assert len(result["types"][kind]["per_cpu"]) == result["cpus"]
+    assert result["baseline_posix_ipc_ops_per_s"] > 0
+    assert json.loads(report.read_text())["verdict"] == "SUCCESS"
+
+
+def test_a_broken_completion_is_caught():
+    out = io.StringIO()
+    result = run_torture(Options(types=("completion",), duration=3, stat_interval=1,
+                                 irq_rate=0, broken=True), out)
+    assert result["verdict"] == "FAILURE"
+    assert any("conservation" in p or "lost wake-up" in p for p in result["problems"])
+    assert out.getvalue().rstrip().endswith("End of test: FAILURE")
+
+
+def test_cli_exit_status_and_bad_arguments(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "emu", "torture", "--type", "kthread",
+                         "--duration", "1", "--stat-interval", "1", "--cpus", "1"],
+                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "End of test: SUCCESS" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "emu", "torture", "--duration", "-1"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert bad.returncode == 2 and "--duration" in bad.stderr
