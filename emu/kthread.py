@@ -439,8 +439,8 @@ def _bind(k: Task, cpu: int) -> None:
     if rec.state != TASK_UNINTERRUPTIBLE:
         bug.warn(f"kthread_bind() on {k.comm}/{k.pid}, which is not inactive: not bound", depth=3)
         return
+    rec.cpu = cpu  # before the affinity: a starting thread re-checks it after pinning
     os.sched_setaffinity(k.pid, {real_cpu(cpu)})
-    rec.cpu = cpu
     _native.or32(image.field_addr(rec, "flags"), PF_NO_SETAFFINITY)
     if rec.kflags & KTHREAD_STARTED:
         bug.warn(f"kthread_bind() on {k.comm}/{k.pid} after it started", depth=3)

@@ -76,12 +76,17 @@ class Supervisor:
                 self.watch(slot, rec)
 
     def watch(self, slot: int, rec: Any) -> None:
-        try:
-            fd = os.pidfd_open(rec.pid)
-        except ProcessLookupError:
-            self.reap(slot, rec.generation, rec.pid)
+        # Read (generation, pid) as one snapshot: the task may exit and its slot be
+        # reused (pid reset) at any moment; reap() then sees a stale generation.
+        generation, pid = rec.generation, rec.pid
+        if rec.generation != generation or pid <= 0:
             return
-        self.watched[fd] = (slot, rec.generation, rec.pid)
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self.reap(slot, generation, pid)
+            return
+        self.watched[fd] = (slot, generation, pid)
         self.by_slot[slot] = fd
         self.poller.register(fd, select.POLLIN)
 
