@@ -52,7 +52,7 @@ class Completion:
     afterwards raises :class:`emu.StaleObjectError` (the kernel's use-after-free).
     """
 
-    __slots__ = ("index", "generation", "_rec", "_core", "_owner", "__weakref__")
+    __slots__ = ("index", "generation", "_img", "_rec", "_core", "_owner", "__weakref__")
 
     def __init__(self) -> None:
         self.index, self.generation = _alloc()
@@ -61,6 +61,7 @@ class Completion:
 
     def _attach(self) -> None:
         img = image.this()
+        self._img = img  # the kernel this handle belongs to
         self._rec: Any = img.img.completions[self.index]
         self._core: Any = img.core
         self._owner = 0
@@ -80,7 +81,9 @@ class Completion:
         return f"<Completion #{self.index} done={self._rec.done}>"
 
     def __del__(self) -> None:
-        if getattr(self, "_owner", 0) == _pid and image._this is not None:
+        # Only while its own kernel runs: a handle that outlived its kernel must not
+        # free the record of the same index in the next one.
+        if getattr(self, "_owner", 0) == _pid and image._this is getattr(self, "_img", None):
             _free(self)
 
     @property

@@ -72,7 +72,7 @@ class _Shared:
     """A record in one of the image's tables, freed with the handle that created it."""
 
     TABLE = ""
-    __slots__ = ("index", "generation", "_rec", "_addr", "_owner", "__weakref__")
+    __slots__ = ("index", "generation", "_img", "_rec", "_addr", "_owner", "__weakref__")
 
     def __init__(self) -> None:
 
@@ -84,7 +84,8 @@ class _Shared:
     def _attach(self) -> None:
 
 
-        self._rec = getattr(image.this().img, self.TABLE)[self.index]
+        self._img = image.this()  # the kernel this handle belongs to
+        self._rec = getattr(self._img.img, self.TABLE)[self.index]
         self._addr = image.field_addr(self._rec, self.FIELD)  # type: ignore[attr-defined]
         self._owner = 0
 
@@ -109,7 +110,7 @@ class _Shared:
     def __del__(self) -> None:
 
 
-        if getattr(self, "_owner", 0) == _pid and image._this is not None:
+        if getattr(self, "_owner", 0) == _pid and image._this is getattr(self, "_img", None):
             image.free_record(self.TABLE, self.index, self.generation)
 
     def addr(self) -> int:

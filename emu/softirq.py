@@ -51,7 +51,7 @@ class Tasklet(locking._Shared):
 
     def __del__(self) -> None:
         rec = getattr(self, "_rec", None)
-        if (rec is not None and self._owner and image._this is not None
+        if (rec is not None and self._owner and image._this is getattr(self, "_img", None)
                 and rec.generation == self.generation and rec.ref):
             free_funcref(rec.ref - 1, rec.ref_generation)
             rec.ref = 0
