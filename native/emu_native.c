@@ -447,15 +447,12 @@ emu_lock(PyObject *self, PyObject *args)
         Py_END_ALLOW_THREADS
         __atomic_sub_fetch(waiters, 1, __ATOMIC_SEQ_CST);
 
-        if (r == -1) {
-            if (err == ETIMEDOUT) {
-                last_check = 0;  /* a full sleep passed: check the owner now */
-            }
-            else if (err == EINTR) {
-                if (PyErr_CheckSignals() < 0)
-                    return NULL;
-            }
-        }
+        if (r == -1 && err == ETIMEDOUT)
+            last_check = 0;  /* a full sleep passed: check the owner now */
+        /* After every sleep, not only on EINTR: a signal that arrived while we held
+         * the GIL between two sleeps only set CPython's flag. */
+        if (PyErr_CheckSignals() < 0)
+            return NULL;
     }
 }
 
