@@ -346,6 +346,9 @@ class SharedImage:
         self.core: Any = _native.WaitCore(*self._core_layout(), os.getpid())
         #: nanoseconds per jiffy (set at boot with HZ)
         self.jiffy_ns = 0
+        #: this process's caches over this kernel's records (never shared across kernels)
+        self.funcref_cache: dict[tuple[int, int], Any] = {}  # FuncRef -> unpickled object
+        self.irq_last_target: dict[int, int] = {}  # cpu -> slot that took its doorbell
         #: emulated CPU i runs on real CPU cpu_map[i]
         self.cpu_map: list[int] = []
         #: True only in the process that booted this kernel

@@ -55,9 +55,6 @@ ACTION_RESERVED = 2  # claimed by a request_irq() that has not finished
 #: The doorbell: interrupt delivery to a task process.
 SIG_IRQ = _os_signal.SIGRTMIN + 1
 
-_handlers: dict[tuple[int, int], tuple[Any, Any]] = {}  # FuncRef (index, gen) -> unpickled
-
-
 # --- callables stored by reference --------------------------------------------------------
 
 def store_funcref(obj: Any, what: str) -> tuple[int, int]:
@@ -80,17 +77,18 @@ def store_funcref(obj: Any, what: str) -> tuple[int, int]:
 
 def load_funcref(index: int, generation: int) -> Any:
     """The object stored by store_funcref(), unpickled once per process."""
+    img = image.this()
     key = (index, generation)
-    obj = _handlers.get(key)
+    obj = img.funcref_cache.get(key)
     if obj is None:
-        rec = image.this().img.funcrefs[index]
+        rec = img.img.funcrefs[index]
         obj = pickle.loads(ctypes.string_at(image.field_addr(rec, "data"), rec.length))
-        _handlers[key] = obj
+        img.funcref_cache[key] = obj
     return obj
 
 
 def free_funcref(index: int, generation: int) -> None:
-    _handlers.pop((index, generation), None)
+    image.this().funcref_cache.pop((index, generation), None)
     image.free_record("funcrefs", index, generation)
 
 
@@ -122,9 +120,6 @@ def raise_on_cpu(cpu: int, irq: int) -> None:
     ring_doorbell(cpu)
 
 
-_last_target: dict[int, int] = {}  # cpu -> slot that took its last doorbell
-
-
 def _running_on(rec: Any, cpu: int) -> bool:
     return bool(rec.in_use and rec.cpu == cpu and rec.state == TASK_RUNNING and rec.pid > 0)
 
@@ -133,13 +128,13 @@ def _target(cpu: int) -> tuple[int, int]:
     """(slot, pid) of a task running on `cpu`, else of the CPU's idle task."""
     img = image.this()
     tasks = img.img.tasks
-    last = _last_target.get(cpu)
+    last = img.irq_last_target.get(cpu)
     if last is not None and _running_on(tasks[last], cpu):
         return last, int(tasks[last].pid)
     for slot in range(img.img.hdr.max_tasks):
         rec = tasks[slot]
         if _running_on(rec, cpu):
-            _last_target[cpu] = slot
+            img.irq_last_target[cpu] = slot
             return slot, int(rec.pid)
     idle = img.img.percpu[cpu].idle_slot
     if idle < 0:
