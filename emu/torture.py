@@ -374,6 +374,12 @@ def _start_completion(run: Run, rng: random.Random) -> None:
     run.finish.append(lambda: _drain_completion(run))
 
 
+def _wait_exited(threads: list[Task], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(task_state_to_char(t) != "X" for t in threads) and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
 def _drain_completion(run: Run) -> list[str]:
     """Release the waiters and check conservation: posted == consumed + done."""
     st = run.cstate
@@ -466,12 +472,15 @@ def _start_irq(run: Run, rng: random.Random) -> None:
                                               "irqwork/%u"))
 
     def finish() -> list[str]:
+        # Quiesce before comparing: no device, no handler, no worker may still be
+        # between its locked update and its count.
         for _line, source in sources:
             k.remove_irq_source(source)
         for cpu in range(k.ncpus):
             _irq.free_irq(8 + cpu, devs[cpu])
         assert st.tasklet is not None
         tasklet_kill(st.tasklet)
+        _wait_exited([t for t in run.threads if t.comm.startswith("irqwork")])
         shared = atomic64_read(st.shared)
         expected = atomic64_read(st.worker_ops) + atomic64_read(st.handled)
         if shared != expected:
