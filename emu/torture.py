@@ -384,6 +384,9 @@ def _drain_completion(run: Run) -> list[str]:
     """Release the waiters and check conservation: posted == consumed + done."""
     st = run.cstate
     assert st is not None
+    # Completers first: one stopped between counting a post and complete() would look
+    # like a lost completion.
+    _wait_exited([t for t in run.threads if t.comm.startswith("cpost")])
     waiters = [t for t in run.threads if t.comm.startswith("cwait")]
     deadline = time.monotonic() + 10
     while any(task_state_to_char(t) != "X" for t in waiters) and time.monotonic() < deadline:
