@@ -110,6 +110,7 @@ class Header(ctypes.Structure):
         ("hung_task_panic", c_int32),
         ("hung_task_detect_count", c_int32),
         ("cpu_rotor", c_int32),
+        ("task_high", c_int32),  # task slots ever used: scans stop here
         ("softlockup_thresh_secs", c_int32),
         ("task_lock", LockWord),  # task-slot allocation
         ("completions_pool", PoolHdr),

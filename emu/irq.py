@@ -29,8 +29,10 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _native, bug, image, locking, preempt
+from . import task as _task
 from .constants import EBUSY, EINVAL, ENOMEM, PF_IDLE, TASK_INTERRUPTIBLE, TASK_RUNNING
 from .printk import log_store
+from .sched import schedule, schedule_timeout_idle
 from .task import Task, set_current_state, task_from_slot, wake_up_process
 
 IRQ_NONE = 0
@@ -131,7 +133,7 @@ def _target(cpu: int) -> tuple[int, int]:
     last = img.irq_last_target.get(cpu)
     if last is not None and _running_on(tasks[last], cpu):
         return last, int(tasks[last].pid)
-    for slot in range(img.img.hdr.max_tasks):
+    for slot in range(img.img.hdr.task_high):
         rec = tasks[slot]
         if _running_on(rec, cpu):
             img.irq_last_target[cpu] = slot
@@ -144,9 +146,7 @@ def _target(cpu: int) -> tuple[int, int]:
 
 def ring_doorbell(cpu: int) -> None:
     """Make `cpu` look at its pending interrupts and softirqs."""
-    from . import task
-
-    me = task._current
+    me = _task._current
     if me is not None and me._rec.cpu == cpu:
         do_IRQ()  # our own CPU: take it now (or leave it pending if IRQs are off)
         return
@@ -158,7 +158,9 @@ def ring_doorbell(cpu: int) -> None:
             os.kill(pid, SIG_IRQ)
         except ProcessLookupError:
             continue
-        image.this().sems[slot].release()  # no state change: see the module doc
+        sem = image.this().sems[slot]
+        if not sem.value:  # at most one stale post on a running target
+            sem.release()  # no state change: see the module doc
         return
 
 
@@ -172,22 +174,28 @@ def install_doorbell() -> None:
 
 
 def do_IRQ() -> None:
-    """Handle every IRQ pending for this task's CPU, unless interrupts are disabled here."""
-    from . import softirq
+    """Handle every IRQ pending for this task's CPU, unless interrupts are disabled here.
 
+    Like a CPU taking an interrupt, it runs with interrupts off until every pending
+    line was handled; softirqs run afterwards with interrupts on.
+    """
     if preempt.irqs_disabled() or preempt.in_hardirq():
         return
     cpu = preempt.this_cpu()
     if cpu < 0:
         return
     addr = image.field_addr(image.this().img.percpu[cpu], "irq_pending")
-    # Loop until nothing is pending: an interrupt raised while we handle the previous
-    # one found us in hardirq context and only left its bit.
-    while pending := _native.xchg64(addr, 0) & ((1 << 64) - 1):
-        while pending:
-            low = pending & -pending
-            pending ^= low
-            handle_irq(low.bit_length() - 1)
+    preempt.irqs_off_raw(True)
+    try:
+        # Loop until nothing is pending: an interrupt raised meanwhile (on this CPU,
+        # or to our task from elsewhere) only left its bit.
+        while pending := _native.xchg64(addr, 0) & ((1 << 64) - 1):
+            while pending:
+                low = pending & -pending
+                pending ^= low
+                handle_irq(low.bit_length() - 1)
+    finally:
+        preempt.irqs_off_raw(False)
     softirq.irq_exit_softirqs()
 
 
@@ -299,12 +307,12 @@ def note_interrupt(irq: int, desc: Any, ret: int) -> None:
 
 def _irq_thread(data: tuple[int, int, Callable[[int, Any], int], Any]) -> int:
     """irq_thread(): run thread_fn each time the primary handler asks for it."""
+    from .kthread import kthread_should_stop
+
     irq, index, thread_fn, dev = data
     desc = image.this().img.irqs[irq]
     action = desc.actions[index]
     flags = image.field_addr(action, "thread_flags")
-    from .kthread import kthread_should_stop
-    from .sched import schedule
 
     while not kthread_should_stop():
         set_current_state(TASK_INTERRUPTIBLE)
@@ -527,7 +535,6 @@ def irq_set_affinity(irq: int, cpus: Any) -> int:
 def _idle(cpu: int) -> int:
     """A CPU's idle task: it takes the CPU's interrupts while no task runs there."""
     from .kthread import kthread_should_stop
-    from .sched import schedule_timeout_idle
 
     while not kthread_should_stop():
         schedule_timeout_idle(1 << 40)
@@ -587,3 +594,5 @@ def irq_task(irq: int) -> Task | None:
             return task_from_slot(action.thread_slot, action.thread_generation)
     return None
 
+
+from . import softirq  # noqa: E402  (softirq builds on the names above)

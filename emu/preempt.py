@@ -146,6 +146,13 @@ def local_irq_enable() -> None:
         hook()
 
 
+def irqs_off_raw(off: bool) -> None:
+    """Set the interrupts-disabled flag without replaying anything (interrupt entry)."""
+    global _irqs_off
+    _irqs_off = off
+    _mirror()
+
+
 def local_irq_save() -> int:
     """Disable interrupts; returns the flags to give to local_irq_restore()."""
     flags = 0 if _irqs_off else 0x200  # X86_EFLAGS_IF

@@ -66,7 +66,7 @@ class Supervisor:
 
     def watch_new_tasks(self) -> None:
         tasks = self.img.img.tasks
-        for slot in range(self.hdr.max_tasks):
+        for slot in range(self.hdr.task_high):
             rec = tasks[slot]
             fd = self.by_slot.get(slot)
             if fd is not None and (not rec.in_use or self.watched[fd][1] != rec.generation):
@@ -202,7 +202,7 @@ class HungTaskDetector:
         tasks = self.img.img.tasks
         hung = 0
         live = set()
-        for slot in range(self.hdr.max_tasks):
+        for slot in range(self.hdr.task_high):
             rec = tasks[slot]
             state = rec.state
             if not rec.in_use or not state & TASK_UNINTERRUPTIBLE or state & (

@@ -164,6 +164,7 @@ def alloc_slot(name: str, flags: int, cpu: int, state: int) -> Task:
                 "kthread_stop() or boot with a larger max_tasks="
             )
         gen = rec.generation + 1
+        hdr.task_high = max(hdr.task_high, i + 1)
         _reset_slot(rec)
         rec.generation = gen
         rec.in_use = 1
@@ -215,7 +216,7 @@ def live_tasks() -> list[Task]:
     """Every task in the table, in slot order."""
     img = image.this()
     out = []
-    for i in range(img.img.hdr.max_tasks):
+    for i in range(img.img.hdr.task_high):
         rec = img.img.tasks[i]
         if rec.in_use:
             out.append(task_from_slot(i, rec.generation))
