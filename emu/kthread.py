@@ -58,6 +58,7 @@ KTHREAD_SHOULD_STOP = 1 << 1
 KTHREAD_SHOULD_PARK = 1 << 2
 KTHREAD_STARTED = 1 << 8
 KTHREAD_EXITED = 1 << 9
+KTHREAD_PINNED = 1 << 10  # the new thread has pinned itself to task.cpu
 
 #: Real signals a kthread ignores, as kthreadd's children do (SIGKILL and SIGSTOP cannot be).
 _IGNORED_SIGNALS = (
@@ -212,6 +213,7 @@ def _pin_self(task: Task) -> None:
         cpu = task._rec.cpu
         os.sched_setaffinity(0, {real_cpu(cpu)})
         if task._rec.cpu == cpu:
+            _native.or32(image.field_addr(task._rec, "kflags"), KTHREAD_PINNED)
             return
 
 
@@ -442,6 +444,10 @@ def _bind(k: Task, cpu: int) -> None:
     rec.cpu = cpu  # before the affinity: a starting thread re-checks it after pinning
     os.sched_setaffinity(k.pid, {real_cpu(cpu)})
     _native.or32(image.field_addr(rec, "flags"), PF_NO_SETAFFINITY)
+    while not rec.kflags & KTHREAD_PINNED:  # a starting thread may still be pinning itself
+        if _native.pid_is_dead(k.pid):
+            break
+        time.sleep(0.0001)
     if rec.kflags & KTHREAD_STARTED:
         bug.warn(f"kthread_bind() on {k.comm}/{k.pid} after it started", depth=3)
 

@@ -404,19 +404,24 @@ def _drain_completion(run: Run) -> list[str]:
 
 
 def _check_lost_wakeup(run: Run) -> None:
-    """Waiters asleep in D/S on the completion while done > 0 for a whole interval: lost."""
+    """While done > 0, complete() has popped and woken the queue's head: a head that
+    stays asleep, without waking even once, while done stays > 0 was never woken."""
     st = run.cstate
-    if st is None or not st.c.done:
+    if st is None:
         return
-    asleep = [t for t in run.threads if t.comm.startswith("cwait")
-              and task_state_to_char(t) in "DS" and t._rec.wq_on]
-    if asleep and st.c.done:
-        time.sleep(0.2)  # a wake-up in flight gets time to land
-        still = [t for t in asleep if task_state_to_char(t) in "DS" and t._rec.wq_on]
-        if still and st.c.done:
-            atomic64_add(1, st.counters.failures)
-            fail("completion", "lost wake-up",
-                 f"{len(still)} waiter(s) asleep on the queue while done={st.c.done}")
+    rec = st.c.rec
+    head = rec.head
+    if head < 0 or not rec.done:
+        return
+    tasks = run.kernel._img.img.tasks
+    switches = tasks[head].nvcsw
+    for _ in range(4):
+        time.sleep(0.05)
+        if rec.head != head or not rec.done or tasks[head].nvcsw != switches:
+            return  # progress: it was woken (or is no longer first)
+    atomic64_add(1, st.counters.failures)
+    fail("completion", "lost wake-up",
+         f"the first waiter (slot {head}) stayed asleep 200 ms while done={rec.done}")
 
 
 def _fifo_waiter(c: Completion) -> int:
