@@ -51,6 +51,10 @@ IRQS_SPURIOUS_DISABLED = 0x10  # "nobody cared"
 
 IRQTF_RUNTHREAD = 0x1
 
+# IrqAction.warned: one-time messages already printed
+WARNED_NO_THREAD = 0x1
+WARNED_IRQS_ON = 0x2
+
 ACTION_LIVE = 1  # IrqAction.in_use: handlers run
 ACTION_RESERVED = 2  # claimed by a request_irq() that has not finished
 
@@ -220,17 +224,21 @@ def handle_irq(irq: int) -> None:
         desc.kstat[cpu] += 1
     finally:
         locking.raw_spin_unlock(addr)
-    while True:
-        _run_actions(irq, desc)
-        addr = _lock(desc)
-        try:
-            if desc.status & IRQS_REPLAY and desc.depth == 0:
+    try:
+        while True:
+            _run_actions(irq, desc)
+            addr = _lock(desc)
+            try:
+                if not desc.status & IRQS_REPLAY or desc.depth:
+                    break
                 desc.status &= ~IRQS_REPLAY
-                continue
-            desc.status &= ~IRQS_INPROGRESS
-            return
-        finally:
-            locking.raw_spin_unlock(addr)
+            finally:
+                locking.raw_spin_unlock(addr)
+    finally:
+        # Even when a KeyboardInterrupt escapes: the line must not stay "in progress".
+        addr = _lock(desc)
+        desc.status &= ~IRQS_INPROGRESS
+        locking.raw_spin_unlock(addr)
 
 
 def _run_actions(irq: int, desc: Any) -> None:
@@ -246,8 +254,11 @@ def _run_actions(irq: int, desc: Any) -> None:
             if res & IRQ_WAKE_THREAD:
                 _wake_thread(irq, desc, action)
             if not preempt.irqs_disabled():
-                bug.warn(f"irq {irq} handler {action.name.decode()} enabled interrupts", depth=2)
-                preempt.local_irq_disable()
+                if not action.warned & WARNED_IRQS_ON:  # WARN_ONCE
+                    action.warned |= WARNED_IRQS_ON
+                    bug.warn(f"irq {irq} handler {action.name.decode()} enabled interrupts",
+                             depth=2)
+                preempt.irqs_off_raw(True)
     finally:
         preempt.irq_exit(saved)
     note_interrupt(irq, desc, ret)
@@ -259,7 +270,9 @@ def _call_handler(irq: int, action: Any) -> int:
         res = handler(irq, dev)
     except bug.TaskKilled:
         return IRQ_HANDLED  # BUG() in the handler, already reported
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise  # Ctrl-C in the booting process: the user wants out
+    except BaseException as exc:  # an Oops in interrupt context; the kernel goes on
         bug.oops(exc, f"{type(exc).__name__} in interrupt handler of irq {irq}: {exc}")
         return IRQ_HANDLED
     if not isinstance(res, int) or res & ~(IRQ_HANDLED | IRQ_WAKE_THREAD):
@@ -270,8 +283,8 @@ def _call_handler(irq: int, action: Any) -> int:
 
 def _wake_thread(irq: int, desc: Any, action: Any) -> None:
     if action.thread_slot < 0:
-        if not action.warned:
-            action.warned = 1
+        if not action.warned & WARNED_NO_THREAD:
+            action.warned |= WARNED_NO_THREAD
             log_store(4, f"IRQ {irq} device {action.name.decode()} returned IRQ_WAKE_THREAD "
                          "but no thread function available.")
         return
@@ -572,7 +585,7 @@ def proc_interrupts() -> str:
     hdr = img.img.hdr
     ncpus = hdr.ncpus
     prec = max(3, len(str(hdr.nr_irqs)))
-    lines = [" " * (prec + 1) + "".join(f"CPU{c:<8d}" for c in range(ncpus)).rstrip()]
+    lines = [" " * (prec + 8) + "".join(f"CPU{c:<8d}" for c in range(ncpus)).rstrip()]
     for irq in range(hdr.nr_irqs):
         desc = img.img.irqs[irq]
         names = [a.name.decode("utf-8", "replace") for a in desc.actions if a.in_use]

@@ -181,28 +181,43 @@ def local_bh_enable() -> None:
         hook()
 
 
-def irq_enter() -> tuple[int, bool]:
+IrqSaved = tuple[int, bool, int]
+
+
+def _task_state() -> int:
+    return -1 if _rec is None else int(_rec.state)
+
+
+def irq_enter() -> IrqSaved:
     """Enter hardirq context (interrupts off); returns what irq_exit() restores."""
     global _count, _irqs_off
-    saved = (_count, _irqs_off)
+    saved = (_count, _irqs_off, _task_state())
     _count += HARDIRQ_OFFSET
     _irqs_off = True
     _mirror()
     return saved
 
 
-def irq_exit(saved: tuple[int, bool]) -> None:
-    """Leave hardirq context, restoring the interrupted context exactly (even if the
-    handler leaked preemption or interrupt state, or died)."""
+def irq_exit(saved: IrqSaved) -> None:
+    """Leave hardirq (or softirq) context, restoring the interrupted context exactly,
+    even if the handler leaked preemption or interrupt state, or died. A task state the
+    handler set (a sleeping call it was stopped in) is undone; a wake-up of the
+    interrupted task (state now TASK_RUNNING) is kept."""
     global _count, _irqs_off
-    _count, _irqs_off = saved
+    _count, _irqs_off, state = saved
     _mirror()
+    if _rec is not None and state >= 0:
+        now = int(_rec.state)
+        if now != state and now != 0:  # 0: TASK_RUNNING, a wake-up
+            from . import _native, image
+
+            _native.cmpxchg32(image.field_addr(_rec, "state"), now, state)
 
 
-def softirq_enter() -> tuple[int, bool]:
+def softirq_enter() -> IrqSaved:
     """Serve softirqs: BH disabled, in_serving_softirq(), interrupts on."""
     global _count, _irqs_off
-    saved = (_count, _irqs_off)
+    saved = (_count, _irqs_off, _task_state())
     _count += SOFTIRQ_OFFSET
     _irqs_off = False
     _mirror()

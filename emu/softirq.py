@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _native, bug, image, locking, preempt
-from .irq import free_funcref, load_funcref, ring_doorbell, store_funcref
+from .irq import free_funcref, load_funcref, ring_doorbell, start_irq_layer, store_funcref
 
 HI_SOFTIRQ = 0
 TASKLET_SOFTIRQ = 6
@@ -43,6 +43,8 @@ class Tasklet(locking._Shared):
     def __init__(self, callback: Callable[[Tasklet], None], data: Any = None) -> None:
         super().__init__()
         tasklet_setup(self, callback, data)
+        # A CPU with no running task serves its softirqs in its idle task.
+        start_irq_layer()
 
     @property
     def data(self) -> Any:

@@ -33,6 +33,8 @@ from .sched import SIG_SHOW_STACK
 
 #: How often the death watch looks for new tasks, in seconds.
 POLL_INTERVAL = 0.05
+#: Wakes the supervisor's loop (a new emulated device).
+SIG_WAKE = _os_signal.SIGUSR2
 
 
 def main(img: image.SharedImage, ready_wfd: int) -> None:
@@ -55,13 +57,22 @@ class Supervisor:
         self.watched: dict[int, tuple[int, int, int]] = {}  # fd -> (slot, generation, pid)
         self.by_slot: dict[int, int] = {}  # slot -> fd
         self.hung = HungTaskDetector(img)
+        # SIG_WAKE (e.g. from add_irq_source()) makes poll() return: CPython writes a
+        # byte to the wakeup fd for every signal that has a Python handler.
+        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        _os_signal.set_wakeup_fd(wake_w)
+        _os_signal.signal(SIG_WAKE, lambda signum, frame: None)
+        self.poller.register(self.wake_r, select.POLLIN)
 
     def run(self) -> None:
         while not self.hdr.shutting_down:
             self.watch_new_tasks()
             timeout_ms = min(POLL_INTERVAL * 1000, fire_irq_sources(self.img) / 1e6)
             for fd, _ in self.poller.poll(max(timeout_ms, 0)):
-                self.task_died(fd)
+                if fd == self.wake_r:
+                    os.read(self.wake_r, 512)
+                else:
+                    self.task_died(fd)
             self.hung.maybe_scan()
 
     def watch_new_tasks(self) -> None:
@@ -141,6 +152,10 @@ def add_irq_source(irq_nr: int, delay: float, rate_hz: float, burst: int, count:
             src.fired = 0
             src.next_ns = time.monotonic_ns() + int(delay * 1e9)
             src.in_use = 1
+            try:
+                os.kill(img.img.hdr.supervisor_pid, SIG_WAKE)  # look at it now
+            except ProcessLookupError:
+                pass
             return index
     raise CapacityError(f"all {len(img.img.irq_sources)} interrupt sources are in use")
 
@@ -168,6 +183,8 @@ def fire_irq_sources(img: image.SharedImage) -> int:
             if not src.period_ns:
                 src.in_use = 0
             src.next_ns += src.period_ns
+            if src.next_ns <= now:  # periods missed while we were late: skip, no burst
+                src.next_ns = now + src.period_ns
         if src.in_use:
             wait = min(wait, src.next_ns - now)
     return wait
