@@ -44,3 +44,43 @@ def test_cli_exit_status_and_bad_arguments(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "emu", "torture", "--duration", "-1"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert bad.returncode == 2 and "--duration" in bad.stderr
+
+
+def test_ctrl_c_ends_the_run_early_with_the_summary_and_a_clean_shutdown(tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "emu", "torture", "--duration", "60",
+                             "--stat-interval", "0.5", "--type", "completion"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path, start_new_session=True)
+    try:
+        first = proc.stdout.readline()  # the first statistics line: the run is going
+        assert "completion-torture: t=" in first, first + proc.stderr.read()
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert time.monotonic() - start < 30
+    assert "interrupted" in out and "--- torture summary" in out
+    assert "End of test: " in out, out + err
+    # Every task of that kernel lived in the command's session: none may survive it.
+    deadline = time.monotonic() + 2
+    while (left := _session_members(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left == []
+
+
+def _session_members(sid):
+    import os
+
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    members.append(int(entry))
+            except OSError:
+                pass
+    return members
