@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import bug
+from . import _native, bug, image
 
 PREEMPT_OFFSET = 0x1
 SOFTIRQ_OFFSET = 0x100
@@ -188,14 +188,18 @@ def _task_state() -> int:
     return -1 if _rec is None else int(_rec.state)
 
 
-def irq_enter() -> IrqSaved:
-    """Enter hardirq context (interrupts off); returns what irq_exit() restores."""
+def _enter(offset: int, irqs_off: bool) -> IrqSaved:
     global _count, _irqs_off
     saved = (_count, _irqs_off, _task_state())
-    _count += HARDIRQ_OFFSET
-    _irqs_off = True
+    _count += offset
+    _irqs_off = irqs_off
     _mirror()
     return saved
+
+
+def irq_enter() -> IrqSaved:
+    """Enter hardirq context (interrupts off); returns what irq_exit() restores."""
+    return _enter(HARDIRQ_OFFSET, True)
 
 
 def irq_exit(saved: IrqSaved) -> None:
@@ -209,19 +213,12 @@ def irq_exit(saved: IrqSaved) -> None:
     if _rec is not None and state >= 0:
         now = int(_rec.state)
         if now != state and now != 0:  # 0: TASK_RUNNING, a wake-up
-            from . import _native, image
-
             _native.cmpxchg32(image.field_addr(_rec, "state"), now, state)
 
 
 def softirq_enter() -> IrqSaved:
-    """Serve softirqs: BH disabled, in_serving_softirq(), interrupts on."""
-    global _count, _irqs_off
-    saved = (_count, _irqs_off, _task_state())
-    _count += SOFTIRQ_OFFSET
-    _irqs_off = False
-    _mirror()
-    return saved
+    """Serve softirqs: BH disabled, in_serving_softirq(), interrupts on; irq_exit() undoes it."""
+    return _enter(SOFTIRQ_OFFSET, False)
 
 
 def might_sleep(depth: int = 1) -> None:
