@@ -23,7 +23,7 @@ import posix_ipc
 
 from . import _native
 from .constants import KTHREAD_NAME_LEN, TASK_COMM_LEN
-from .errors import CapacityError
+from .errors import CapacityError, NotBootedError
 
 IMAGE_MAGIC = 0x454D55494D414745  # "EMUIMAGE"
 #: Emulated CPUs and IRQ lines are bits of 64-bit masks.
@@ -473,8 +473,6 @@ _this: SharedImage | None = None
 def this() -> SharedImage:
     """The image of the kernel booted in (or inherited by) this process."""
     if _this is None:
-        from .errors import NotBootedError
-
         raise NotBootedError("no emu kernel is running in this process: call emu.boot() first")
     return _this
 

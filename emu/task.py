@@ -39,7 +39,7 @@ from .constants import (
     TASK_RTLOCK_WAIT,
     TASK_UNINTERRUPTIBLE,
 )
-from .errors import CapacityError, StaleObjectError
+from .errors import CapacityError, EmuError, StaleObjectError
 
 
 class _UserMM:
@@ -245,8 +245,6 @@ def current() -> Task:
     """The task this process runs (``current``): a kthread, or the booting program."""
     if _current is None:
         image.this()  # raises NotBootedError when nothing is booted
-        from .errors import EmuError
-
         raise EmuError(
             "this process is not an emu task: only the booting process and kthreads "
             "may call kernel APIs"
