@@ -174,3 +174,25 @@ def test_hung_task_timeout_zero_disables_the_detector(kernel):
     emu.complete(c)
     assert stop_after_exit(t, T) == 2
     assert emu.free_irq(IRQ, ticks) == "clock"
+
+
+def test_hung_task_panic_reports_then_panics_the_kernel():
+    """hung_task_panic=1: the report, then "Kernel panic - not syncing: hung_task: blocked
+    tasks", and the kernel is dead (every task killed); shutdown still cleans up."""
+    import psutil
+
+    k = emu.boot(hung_task_timeout_secs=1, hung_task_panic=1, console_loglevel=0)
+    try:
+        c = emu.Completion()
+        t = emu.kthread_run(lambda c: emu.wait_for_completion(c) or 0, c, "panicky")
+        wait_until(lambda: any("Kernel panic - not syncing: hung_task: blocked tasks" in line
+                               for line in k.dmesg()), timeout=10, what="the hung-task panic")
+        log = "\n".join(k.dmesg())
+        assert f"INFO: task panicky:{t.pid} blocked for more than" in log
+        wait_until(lambda: not psutil.pid_exists(t.pid)
+                   or psutil.Process(t.pid).status() == psutil.STATUS_ZOMBIE, timeout=5,
+                   what="the panic to kill the tasks")
+        with pytest.raises(emu.KernelDeadError):
+            k.check_alive()
+    finally:
+        k.shutdown()
