@@ -350,6 +350,7 @@ class SharedImage:
         #: this process's caches over this kernel's records (never shared across kernels)
         self.funcref_cache: dict[tuple[int, int], Any] = {}  # FuncRef -> unpickled object
         self.irq_last_target: dict[int, int] = {}  # cpu -> slot that took its doorbell
+        self.irq_views: Any = None  # irq.py's per-kernel ctypes views
         #: emulated CPU i runs on real CPU cpu_map[i]
         self.cpu_map: list[int] = []
         #: True only in the process that booted this kernel

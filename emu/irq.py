@@ -100,12 +100,32 @@ def free_funcref(index: int, generation: int) -> None:
 
 # --- delivery -------------------------------------------------------------------------------
 
-def _desc(irq: int) -> Any:
+class _Views:
+    """ctypes views and addresses the interrupt path needs, built once per kernel (a
+    ctypes structure access builds new objects every time: too slow per interrupt)."""
+
+    def __init__(self, img: image.SharedImage) -> None:
+        self.descs = [img.img.irqs[i] for i in range(img.img.hdr.nr_irqs)]
+        self.locks = [image.field_addr(d, "lock") for d in self.descs]
+        self.actions = [[d.actions[j] for j in range(image.MAX_IRQ_ACTIONS)]
+                        for d in self.descs]
+        self.pending = [image.field_addr(img.img.percpu[c], "irq_pending")
+                        for c in range(image.MAX_CPUS)]
+
+
+def _views() -> _Views:
     img = image.this()
-    if not isinstance(irq, int) or isinstance(irq, bool) or not 0 <= irq < img.img.hdr.nr_irqs:
-        raise ValueError(f"irq must be an IRQ number from 0 to {img.img.hdr.nr_irqs - 1}, "
-                         f"got {irq!r}")
-    return img.img.irqs[irq]
+    views = img.irq_views
+    if views is None:
+        views = img.irq_views = _Views(img)
+    return views
+
+
+def _desc(irq: int) -> Any:
+    descs = _views().descs
+    if type(irq) is not int or not 0 <= irq < len(descs):
+        raise ValueError(f"irq must be an IRQ number from 0 to {len(descs) - 1}, got {irq!r}")
+    return descs[irq]
 
 
 def _lock(desc: Any) -> int:
@@ -121,8 +141,7 @@ def irq_inject_interrupt(irq: int) -> None:
 
 
 def raise_on_cpu(cpu: int, irq: int) -> None:
-    pc = image.this().img.percpu[cpu]
-    _native.or64(image.field_addr(pc, "irq_pending"), 1 << irq)
+    _native.or64(_views().pending[cpu], 1 << irq)
     ring_doorbell(cpu)
 
 
@@ -188,7 +207,7 @@ def do_IRQ() -> None:
     cpu = preempt.this_cpu()
     if cpu < 0:
         return
-    addr = image.field_addr(image.this().img.percpu[cpu], "irq_pending")
+    addr = _views().pending[cpu]
     preempt.irqs_off_raw(True)
     try:
         # Loop until nothing is pending: an interrupt raised meanwhile (on this CPU,
@@ -208,12 +227,13 @@ preempt.irq_enable_hooks.append(do_IRQ)
 
 def handle_irq(irq: int) -> None:
     """handle_edge_irq(): run the line's handlers unless it is disabled or in progress."""
-    desc = image.this().img.irqs[irq]
+    views = _views()
+    desc, actions, addr = views.descs[irq], views.actions[irq], views.locks[irq]
     cpu = preempt.this_cpu()
-    addr = _lock(desc)
+    locking.raw_spin_lock(addr, "irq descriptor")
     try:
         if desc.depth > 0 or desc.status & (IRQS_ONESHOT | IRQS_SPURIOUS_DISABLED) or not any(
-            a.in_use == ACTION_LIVE for a in desc.actions
+            a.in_use == ACTION_LIVE for a in actions
         ):
             desc.status |= IRQS_PENDING
             return
@@ -226,8 +246,8 @@ def handle_irq(irq: int) -> None:
         locking.raw_spin_unlock(addr)
     try:
         while True:
-            _run_actions(irq, desc)
-            addr = _lock(desc)
+            _run_actions(irq, desc, actions)
+            locking.raw_spin_lock(addr, "irq descriptor")
             try:
                 if not desc.status & IRQS_REPLAY or desc.depth:
                     break
@@ -236,17 +256,17 @@ def handle_irq(irq: int) -> None:
                 locking.raw_spin_unlock(addr)
     finally:
         # Even when a KeyboardInterrupt escapes: the line must not stay "in progress".
-        addr = _lock(desc)
+        locking.raw_spin_lock(addr, "irq descriptor")
         desc.status &= ~IRQS_INPROGRESS
         locking.raw_spin_unlock(addr)
 
 
-def _run_actions(irq: int, desc: Any) -> None:
+def _run_actions(irq: int, desc: Any, actions: list[Any]) -> None:
     """handle_irq_event(): every action's handler in hardirq context, then note_interrupt()."""
     saved = preempt.irq_enter()
     ret = IRQ_NONE
     try:
-        for action in desc.actions:
+        for action in actions:
             if action.in_use != ACTION_LIVE:
                 continue
             res = _call_handler(irq, action)
