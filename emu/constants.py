@@ -58,7 +58,6 @@ UINT_MAX = 0xFFFFFFFF
 INT_MIN = -(1 << 31)
 INT_MAX = (1 << 31) - 1
 
-# Taint flags (include/linux/panic.h) and their letters in "Tainted:" lines.
+# Taint flags (include/linux/panic.h); bug.py prints their letters.
 TAINT_WARN = 9
 TAINT_DIE = 7
-TAINT_LETTERS = {TAINT_DIE: "D", TAINT_WARN: "W"}

@@ -18,7 +18,8 @@ from typing import Any
 from . import _native, image, irq, kthread, preempt, sched, supervisor, task
 from .constants import PF_IDLE, PF_KTHREAD, TASK_RUNNING
 from .errors import AlreadyBootedError, EmuError, KernelDeadError
-from .kthread import KTHREAD_EXITED, KTHREAD_SHOULD_STOP, kthread_unpark
+from .kthread import KTHREAD_EXITED
+from .locking import SOFTLOCKUP_THRESH_DEFAULT
 from .printk import CONSOLE_LOGLEVEL_DEFAULT, dmesg, log_store
 
 F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
@@ -174,11 +175,7 @@ class Kernel:
     def _stop_kthreads(self) -> None:
         kthreads = [t for t in task.live_tasks() if t.flags & PF_KTHREAD]
         for t in kthreads:
-            rec = t._rec
-            _native.or32(image.field_addr(rec, "kflags"), KTHREAD_SHOULD_STOP)
-            kthread_unpark(t)
-            rec.notify_signal = 1
-            task.wake_up_process(t)
+            kthread.request_stop(t)
         deadline = time.monotonic() + SHUTDOWN_GRACE_SECS
         pending = kthreads
         while pending and time.monotonic() < deadline:
@@ -222,7 +219,7 @@ def boot(
     max_completions: int = 16384,
     max_atomics: int = 16384,
     max_spinlocks: int = 4096,
-    softlockup_thresh_secs: int = 20,
+    softlockup_thresh_secs: int = SOFTLOCKUP_THRESH_DEFAULT,
     nr_irqs: int = 32,
     log_records: int = 4096,
     console_loglevel: int = CONSOLE_LOGLEVEL_DEFAULT,

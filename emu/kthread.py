@@ -280,15 +280,22 @@ def _do_exit(task: Task, result: Any) -> None:
             if preempt.in_atomic():
                 log_store(5, f"note: {task.comm}[{task.pid}] exited with preempt_count "
                                     f"{preempt.preempt_count()}")
-        rec.result = _to_int(result)
-        _native.or32(image.field_addr(rec, "flags"), PF_EXITING)
-        _native.or32(image.field_addr(rec, "kflags"), KTHREAD_EXITED)
-        exited = _from_index(rec.exited, image.this().img.completions[rec.exited].generation)
-        set_current(None)  # nothing below may touch the slot: the stopper frees it
-        rec.state = TASK_DEAD
-        complete(exited)
+        set_current(None)  # from here on the slot is only touched by exit_notify()
+        exit_notify(rec, _to_int(result))
     finally:
         os._exit(0)
+
+
+def exit_notify(rec: Any, result: int) -> None:
+    """The end of do_exit() for a kthread's slot: publish `result`, mark it dead and post
+    kthread->exited once. Nothing may touch the slot afterwards: the stopper frees it.
+    Used by the exiting thread itself, and by the supervisor for one that died."""
+    rec.result = result
+    _native.or32(image.field_addr(rec, "flags"), PF_EXITING)
+    _native.or32(image.field_addr(rec, "kflags"), KTHREAD_EXITED)
+    exited = _from_index(rec.exited, image.this().img.completions[rec.exited].generation)
+    rec.state = TASK_DEAD
+    complete(exited)
 
 
 def _to_int(result: Any) -> int:
@@ -348,17 +355,24 @@ def kthread_stop(k: Task) -> int:
     if k == me:
         bug.BUG(depth=2)
     rec = k.rec
-    old = _native.or32(_kflags_addr(k), KTHREAD_SHOULD_STOP)
-    if old & KTHREAD_SHOULD_STOP:
+    if not request_stop(k):
         bug.warn(f"kthread_stop() called twice on {k.comm}/{k.pid}", depth=2)
         return -ESRCH
-    kthread_unpark(k)
-    rec.notify_signal = 1
-    wake_up_process(k)
     wait_for_completion(_task_completion(k, "exited"))
     result = int(rec.result)
     release_task(k)
     return result
+
+
+def request_stop(k: Task) -> bool:
+    """The asking half of kthread_stop(): KTHREAD_SHOULD_STOP, unpark, the persistent
+    TIF_NOTIFY_SIGNAL, and a wake-up. False if a stop had already been requested."""
+    if _native.or32(_kflags_addr(k), KTHREAD_SHOULD_STOP) & KTHREAD_SHOULD_STOP:
+        return False
+    kthread_unpark(k)
+    k._rec.notify_signal = 1
+    wake_up_process(k)
+    return True
 
 
 def _task_completion(task: Task, which: str) -> Completion:

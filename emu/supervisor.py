@@ -16,18 +16,16 @@ import time
 from typing import Any
 
 from . import _native, bug, image
-from .completion import _from_index, complete, remove_waiter
+from .completion import _from_index, remove_waiter
 from .constants import (
-    PF_EXITING,
     TAINT_DIE,
-    TASK_DEAD,
     TASK_NOLOAD,
     TASK_UNINTERRUPTIBLE,
     TASK_WAKEKILL,
 )
 from .errors import CapacityError
 from .irq import irq_inject_interrupt
-from .kthread import KTHREAD_EXITED
+from .kthread import KTHREAD_EXITED, exit_notify
 from .printk import log_store
 from .sched import SIG_SHOW_STACK
 
@@ -123,11 +121,7 @@ class Supervisor:
         if rec.wq_on:
             index = rec.wq_on - 1
             remove_waiter(_from_index(index, self.img.img.completions[index].generation), slot)
-        rec.result = 0
-        _native.or32(image.field_addr(rec, "flags"), PF_EXITING)
-        _native.or32(image.field_addr(rec, "kflags"), KTHREAD_EXITED)
-        rec.state = TASK_DEAD
-        complete(_from_index(rec.exited, self.img.img.completions[rec.exited].generation))
+        exit_notify(rec, 0)  # kthread_stop() of a thread that died returns 0, as after an Oops
 
 
 def add_irq_source(irq_nr: int, delay: float, rate_hz: float, burst: int, count: int) -> int:
