@@ -3,10 +3,12 @@
 A completion is a counter ``done`` and a FIFO queue of waiting tasks in the shared
 image, changed together under the completion's lock. complete() pops the longest
 waiter and posts its semaphore: exact FIFO, one waiter per complete(). Every wait
-variant is a thin wrapper naming its task state and timeout around one slow path,
-``_wait_for_common``, whose queue-sleep-recheck loop runs in native/'s WaitCore (no
-Python code runs while the lock is held, so interrupt delivery, which runs Python
-handlers, cannot interleave with it: the lock is taken "irqsave" by construction).
+variant is a thin wrapper naming its task state and timeout around one path, ``_wait``:
+native/'s WaitCore does the common case start to end (checks, queue, sleep, re-check,
+jiffies), and hands everything it does not handle, untouched, to ``_wait_slow``, which
+checks and reports in Python and then sleeps through the same WaitCore loop. No Python
+code runs while the lock is held, so interrupt delivery, which runs Python handlers,
+cannot interleave with it: the lock is taken "irqsave" by construction.
 
 Context rules: complete*(), try_wait_for_completion(), completion_done() and the init
 functions may be called from any context and never sleep. The waits sleep: process
@@ -141,19 +143,20 @@ def _free(c: Completion) -> None:
     image.free_record("completions", c.index, c.generation)
 
 
-# --- the wait queue and the slow path live in native/'s WaitCore ----------------------------
+# --- the wait queue and the common case of every call live in native/'s WaitCore ---------
+#
+# Each call below hands (index, generation) to WaitCore, which checks that the handle is
+# live and does the whole operation; it returns None, having changed nothing, when the
+# handle is stale or (waits) when Python must check and report something first.
 
-def _report_dead_owner(core: Any) -> None:
-    dead = core.take_dead_owner()
-    if dead:
-        bug.warn(f"emu: completion lock taken over from dead task (pid {dead})", depth=3)
+def report_dead_owner(pid: int) -> None:
+    """WaitCore's hook: a completion lock was taken over from a task that died holding it."""
+    bug.warn(f"emu: completion lock taken over from dead task (pid {pid})", depth=3)
 
 
 def remove_waiter(x: Completion, slot: int) -> bool:
     """Unlink task `slot` from `x`'s queue wherever it is; False if it was not queued."""
-    removed = bool(x._core.remove_waiter(x.index, slot))
-    _report_dead_owner(x._core)
-    return removed
+    return bool(x._core.remove_waiter(x.index, slot))
 
 
 # --- signalling ----------------------------------------------------------------------------
@@ -163,8 +166,8 @@ def complete(x: Completion) -> None:
 
     ``done`` is incremented unless it is UINT_MAX (after complete_all()). Any context.
     """
-    x._core.complete(x.live_index, False)
-    _report_dead_owner(x._core)
+    if x._core.complete(x.index, x.generation, False) is None:
+        x._stale()
 
 
 def complete_all(x: Completion) -> None:
@@ -174,8 +177,9 @@ def complete_all(x: Completion) -> None:
     complete_all() without reinit_completion() is reported with a WARN (the kernel
     documents it as a bug but does not check). Any context.
     """
-    twice = x._core.complete(x.live_index, True)
-    _report_dead_owner(x._core)
+    twice = x._core.complete(x.index, x.generation, True)
+    if twice is None:
+        x._stale()
     if twice:
         bug.warn("complete_all() called twice without reinit_completion()", depth=2)
 
@@ -186,8 +190,9 @@ def init_completion(x: Completion) -> None:
     Waiters still queued are lost (never woken by complete()): that is reported with a
     WARN, as the kernel documentation calls it a bug.
     """
-    lost = x._core.reset(x.live_index, True)
-    _report_dead_owner(x._core)
+    lost = x._core.reset(x.index, x.generation, True)
+    if lost is None:
+        x._stale()
     if lost:
         bug.warn(f"init_completion() with {lost} waiter(s) queued: they are lost", depth=2)
 
@@ -198,23 +203,31 @@ def reinit_completion(x: Completion) -> None:
     The caller must ensure no task is waiting: a reinit with waiters queued is reported
     with a WARN.
     """
-    waiting = x._core.reset(x.live_index, False)
-    _report_dead_owner(x._core)
+    waiting = x._core.reset(x.index, x.generation, False)
+    if waiting is None:
+        x._stale()
     if waiting:
         bug.warn("reinit_completion() while tasks wait on the completion", depth=2)
 
 
 # --- waiting: one slow path ------------------------------------------------------------------
 
-def _wait_for_common(x: Completion, timeout: int, state: int) -> int:
+def _wait(x: Completion, timeout: int, state: int) -> int:
     """__wait_for_common(): the jiffies left (at least 1) on success, 0 on time-out,
-    -ERESTARTSYS when a signal ended the wait.
+    -ERESTARTSYS when a signal ended the wait; `timeout` if done at entry.
 
-    Queueing, sleeping, re-checking and dequeueing happen in native/'s WaitCore under
-    the completion's lock; this wrapper checks the context and maps the result to
-    jiffies.
+    WaitCore.wait_for() does the common case (a live handle, a task in process context)
+    entirely in native code; everything else goes through _wait_slow().
     """
-    preempt.might_sleep(depth=3)
+    left = x._core.wait_for(x.index, x.generation, timeout, state)
+    return _wait_slow(x, timeout, state) if left is None else left
+
+
+def _wait_slow(x: Completion, timeout: int, state: int) -> int:
+    """_wait() with the checks and reports: bad timeout, stale handle, not a task,
+    atomic or IRQs-off context. Queueing and sleeping are WaitCore's, as in _wait()."""
+    _check_timeout(timeout)
+    preempt.might_sleep(depth=4)
     index = x.live_index
     if preempt.in_atomic() and not x._rec.done:
         preempt.schedule_debug()
@@ -222,9 +235,7 @@ def _wait_for_common(x: Completion, timeout: int, state: int) -> int:
     timeout_ns = timeout * jiffy_ns
     if timeout_ns >= FOREVER_NS:
         timeout_ns = -1  # no timer: it would outlive the machine
-    core = x._core
-    result = core.wait(index, current().slot, timeout_ns, state)
-    _report_dead_owner(core)
+    result = x._core.wait(index, current().slot, timeout_ns, state)
     if preempt.irqs_disabled():
         preempt.local_irq_enable()  # raw_spin_unlock_irq(): interrupts are on afterwards
     if result == _native.WAIT_DONE_AT_ENTRY:
@@ -249,12 +260,12 @@ def _check_timeout(timeout: int) -> None:
 
 def wait_for_completion(x: Completion) -> None:
     """Wait uninterruptibly (D) until `x` is completed. Not interrupted by signals."""
-    _wait_for_common(x, MAX_SCHEDULE_TIMEOUT, TASK_UNINTERRUPTIBLE)
+    _wait(x, MAX_SCHEDULE_TIMEOUT, TASK_UNINTERRUPTIBLE)
 
 
 def wait_for_completion_io(x: Completion) -> None:
     """wait_for_completion(), accounted as I/O wait."""
-    _wait_for_common(x, MAX_SCHEDULE_TIMEOUT, TASK_UNINTERRUPTIBLE)
+    _wait(x, MAX_SCHEDULE_TIMEOUT, TASK_UNINTERRUPTIBLE)
 
 
 def wait_for_completion_timeout(x: Completion, timeout: int) -> int:
@@ -263,53 +274,50 @@ def wait_for_completion_timeout(x: Completion, timeout: int) -> int:
     Returns 0 on time-out, else the jiffies left (at least 1); `timeout` itself if `x`
     was already completed at entry.
     """
-    _check_timeout(timeout)
-    return _wait_for_common(x, timeout, TASK_UNINTERRUPTIBLE)
+    return _wait(x, timeout, TASK_UNINTERRUPTIBLE)
 
 
 def wait_for_completion_io_timeout(x: Completion, timeout: int) -> int:
     """wait_for_completion_timeout(), accounted as I/O wait."""
-    _check_timeout(timeout)
-    return _wait_for_common(x, timeout, TASK_UNINTERRUPTIBLE)
+    return _wait(x, timeout, TASK_UNINTERRUPTIBLE)
 
 
 def wait_for_completion_interruptible(x: Completion) -> int:
     """Wait in S; returns 0 when completed, -ERESTARTSYS if a signal interrupted it."""
-    t = _wait_for_common(x, MAX_SCHEDULE_TIMEOUT, TASK_INTERRUPTIBLE)
+    t = _wait(x, MAX_SCHEDULE_TIMEOUT, TASK_INTERRUPTIBLE)
     return -ERESTARTSYS if t == -ERESTARTSYS else 0
 
 
 def wait_for_completion_interruptible_timeout(x: Completion, timeout: int) -> int:
     """Wait in S for at most `timeout` jiffies: -ERESTARTSYS, 0 on time-out, or jiffies left."""
-    _check_timeout(timeout)
-    return _wait_for_common(x, timeout, TASK_INTERRUPTIBLE)
+    return _wait(x, timeout, TASK_INTERRUPTIBLE)
 
 
 def wait_for_completion_killable(x: Completion) -> int:
     """Wait in D (killable); returns 0 when completed, -ERESTARTSYS on SIGKILL."""
-    t = _wait_for_common(x, MAX_SCHEDULE_TIMEOUT, TASK_KILLABLE)
+    t = _wait(x, MAX_SCHEDULE_TIMEOUT, TASK_KILLABLE)
     return -ERESTARTSYS if t == -ERESTARTSYS else 0
 
 
 def wait_for_completion_killable_timeout(x: Completion, timeout: int) -> int:
     """Killable wait for at most `timeout` jiffies: -ERESTARTSYS, 0 on time-out, or jiffies left."""
-    _check_timeout(timeout)
-    return _wait_for_common(x, timeout, TASK_KILLABLE)
+    return _wait(x, timeout, TASK_KILLABLE)
 
 
 def wait_for_completion_state(x: Completion, state: int) -> int:
     """Wait in `state` (e.g. TASK_IDLE): 0 when completed, -ERESTARTSYS if a signal ended it."""
     if not isinstance(state, int) or not state & (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE):
         raise ValueError(f"state must be a sleeping TASK_* state, got {state!r}")
-    t = _wait_for_common(x, MAX_SCHEDULE_TIMEOUT, state)
+    t = _wait(x, MAX_SCHEDULE_TIMEOUT, state)
     return -ERESTARTSYS if t == -ERESTARTSYS else 0
 
 
 def try_wait_for_completion(x: Completion) -> bool:
     """Consume one completion without sleeping: True if one was available. Any context."""
-    ok = bool(x._core.try_wait(x.live_index))
-    _report_dead_owner(x._core)
-    return ok
+    ok = x._core.try_wait(x.index, x.generation)
+    if ok is None:
+        x._stale()
+    return bool(ok)
 
 
 def completion_done(x: Completion) -> bool:

@@ -264,6 +264,7 @@ class TaskSlot(ctypes.Structure):
         ("flags", c_int32),  # PF_*
         ("kflags", c_int32),  # KTHREAD_* bits, see kthread.py
         ("cpu", c_int32),
+        ("recent_cpu", c_int32),  # the real CPU it last went to sleep on (for wake-ups)
         ("preempt_count", c_int32),
         ("irqs_disabled", c_int32),
         ("result", c_int32),  # kthread->result (an int, as in the kernel)
@@ -377,8 +378,10 @@ class SharedImage:
         """Where WaitCore finds task and completion fields: the layout, passed as offsets."""
         img = self.img
         tasks = (TaskSlot.state, TaskSlot.wq_next, TaskSlot.wq_on, TaskSlot.sigpending,
-                 TaskSlot.notify_signal, TaskSlot.nvcsw)
-        comps = (CompletionRec.lock, CompletionRec.done, CompletionRec.head, CompletionRec.tail)
+                 TaskSlot.notify_signal, TaskSlot.nvcsw, TaskSlot.preempt_count,
+                 TaskSlot.irqs_disabled, TaskSlot.recent_cpu)
+        comps = (CompletionRec.lock, CompletionRec.done, CompletionRec.head, CompletionRec.tail,
+                 CompletionRec.generation)
         return (
             ctypes.addressof(img.tasks), ctypes.sizeof(TaskSlot), len(img.tasks),
             tuple(f.offset for f in tasks),
@@ -486,7 +489,7 @@ def attach(image: SharedImage | None) -> None:
 
 def _after_fork_in_child() -> None:
     if _this is not None and _this.core is not None:
-        _this.core.set_pid(os.getpid())
+        _this.core.after_fork(os.getpid())
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

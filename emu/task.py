@@ -233,6 +233,9 @@ def set_current(task: Task | None) -> None:
     """Make `task` this process's ``current`` (boot and kthread start-up only)."""
     global _current, _state_addr
     _current = task
+    core = image._this.core if image._this is not None else None
+    if core is not None:
+        core.set_current(-1 if task is None else task.slot)
     if task is None:
         _state_addr = 0
         preempt.attach(None)

@@ -9,9 +9,10 @@
  *   - an owner-aware lock: { int32 owner pid (0 = free); int32 waiters } that sleeps
  *     on a shared (not private) futex and takes the lock over from a dead owner;
  *   - raw futex wait/wake on a shared word;
- *   - prctl(PR_SET_NAME), prctl(PR_SET_PDEATHSIG) and a "is this pid dead" test.
+ *   - prctl(PR_SET_NAME), prctl(PR_SET_PDEATHSIG) and a "is this pid dead" test;
+ *   - WaitCore, the completion and sleep/wake hot path (see its own comment).
  *
- * The module has no global state.
+ * The module has no global state; a WaitCore holds its process's view of one image.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -20,6 +21,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <sched.h>
 #include <semaphore.h>
 #include <linux/futex.h>
 #include <signal.h>
@@ -666,6 +668,12 @@ emu_pid_is_dead(PyObject *self, PyObject *args)
  * its state is TASK_RUNNING. Wake: compare-and-exchange the state from a sleeping
  * one to TASK_RUNNING and, only if that succeeded, post the semaphore. A post that
  * arrives after the sleeper left is absorbed by its next sleep, which loops on state.
+ *
+ * The completion calls take (index, generation) and do the whole operation, Python
+ * being only the API's names: a Python wrapper costs microseconds on the cold caches
+ * a task wakes up with. What needs Python (reports, exceptions) is left to it: the
+ * calls return None having changed nothing, and a lock taken over from a dead owner
+ * is reported through a hook once the lock is released.
  */
 
 #define TASK_RUNNING 0x0000
@@ -675,6 +683,7 @@ emu_pid_is_dead(PyObject *self, PyObject *args)
 #define TASK_NORMAL (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE)
 #define SIGKILL_BIT (1LL << (SIGKILL - 1))
 #define WC_SPINS 200
+#define ERESTARTSYS 512
 
 /* wait() results besides "completed after sleeping" (remaining ns >= 0). */
 #define WAIT_DONE_AT_ENTRY (-1)
@@ -686,13 +695,18 @@ typedef struct {
     char *tasks;
     Py_ssize_t task_size, ntasks;
     Py_ssize_t t_state, t_wq_next, t_wq_on, t_sigpending, t_notify, t_nvcsw;
+    Py_ssize_t t_preempt, t_irqs_off;  /* this process mirrors its context there */
+    Py_ssize_t t_recent_cpu;
     char *comps;
     Py_ssize_t comp_size, ncomps;
-    Py_ssize_t c_lock, c_done, c_head, c_tail;
+    Py_ssize_t c_lock, c_done, c_head, c_tail, c_gen;
     sem_t **sems;
     Py_ssize_t *woken;  /* scratch list for complete_all(): one entry per task slot */
     int pid;
     int dead_owner;
+    Py_ssize_t current;  /* this process's task slot, -1 while it is not a task */
+    long long jiffy_ns, forever_ns;  /* 0 until set_timebase() */
+    PyObject *dead_owner_hook;  /* called with the pid of a dead lock holder taken over */
 } WaitCore;
 
 #define T_FIELD(wc, slot, off, type) ((type *)((wc)->tasks + (slot) * (wc)->task_size + (off)))
@@ -717,6 +731,54 @@ wc_check_index(WaitCore *wc, Py_ssize_t idx)
         return -1;
     }
     return 0;
+}
+
+/* A freed completion's generation differs from its handle's (a use-after-free). */
+static int
+wc_stale(WaitCore *wc, Py_ssize_t idx, long gen)
+{
+    return __atomic_load_n(C_FIELD(wc, idx, wc->c_gen, int32_t), __ATOMIC_RELAXED) != gen;
+}
+
+static int
+fc_nargs(Py_ssize_t nargs, Py_ssize_t want, const char *fname)
+{
+    if (nargs == want)
+        return 0;
+    PyErr_Format(PyExc_TypeError, "%s() takes exactly %zd arguments (%zd given)", fname, want,
+                 nargs);
+    return -1;
+}
+
+/* The (index, generation) arguments of a METH_FASTCALL method: 1 if the completion is
+ * live, 0 if the handle is stale, -1 with an exception on a bad argument. */
+static int
+wc_completion_arg(WaitCore *wc, PyObject *const *args, Py_ssize_t *idx)
+{
+    long gen;
+
+    *idx = PyLong_AsSsize_t(args[0]);
+    if ((*idx == -1 && PyErr_Occurred()) || wc_check_index(wc, *idx) < 0)
+        return -1;
+    gen = PyLong_AsLong(args[1]);
+    if (gen == -1 && PyErr_Occurred())
+        return -1;
+    return !wc_stale(wc, *idx, gen);
+}
+
+/* Hand a lock taken over from a dead owner (wc_lock) to the Python hook, lock released. */
+static int
+wc_report_dead_owner(WaitCore *wc)
+{
+    PyObject *r;
+    int dead = wc->dead_owner;
+
+    if (!dead || wc->dead_owner_hook == NULL)
+        return 0;
+    wc->dead_owner = 0;
+    r = PyObject_CallFunction(wc->dead_owner_hook, "i", dead);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
 }
 
 /* raw_spin_lock: spin, then sleep on the futex; take the lock over from a dead owner. */
@@ -792,6 +854,26 @@ wc_post(WaitCore *wc, Py_ssize_t slot)
     sem_post(wc->sems[slot]);
 }
 
+/*
+ * Post the semaphores of tasks already made TASK_RUNNING (in FIFO order, under the
+ * lock): first those that sleep on other CPUs, then those on this one. A woken task
+ * on this CPU may preempt the waker at once, before it has posted the rest; the
+ * kernel wakes them all with preemption off. Posting the remote ones first lets them
+ * run while this CPU is taken.
+ */
+static void
+wc_post_woken(WaitCore *wc, const Py_ssize_t *woken, Py_ssize_t n)
+{
+    int me = sched_getcpu(), here;
+    Py_ssize_t i;
+
+    for (here = 0; here < 2; here++)
+        for (i = 0; i < n; i++)
+            if ((__atomic_load_n(T_FIELD(wc, woken[i], wc->t_recent_cpu, int32_t),
+                                 __ATOMIC_RELAXED) == me) == here)
+                wc_post(wc, woken[i]);
+}
+
 /* wake_up_state(): 1 if the task was moved to TASK_RUNNING and its semaphore posted. */
 static int
 wc_wake_slot(WaitCore *wc, Py_ssize_t slot, int32_t mask)
@@ -817,6 +899,8 @@ wc_sleep(WaitCore *wc, Py_ssize_t slot, long long deadline_ns)
     struct timespec ts;
 
     __atomic_add_fetch(T_FIELD(wc, slot, wc->t_nvcsw, int64_t), 1, __ATOMIC_RELAXED);
+    __atomic_store_n(T_FIELD(wc, slot, wc->t_recent_cpu, int32_t), sched_getcpu(),
+                     __ATOMIC_RELAXED);
     for (;;) {
         int32_t s = __atomic_load_n(state, __ATOMIC_SEQ_CST);
 
@@ -949,16 +1033,19 @@ WaitCore_sleep(WaitCore *wc, PyObject *args)
 }
 
 static PyObject *
-WaitCore_complete(WaitCore *wc, PyObject *args)
+WaitCore_complete(WaitCore *wc, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t idx, slot, n = 0, i;
+    Py_ssize_t idx, slot, n = 0;
     Py_ssize_t *woken;
-    int all, result = 0;
+    int all, live, result = 0;
     int32_t *lockw;
     uint32_t *done;
 
-    if (!PyArg_ParseTuple(args, "np:complete", &idx, &all) || wc_check_index(wc, idx) < 0)
+    if (fc_nargs(nargs, 3, "complete") < 0 || (live = wc_completion_arg(wc, args, &idx)) < 0 ||
+        (all = PyObject_IsTrue(args[2])) < 0)
         return NULL;
+    if (!live)
+        Py_RETURN_NONE;
     lockw = C_FIELD(wc, idx, wc->c_lock, int32_t);
     done = C_FIELD(wc, idx, wc->c_done, uint32_t);
     woken = wc->woken;
@@ -979,40 +1066,36 @@ WaitCore_complete(WaitCore *wc, PyObject *args)
         result = (int)n;
     }
     wc_unlock(lockw);
-    for (i = 0; i < n; i++)
-        wc_post(wc, woken[i]);
+    wc_post_woken(wc, woken, n);
+    if (wc_report_dead_owner(wc) < 0)
+        return NULL;
     return PyLong_FromLong(result);
 }
 
 /*
- * __wait_for_common(): returns WAIT_DONE_AT_ENTRY, the ns left (>= 0) when completed
- * after sleeping, WAIT_TIMEDOUT, or WAIT_SIGNALLED. timeout_ns < 0: no timeout.
+ * __wait_for_common() on the queue: *result is WAIT_DONE_AT_ENTRY, the ns left (>= 0)
+ * when completed after sleeping, WAIT_TIMEDOUT or WAIT_SIGNALLED. timeout_ns < 0: no
+ * timeout. Returns -1 with a Python exception if a signal handler raised.
  */
-static PyObject *
-WaitCore_wait(WaitCore *wc, PyObject *args)
+static int
+wc_wait(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot, long long timeout_ns, int state,
+        long long *result)
 {
-    Py_ssize_t idx, slot;
-    long long timeout_ns, deadline = -1, result = WAIT_DONE_AT_ENTRY;
-    int state, r = 1, qid;
-    int32_t *lockw, *st, *wq_on;
-    uint32_t *done;
+    long long deadline = -1;
+    int r = 1, qid = (int)idx + 1;
+    int32_t *lockw = C_FIELD(wc, idx, wc->c_lock, int32_t);
+    int32_t *st = T_FIELD(wc, slot, wc->t_state, int32_t);
+    int32_t *wq_on = T_FIELD(wc, slot, wc->t_wq_on, int32_t);
+    uint32_t *done = C_FIELD(wc, idx, wc->c_done, uint32_t);
 
-    if (!PyArg_ParseTuple(args, "nnLi:wait", &idx, &slot, &timeout_ns, &state) ||
-        wc_check_index(wc, idx) < 0 || wc_check_slot(wc, slot) < 0)
-        return NULL;
-    lockw = C_FIELD(wc, idx, wc->c_lock, int32_t);
-    done = C_FIELD(wc, idx, wc->c_done, uint32_t);
-    st = T_FIELD(wc, slot, wc->t_state, int32_t);
-    wq_on = T_FIELD(wc, slot, wc->t_wq_on, int32_t);
-    qid = (int)idx + 1;
+    *result = WAIT_DONE_AT_ENTRY;
     if (timeout_ns >= 0)
         deadline = monotonic_ns() + timeout_ns;
-
     wc_lock(wc, lockw);
     if (!*done) {
         for (;;) {
             if (wc_signal_pending_state(wc, slot, state)) {
-                result = WAIT_SIGNALLED;
+                *result = WAIT_SIGNALLED;
                 break;
             }
             if (*wq_on != qid)
@@ -1024,41 +1107,102 @@ WaitCore_wait(WaitCore *wc, PyObject *args)
             if (r < 0 || *done)
                 break;
             if (r == 0) {
-                result = WAIT_TIMEDOUT;
+                *result = WAIT_TIMEDOUT;
                 break;
             }
         }
         if (*wq_on == qid)
             wc_remove(wc, idx, slot);
         __atomic_store_n(st, TASK_RUNNING, __ATOMIC_SEQ_CST);
-        if (r < 0) {
+        if (r < 0 || !*done) {
             wc_unlock(lockw);
-            return NULL;
+            return r < 0 ? -1 : 0;
         }
-        if (!*done) {
-            wc_unlock(lockw);
-            return PyLong_FromLongLong(result);
-        }
-        result = deadline < 0 ? 0 : deadline - monotonic_ns();
-        if (result < 0)
-            result = 0;
+        *result = deadline < 0 ? 0 : deadline - monotonic_ns();
+        if (*result < 0)
+            *result = 0;
     }
     if (*done != UINT32_MAX)
         (*done)--;
     wc_unlock(lockw);
+    return 0;
+}
+
+/* wait(index, slot, timeout_ns, state): wc_wait() for the Python slow path. */
+static PyObject *
+WaitCore_wait(WaitCore *wc, PyObject *args)
+{
+    Py_ssize_t idx, slot;
+    long long timeout_ns, result;
+    int state;
+
+    if (!PyArg_ParseTuple(args, "nnLi:wait", &idx, &slot, &timeout_ns, &state) ||
+        wc_check_index(wc, idx) < 0 || wc_check_slot(wc, slot) < 0)
+        return NULL;
+    if (wc_wait(wc, idx, slot, timeout_ns, state, &result) < 0 || wc_report_dead_owner(wc) < 0)
+        return NULL;
     return PyLong_FromLongLong(result);
 }
 
+/*
+ * wait_for(index, generation, timeout, state): every wait_for_completion*() variant's
+ * common case, start to end, as the current task. Returns the kernel's result: the
+ * jiffies left (at least 1) when completed, `timeout` itself when done at entry, 0 on
+ * time-out, -ERESTARTSYS when a signal ended the wait. Returns None, having changed
+ * nothing, when the caller must take the Python slow path, which checks and reports:
+ * a stale handle, a process that is not a task, atomic or IRQs-off context, a timeout
+ * that is not an int in 0..LONG_MAX, a state without a sleeping bit, no timebase yet.
+ */
 static PyObject *
-WaitCore_try_wait(WaitCore *wc, PyObject *args)
+WaitCore_wait_for(WaitCore *wc, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t idx, slot = wc->current;
+    long long timeout, timeout_ns = -1, left;
+    long state;
+    int live, overflow = 0;
+
+    if (fc_nargs(nargs, 4, "wait_for") < 0 || (live = wc_completion_arg(wc, args, &idx)) < 0)
+        return NULL;
+    state = PyLong_AsLong(args[3]);
+    if (state == -1 && PyErr_Occurred())
+        return NULL;
+    if (!live || slot < 0 || wc->jiffy_ns <= 0 || !(state & TASK_NORMAL) ||
+        !PyLong_CheckExact(args[2]))
+        Py_RETURN_NONE;
+    if (*T_FIELD(wc, slot, wc->t_preempt, int32_t) || *T_FIELD(wc, slot, wc->t_irqs_off, int32_t))
+        Py_RETURN_NONE;
+    timeout = PyLong_AsLongLongAndOverflow(args[2], &overflow);
+    if (overflow || timeout < 0)
+        Py_RETURN_NONE;
+    if (timeout < (wc->forever_ns + wc->jiffy_ns - 1) / wc->jiffy_ns)
+        timeout_ns = timeout * wc->jiffy_ns;  /* else no timer: it would outlive the machine */
+    if (wc_wait(wc, idx, slot, timeout_ns, (int)state, &left) < 0 ||
+        wc_report_dead_owner(wc) < 0)
+        return NULL;
+    if (left == WAIT_DONE_AT_ENTRY)
+        return PyLong_FromLongLong(timeout ? timeout : 1);
+    if (left == WAIT_TIMEDOUT)
+        return PyLong_FromLong(0);
+    if (left == WAIT_SIGNALLED)
+        return PyLong_FromLong(-ERESTARTSYS);
+    if (timeout_ns < 0)
+        return PyLong_FromLongLong(timeout);
+    left = (left + wc->jiffy_ns - 1) / wc->jiffy_ns;
+    return PyLong_FromLongLong(left > 1 ? left : 1);
+}
+
+static PyObject *
+WaitCore_try_wait(WaitCore *wc, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t idx;
     int32_t *lockw;
     uint32_t *done;
-    int ok = 0;
+    int ok = 0, live;
 
-    if (!PyArg_ParseTuple(args, "n:try_wait", &idx) || wc_check_index(wc, idx) < 0)
+    if (fc_nargs(nargs, 2, "try_wait") < 0 || (live = wc_completion_arg(wc, args, &idx)) < 0)
         return NULL;
+    if (!live)
+        Py_RETURN_NONE;
     lockw = C_FIELD(wc, idx, wc->c_lock, int32_t);
     done = C_FIELD(wc, idx, wc->c_done, uint32_t);
     if (!__atomic_load_n(done, __ATOMIC_SEQ_CST))
@@ -1070,18 +1214,23 @@ WaitCore_try_wait(WaitCore *wc, PyObject *args)
             (*done)--;
     }
     wc_unlock(lockw);
+    if (wc_report_dead_owner(wc) < 0)
+        return NULL;
     return PyBool_FromLong(ok);
 }
 
 static PyObject *
-WaitCore_reset(WaitCore *wc, PyObject *args)
+WaitCore_reset(WaitCore *wc, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t idx;
-    int drop_queue, queued = 0;
+    int drop_queue, queued = 0, live;
     int32_t *lockw;
 
-    if (!PyArg_ParseTuple(args, "np:reset", &idx, &drop_queue) || wc_check_index(wc, idx) < 0)
+    if (fc_nargs(nargs, 3, "reset") < 0 || (live = wc_completion_arg(wc, args, &idx)) < 0 ||
+        (drop_queue = PyObject_IsTrue(args[2])) < 0)
         return NULL;
+    if (!live)
+        Py_RETURN_NONE;
     lockw = C_FIELD(wc, idx, wc->c_lock, int32_t);
     wc_lock(wc, lockw);
     *C_FIELD(wc, idx, wc->c_done, uint32_t) = 0;
@@ -1093,6 +1242,8 @@ WaitCore_reset(WaitCore *wc, PyObject *args)
         queued = *C_FIELD(wc, idx, wc->c_head, int32_t) != -1;
     }
     wc_unlock(lockw);
+    if (wc_report_dead_owner(wc) < 0)
+        return NULL;
     return PyLong_FromLong(queued);
 }
 
@@ -1110,23 +1261,58 @@ WaitCore_remove_waiter(WaitCore *wc, PyObject *args)
     wc_lock(wc, lockw);
     removed = wc_remove(wc, idx, slot);
     wc_unlock(lockw);
+    if (wc_report_dead_owner(wc) < 0)
+        return NULL;
     return PyBool_FromLong(removed);
 }
 
 static PyObject *
-WaitCore_take_dead_owner(WaitCore *wc, PyObject *noargs)
+WaitCore_after_fork(WaitCore *wc, PyObject *args)
 {
-    int dead = wc->dead_owner;
-
-    wc->dead_owner = 0;
-    return PyLong_FromLong(dead);
+    if (!PyArg_ParseTuple(args, "i:after_fork", &wc->pid))
+        return NULL;
+    wc->current = -1;
+    Py_RETURN_NONE;
 }
 
 static PyObject *
-WaitCore_set_pid(WaitCore *wc, PyObject *args)
+WaitCore_set_current(WaitCore *wc, PyObject *args)
 {
-    if (!PyArg_ParseTuple(args, "i:set_pid", &wc->pid))
+    Py_ssize_t slot;
+
+    if (!PyArg_ParseTuple(args, "n:set_current", &slot))
         return NULL;
+    if (slot != -1 && wc_check_slot(wc, slot) < 0)
+        return NULL;
+    wc->current = slot;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+WaitCore_set_timebase(WaitCore *wc, PyObject *args)
+{
+    long long jiffy_ns, forever_ns;
+
+    if (!PyArg_ParseTuple(args, "LL:set_timebase", &jiffy_ns, &forever_ns))
+        return NULL;
+    if (jiffy_ns <= 0 || forever_ns < jiffy_ns) {
+        PyErr_SetString(PyExc_ValueError, "need 0 < jiffy_ns <= forever_ns");
+        return NULL;
+    }
+    wc->jiffy_ns = jiffy_ns;
+    wc->forever_ns = forever_ns;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+WaitCore_set_dead_owner_hook(WaitCore *wc, PyObject *hook)
+{
+    if (!PyCallable_Check(hook)) {
+        PyErr_SetString(PyExc_TypeError, "hook must be callable");
+        return NULL;
+    }
+    Py_INCREF(hook);
+    Py_XSETREF(wc->dead_owner_hook, hook);
     Py_RETURN_NONE;
 }
 
@@ -1139,12 +1325,13 @@ WaitCore_init(WaitCore *wc, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_RuntimeError, "WaitCore is already initialised");
         return -1;
     }
-    if (!PyArg_ParseTuple(args, "nnn(nnnnnn)nnn(nnnn)i:WaitCore", &tasks, &wc->task_size,
+    if (!PyArg_ParseTuple(args, "nnn(nnnnnnnnn)nnn(nnnnn)i:WaitCore", &tasks, &wc->task_size,
                           &wc->ntasks, &wc->t_state, &wc->t_wq_next, &wc->t_wq_on,
-                          &wc->t_sigpending, &wc->t_notify, &wc->t_nvcsw, &comps,
-                          &wc->comp_size, &wc->ncomps, &wc->c_lock, &wc->c_done, &wc->c_head,
-                          &wc->c_tail, &wc->pid))
+                          &wc->t_sigpending, &wc->t_notify, &wc->t_nvcsw, &wc->t_preempt,
+                          &wc->t_irqs_off, &wc->t_recent_cpu, &comps, &wc->comp_size, &wc->ncomps, &wc->c_lock,
+                          &wc->c_done, &wc->c_head, &wc->c_tail, &wc->c_gen, &wc->pid))
         return -1;
+    wc->current = -1;
     if (!check_addr(tasks, 8, "tasks") || !check_addr(comps, 8, "completions"))
         return -1;
     wc->tasks = (char *)tasks;
@@ -1196,6 +1383,7 @@ WaitCore_dealloc(WaitCore *wc)
         PyMem_Free(wc->sems);
     }
     PyMem_Free(wc->woken);
+    Py_CLEAR(wc->dead_owner_hook);
     tp->tp_free((PyObject *)wc);
     Py_DECREF(tp);
 }
@@ -1205,31 +1393,40 @@ static PyMethodDef WaitCore_methods[] = {
      "wake(slot, mask) -> 1 if the task's state had a bit of mask and it was woken, else 0"},
     {"sleep", (PyCFunction)WaitCore_sleep, METH_VARARGS,
      "sleep(slot, deadline_ns) -> True if woken, False on time-out (deadline_ns < 0: none)"},
-    {"complete", (PyCFunction)WaitCore_complete, METH_VARARGS,
-     "complete(index, all) -> complete(): 1 if a waiter was woken; complete_all(): 1 if done "
-     "was already UINT_MAX"},
+    {"complete", (PyCFunction)(void (*)(void))WaitCore_complete, METH_FASTCALL,
+     "complete(index, generation, all) -> complete(): 1 if a waiter was woken; "
+     "complete_all(): 1 if done was already UINT_MAX; None if the handle is stale"},
     {"wait", (PyCFunction)WaitCore_wait, METH_VARARGS,
      "wait(index, slot, timeout_ns, state) -> -1 done at entry, -2 timed out, -3 signalled, "
      "else ns left when completed after sleeping"},
-    {"try_wait", (PyCFunction)WaitCore_try_wait, METH_VARARGS,
-     "try_wait(index) -> True if one completion was consumed"},
-    {"reset", (PyCFunction)WaitCore_reset, METH_VARARGS,
-     "reset(index, drop_queue) -> done = 0; waiters dropped (drop_queue) or 1 if any queued"},
+    {"wait_for", (PyCFunction)(void (*)(void))WaitCore_wait_for, METH_FASTCALL,
+     "wait_for(index, generation, timeout_jiffies, state) -> the wait_for_completion*() "
+     "result as the current task, or None: take the slow path"},
+    {"try_wait", (PyCFunction)(void (*)(void))WaitCore_try_wait, METH_FASTCALL,
+     "try_wait(index, generation) -> True if one completion was consumed; None if stale"},
+    {"reset", (PyCFunction)(void (*)(void))WaitCore_reset, METH_FASTCALL,
+     "reset(index, generation, drop_queue) -> done = 0; waiters dropped (drop_queue) or 1 "
+     "if any queued; None if the handle is stale"},
     {"remove_waiter", (PyCFunction)WaitCore_remove_waiter, METH_VARARGS,
      "remove_waiter(index, slot) -> True if the task was unlinked from the queue"},
     {"attach_sem", (PyCFunction)WaitCore_attach_sem, METH_VARARGS,
      "attach_sem(slot, name): open the named POSIX semaphore as task slot's sleep primitive"},
-    {"take_dead_owner", (PyCFunction)WaitCore_take_dead_owner, METH_NOARGS,
-     "take_dead_owner() -> pid of the last lock holder found dead (then 0), or 0"},
-    {"set_pid", (PyCFunction)WaitCore_set_pid, METH_VARARGS,
-     "set_pid(pid): the lock owner id of this process (after fork)"},
+    {"after_fork", (PyCFunction)WaitCore_after_fork, METH_VARARGS,
+     "after_fork(pid): in a forked child: the lock owner id, and no current task yet"},
+    {"set_current", (PyCFunction)WaitCore_set_current, METH_VARARGS,
+     "set_current(slot): this process's task slot (-1: not a task)"},
+    {"set_timebase", (PyCFunction)WaitCore_set_timebase, METH_VARARGS,
+     "set_timebase(jiffy_ns, forever_ns): jiffy length; timeouts this long or longer never fire"},
+    {"set_dead_owner_hook", (PyCFunction)WaitCore_set_dead_owner_hook, METH_O,
+     "set_dead_owner_hook(fn): fn(pid) reports a lock taken over from dead task pid"},
     {NULL, NULL, 0, NULL},
 };
 
 static PyType_Slot WaitCore_slots[] = {
     {Py_tp_doc, "WaitCore(tasks, task_size, ntasks, (state, wq_next, wq_on, sigpending, "
-                "notify, nvcsw), completions, comp_size, ncomps, (lock, done, head, tail), pid): "
-                "sleep/wake and completion queues over the shared image"},
+                "notify, nvcsw, preempt_count, irqs_disabled, recent_cpu), completions, comp_size, ncomps, "
+                "(lock, done, head, tail, generation), pid): sleep/wake and completion queues "
+                "over the shared image"},
     {Py_tp_init, WaitCore_init},
     {Py_tp_dealloc, WaitCore_dealloc},
     {Py_tp_methods, WaitCore_methods},

@@ -48,9 +48,17 @@ def _hang_jiffies() -> int:
     return emu.msecs_to_jiffies(HANG_SECS * 1000)
 
 
-def _wait_emu(c: emu.Completion, count: int, what: str, tasks: list[emu.Task]) -> None:
+def _wait_emu(c: emu.Completion, count: int, what: str, tasks: list[emu.Task],
+              hang: int = 0) -> None:
+    """Consume `count` completions of `c`, each within `hang` jiffies (default HANG_SECS).
+
+    Inside a timed region, pass `hang` and a constant `what`: then the waker runs nothing
+    but the waits after complete_all(), as the posix_ipc waker runs nothing but acquire().
+    """
+    hang = hang or _hang_jiffies()
+    wait = emu.wait_for_completion_timeout
     for i in range(count):
-        if not emu.wait_for_completion_timeout(c, _hang_jiffies()):
+        if not wait(c, hang):
             raise AssertionError(f"{what}: only {i} of {count} completions within "
                                  f"{HANG_SECS}s:\n" + bl.hang_report(tasks))
 
@@ -281,6 +289,7 @@ def wake_all_emu(k: int, rounds: int, stamps: Any, placement: dict[int, list[int
     tasks = [emu.kthread_run(wa_emu_waiter, (i, comps, woke, total, stamps), "wa/%d", i)
              for i in range(k)]
     placement[k] = [cpu_map[t.cpu] for t in tasks]
+    hang = _hang_jiffies()
     per_round = []
     # On a failure the waiters are left to kernel shutdown (kthread_stop() would wait
     # for a waiter that can never leave wait_for_completion()).
@@ -295,7 +304,7 @@ def wake_all_emu(k: int, rounds: int, stamps: Any, placement: dict[int, list[int
         t0 = time.perf_counter_ns()
         emu.complete_all(c)
         t1 = time.perf_counter_ns()
-        _wait_emu(woke, k, f"complete_all round {r}", tasks)
+        _wait_emu(woke, k, "complete_all", tasks, hang)
         emu.reinit_completion(c)
         assert all(stamps[i] > t0 for i in range(k)), "a waiter did not stamp its wake-up"
         if r:

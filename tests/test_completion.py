@@ -14,6 +14,7 @@ import gc
 import multiprocessing
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -619,6 +620,30 @@ def test_waiting_task_shows_the_waits_state_letter(kernel, kind):
 
 # --- 7. usable from every task ---------------------------------------------------------------
 
+def test_plain_forked_child_is_not_a_task_and_cannot_consume(kernel):
+    """A process forked outside kthread_run() inherits the kernel but is no task: waits
+    raise instead of sleeping (or consuming) as its parent's task."""
+    c = emu.Completion()
+    emu.complete(c)
+    rx, tx = multiprocessing.Pipe(duplex=False)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            try:
+                emu.wait_for_completion_timeout(c, 1)
+                tx.send("returned")
+            except emu.EmuError as e:
+                tx.send(str(e))
+        finally:
+            os._exit(0)
+    try:
+        assert rx.poll(10), "the forked child did not answer"
+        assert "not an emu task" in rx.recv()
+    finally:
+        os.waitpid(pid, 0)
+    assert c.done == 1, "the child consumed the completion as its parent's task"
+
+
 def test_completion_created_after_fork_reaches_a_kthread_by_pickling(kernel):
     rx, tx = multiprocessing.Pipe(duplex=False)
 
@@ -789,13 +814,16 @@ def test_wait_with_preemption_disabled_reports_bug_even_when_done(kernel):
     emu.complete(c)
     emu.preempt_disable()
     try:
+        line = sys._getframe().f_lineno + 1
         assert emu.wait_for_completion_timeout(c, 0) == 1
     finally:
         emu.preempt_enable()
     assert c.done == 0
     assert kernel.bugs == 1
     log = log_text(kernel)
-    assert "BUG: sleeping function called from invalid context" in log
+    where = re.escape(f"{os.path.basename(__file__)}:{line}")
+    assert re.search(rf"BUG: sleeping function called from invalid context at \S*{where}\n", log), \
+        "the report must name the sleeping call's caller"
     assert "in_atomic(): 1, irqs_disabled(): 0" in log
 
 
