@@ -149,11 +149,6 @@ def _free(c: Completion) -> None:
 # live and does the whole operation; it returns None, having changed nothing, when the
 # handle is stale or (waits) when Python must check and report something first.
 
-def report_dead_owner(pid: int) -> None:
-    """WaitCore's hook: a completion lock was taken over from a task that died holding it."""
-    bug.warn(f"emu: completion lock taken over from dead task (pid {pid})", depth=3)
-
-
 def remove_waiter(x: Completion, slot: int) -> bool:
     """Unlink task `slot` from `x`'s queue wherever it is; False if it was not queued."""
     return bool(x._core.remove_waiter(x.index, slot))

@@ -350,8 +350,8 @@ class SharedImage:
         self.jiffy_ns = 0
         #: this process's caches over this kernel's records (never shared across kernels)
         self.funcref_cache: dict[tuple[int, int], Any] = {}  # FuncRef -> unpickled object
-        self.irq_last_target: dict[int, int] = {}  # cpu -> slot that took its doorbell
         self.irq_views: Any = None  # irq.py's per-kernel ctypes views
+        self.irq_core: Any = None  # native IrqCore, made by irq.py after boot
         #: emulated CPU i runs on real CPU cpu_map[i]
         self.cpu_map: list[int] = []
         #: True only in the process that booted this kernel
@@ -389,6 +389,23 @@ class SharedImage:
             len(img.completions), tuple(f.offset for f in comps),
         )
 
+    def irq_layout(self) -> tuple[Any, ...]:
+        """Where IrqCore finds descriptor, per-CPU and task fields (after boot set the
+        header), for IrqCore(core, *layout, signo)."""
+        img, hdr = self.img, self.img.hdr
+        desc = (IrqDesc.lock, IrqDesc.depth, IrqDesc.status, IrqDesc.affinity, IrqDesc.kstat,
+                IrqDesc.actions, IrqDesc.irq_count, IrqDesc.irqs_unhandled)
+        return (
+            ctypes.addressof(img.irqs), ctypes.sizeof(IrqDesc), hdr.nr_irqs,
+            tuple(f.offset for f in desc),
+            ctypes.sizeof(IrqAction), MAX_IRQ_ACTIONS, IrqAction.in_use.offset,
+            IrqAction.ref.offset, IrqAction.ref_generation.offset,
+            ctypes.addressof(img.percpu), ctypes.sizeof(PerCpu), hdr.ncpus,
+            (PerCpu.irq_pending.offset, PerCpu.idle_slot.offset),
+            (TaskSlot.in_use.offset, TaskSlot.cpu.offset, TaskSlot.pid.offset),
+            ctypes.addressof(hdr) + Header.task_high.offset,
+        )
+
     def after_fork_in_task(self) -> None:
         """In a new task process: drop what only the booting process may hold."""
         self.is_boot_process = False
@@ -398,7 +415,7 @@ class SharedImage:
 
     def close(self) -> None:
         """Unmap and close everything (idempotent)."""
-        self.core = None
+        self.core = self.irq_core = None
         for sem in self.sems:
             sem.close()
         self.sems = []

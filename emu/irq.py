@@ -21,7 +21,6 @@ the requesting task, so they may be any callable.
 from __future__ import annotations
 
 import ctypes
-import os
 import pickle
 import signal as _os_signal
 import time
@@ -29,7 +28,6 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _native, bug, image, locking, preempt
-from . import task as _task
 from .constants import EBUSY, EINVAL, ENOMEM, PF_IDLE, TASK_INTERRUPTIBLE, TASK_RUNNING
 from .printk import log_store
 from .sched import schedule, schedule_timeout_idle
@@ -42,12 +40,13 @@ IRQ_WAKE_THREAD = 2
 IRQF_SHARED = 0x00000080
 IRQF_ONESHOT = 0x00002000
 
-# desc->istate bits (kernel/irq/internals.h), as far as emu needs them.
-IRQS_INPROGRESS = 0x1  # a CPU is running the handlers
-IRQS_REPLAY = 0x2  # arrived while another CPU ran them: run once more
-IRQS_PENDING = 0x4  # arrived while disabled or masked: replay on enable/unmask
-IRQS_ONESHOT = 0x8  # masked until the threaded handler returns
-IRQS_SPURIOUS_DISABLED = 0x10  # "nobody cared"
+# desc->istate bits (kernel/irq/internals.h), as far as emu needs them: defined by
+# native/'s IrqCore, which changes them on the interrupt path.
+IRQS_INPROGRESS = _native.IRQS_INPROGRESS  # a CPU is running the handlers
+IRQS_REPLAY = _native.IRQS_REPLAY  # arrived while another CPU ran them: run once more
+IRQS_PENDING = _native.IRQS_PENDING  # arrived while disabled or masked: replay on enable
+IRQS_ONESHOT = _native.IRQS_ONESHOT  # masked until the threaded handler returns
+IRQS_SPURIOUS_DISABLED = _native.IRQS_SPURIOUS_DISABLED  # "nobody cared"
 
 IRQTF_RUNTHREAD = 0x1
 
@@ -55,7 +54,7 @@ IRQTF_RUNTHREAD = 0x1
 WARNED_NO_THREAD = 0x1
 WARNED_IRQS_ON = 0x2
 
-ACTION_LIVE = 1  # IrqAction.in_use: handlers run
+ACTION_LIVE = _native.ACTION_LIVE  # IrqAction.in_use: handlers run
 ACTION_RESERVED = 2  # claimed by a request_irq() that has not finished
 
 #: The doorbell: interrupt delivery to a task process.
@@ -99,18 +98,20 @@ def free_funcref(index: int, generation: int) -> None:
 
 
 # --- delivery -------------------------------------------------------------------------------
+#
+# The pending bits, the doorbell and the descriptor's state changes on the interrupt path
+# are native/'s IrqCore; this code runs the handlers and reports.
 
 class _Views:
-    """ctypes views and addresses the interrupt path needs, built once per kernel (a
-    ctypes structure access builds new objects every time: too slow per interrupt)."""
+    """ctypes views and addresses the slower paths need, built once per kernel (a
+    ctypes structure access builds new objects every time)."""
 
     def __init__(self, img: image.SharedImage) -> None:
         self.descs = [img.img.irqs[i] for i in range(img.img.hdr.nr_irqs)]
-        self.locks = [image.field_addr(d, "lock") for d in self.descs]
         self.actions = [[d.actions[j] for j in range(image.MAX_IRQ_ACTIONS)]
                         for d in self.descs]
-        self.pending = [image.field_addr(img.img.percpu[c], "irq_pending")
-                        for c in range(image.MAX_CPUS)]
+        self.softirq_pending = [image.field_addr(img.img.percpu[c], "softirq_pending")
+                                for c in range(image.MAX_CPUS)]
 
 
 def _views() -> _Views:
@@ -119,6 +120,15 @@ def _views() -> _Views:
     if views is None:
         views = img.irq_views = _Views(img)
     return views
+
+
+def _core() -> Any:
+    """This process's IrqCore over the kernel's image, made on first use."""
+    img = image.this()
+    core = img.irq_core
+    if core is None:
+        core = img.irq_core = _native.IrqCore(img.core, *img.irq_layout(), SIG_IRQ)
+    return core
 
 
 def _desc(irq: int) -> Any:
@@ -136,55 +146,20 @@ def _lock(desc: Any) -> int:
 
 def irq_inject_interrupt(irq: int) -> None:
     """Raise IRQ `irq` now on its target CPU (irq_set_affinity()). Any context, any process."""
-    desc = _desc(irq)
-    raise_on_cpu(desc.affinity, irq)
-
-
-def raise_on_cpu(cpu: int, irq: int) -> None:
-    _native.or64(_views().pending[cpu], 1 << irq)
-    ring_doorbell(cpu)
-
-
-def _running_on(rec: Any, cpu: int) -> bool:
-    return bool(rec.in_use and rec.cpu == cpu and rec.state == TASK_RUNNING and rec.pid > 0)
-
-
-def _target(cpu: int) -> tuple[int, int]:
-    """(slot, pid) of a task running on `cpu`, else of the CPU's idle task."""
-    img = image.this()
-    tasks = img.img.tasks
-    last = img.irq_last_target.get(cpu)
-    if last is not None and _running_on(tasks[last], cpu):
-        return last, int(tasks[last].pid)
-    for slot in range(img.img.hdr.task_high):
-        rec = tasks[slot]
-        if _running_on(rec, cpu):
-            img.irq_last_target[cpu] = slot
-            return slot, int(rec.pid)
-    idle = img.img.percpu[cpu].idle_slot
-    if idle < 0:
-        return -1, 0
-    return idle, int(tasks[idle].pid)
+    if _core().raise_irq(irq):
+        do_IRQ()  # our own CPU: take it now (or leave it pending if IRQs are off)
 
 
 def ring_doorbell(cpu: int) -> None:
-    """Make `cpu` look at its pending interrupts and softirqs."""
-    me = _task._current
-    if me is not None and me._rec.cpu == cpu:
-        do_IRQ()  # our own CPU: take it now (or leave it pending if IRQs are off)
-        return
-    for _ in range(3):
-        slot, pid = _target(cpu)
-        if pid <= 0:
-            return  # no task and no idle task yet: it stays pending
-        try:
-            os.kill(pid, SIG_IRQ)
-        except ProcessLookupError:
-            continue
-        sem = image.this().sems[slot]
-        if not sem.value:  # at most one stale post on a running target
-            sem.release()  # no state change: see the module doc
-        return
+    """Make `cpu` look at its pending interrupts and softirqs.
+
+    The task running there, or else the CPU's idle task, gets the doorbell signal and a
+    post of its semaphore (no state change: a sleeper re-checks and sleeps again, but
+    a doorbell that raced with the start of its sleep is not lost). On our own CPU the
+    interrupts are taken at once.
+    """
+    if _core().kick(cpu):
+        do_IRQ()
 
 
 def _doorbell(signum: int, frame: Any) -> None:
@@ -207,86 +182,62 @@ def do_IRQ() -> None:
     cpu = preempt.this_cpu()
     if cpu < 0:
         return
-    addr = _views().pending[cpu]
+    core = _core()
     preempt.irqs_off_raw(True)
     try:
         # Loop until nothing is pending: an interrupt raised meanwhile (on this CPU,
         # or to our task from elsewhere) only left its bit.
-        while pending := _native.xchg64(addr, 0) & ((1 << 64) - 1):
+        while pending := core.take_pending(cpu):
             while pending:
                 low = pending & -pending
                 pending ^= low
-                handle_irq(low.bit_length() - 1)
+                handle_irq(core, low.bit_length() - 1, cpu)
     finally:
         preempt.irqs_off_raw(False)
-    softirq.irq_exit_softirqs()
+    if _native.load32(_views().softirq_pending[cpu]):
+        softirq.irq_exit_softirqs()
 
 
 preempt.irq_enable_hooks.append(do_IRQ)
 
 
-def handle_irq(irq: int) -> None:
-    """handle_edge_irq(): run the line's handlers unless it is disabled or in progress."""
-    views = _views()
-    desc, actions, addr = views.descs[irq], views.actions[irq], views.locks[irq]
-    cpu = preempt.this_cpu()
-    locking.raw_spin_lock(addr, "irq descriptor")
-    try:
-        if desc.depth > 0 or desc.status & (IRQS_ONESHOT | IRQS_SPURIOUS_DISABLED) or not any(
-            a.in_use == ACTION_LIVE for a in actions
-        ):
-            desc.status |= IRQS_PENDING
-            return
-        if desc.status & IRQS_INPROGRESS:
-            desc.status |= IRQS_REPLAY
-            return
-        desc.status |= IRQS_INPROGRESS
-        desc.kstat[cpu] += 1
-    finally:
-        locking.raw_spin_unlock(addr)
-    try:
-        while True:
-            _run_actions(irq, desc, actions)
-            locking.raw_spin_lock(addr, "irq descriptor")
-            try:
-                if not desc.status & IRQS_REPLAY or desc.depth:
-                    break
-                desc.status &= ~IRQS_REPLAY
-            finally:
-                locking.raw_spin_unlock(addr)
-    finally:
-        # Even when a KeyboardInterrupt escapes: the line must not stay "in progress".
-        locking.raw_spin_lock(addr, "irq descriptor")
-        desc.status &= ~IRQS_INPROGRESS
-        locking.raw_spin_unlock(addr)
+def handle_irq(core: Any, irq: int, cpu: int) -> None:
+    """handle_edge_irq(): run the line's handlers on `cpu` unless it is disabled, masked
+    or in progress elsewhere (then IrqCore marks it pending, or for one replay here)."""
+    live = core.claim(irq, cpu)
+    while live is not None:
+        try:
+            ret = _run_actions(irq, live)
+        except BaseException:
+            core.abort(irq)  # even a KeyboardInterrupt must not leave it "in progress"
+            raise
+        end = core.end(irq, ret)
+        if end & _native.IRQ_END_NOBODY_CARED:
+            _report_nobody_cared(irq)
+        live = core.actions(irq) if end & _native.IRQ_END_REPLAY else None
 
 
-def _run_actions(irq: int, desc: Any, actions: list[Any]) -> None:
-    """handle_irq_event(): every action's handler in hardirq context, then note_interrupt()."""
+def _run_actions(irq: int, live: tuple[tuple[int, int, int], ...]) -> int:
+    """handle_irq_event(): every live action's handler in hardirq context; returns
+    their IRQ_* results or-ed together."""
     saved = preempt.irq_enter()
     ret = IRQ_NONE
     try:
-        for action in actions:
-            if action.in_use != ACTION_LIVE:
-                continue
-            res = _call_handler(irq, action)
+        for index, ref, generation in live:
+            res = _call_handler(irq, ref, generation)
             ret |= res
             if res & IRQ_WAKE_THREAD:
-                _wake_thread(irq, desc, action)
+                _wake_thread(irq, index)
             if not preempt.irqs_disabled():
-                if not action.warned & WARNED_IRQS_ON:  # WARN_ONCE
-                    action.warned |= WARNED_IRQS_ON
-                    bug.warn(f"irq {irq} handler {action.name.decode()} enabled interrupts",
-                             depth=2)
-                preempt.irqs_off_raw(True)
+                _handler_enabled_irqs(irq, index)
     finally:
         preempt.irq_exit(saved)
-    note_interrupt(irq, desc, ret)
+    return ret
 
 
-def _call_handler(irq: int, action: Any) -> int:
+def _call_handler(irq: int, ref: int, generation: int) -> int:
     try:
-        handler, dev = load_funcref(action.ref, action.ref_generation)
+        handler, dev = load_funcref(ref, generation)
         res = handler(irq, dev)
     except bug.TaskKilled:
         return IRQ_HANDLED  # BUG() in the handler, already reported
@@ -301,7 +252,16 @@ def _call_handler(irq: int, action: Any) -> int:
     return res
 
 
-def _wake_thread(irq: int, desc: Any, action: Any) -> None:
+def _handler_enabled_irqs(irq: int, index: int) -> None:
+    action = _views().actions[irq][index]
+    if not action.warned & WARNED_IRQS_ON:  # WARN_ONCE
+        action.warned |= WARNED_IRQS_ON
+        bug.warn(f"irq {irq} handler {action.name.decode()} enabled interrupts", depth=3)
+    preempt.irqs_off_raw(True)
+
+
+def _wake_thread(irq: int, index: int) -> None:
+    desc, action = _views().descs[irq], _views().actions[irq][index]
     if action.thread_slot < 0:
         if not action.warned & WARNED_NO_THREAD:
             action.warned |= WARNED_NO_THREAD
@@ -309,31 +269,19 @@ def _wake_thread(irq: int, desc: Any, action: Any) -> None:
                          "but no thread function available.")
         return
     if action.flags & IRQF_ONESHOT:
-        desc.status |= IRQS_ONESHOT
+        _native.or32(image.field_addr(desc, "status"), IRQS_ONESHOT)  # the line is running
     _native.or32(image.field_addr(action, "thread_flags"), IRQTF_RUNTHREAD)
     thread = task_from_slot(action.thread_slot, action.thread_generation)
     wake_up_process(thread)
 
 
-#: note_interrupt(): a line with 99,900 of 100,000 interrupts unhandled is disabled.
-SPURIOUS_WINDOW = 100_000
-SPURIOUS_LIMIT = 99_900
-
-
-def note_interrupt(irq: int, desc: Any, ret: int) -> None:
-    desc.irq_count += 1
-    if ret == IRQ_NONE:
-        desc.irqs_unhandled += 1
-    if desc.irq_count < SPURIOUS_WINDOW:
-        return
-    if desc.irqs_unhandled > SPURIOUS_LIMIT:
-        names = [a.name.decode() for a in desc.actions if a.in_use]
-        log_store(0, "\n".join([
-            f'irq {irq}: nobody cared (try booting with the "irqpoll" option)',
-            "handlers:", *[f"[<0>] {n}" for n in names], f"Disabling IRQ #{irq}",
-        ]))
-        desc.status |= IRQS_SPURIOUS_DISABLED
-    desc.irq_count = desc.irqs_unhandled = 0
+def _report_nobody_cared(irq: int) -> None:
+    """note_interrupt() shut the line off: nearly all of its last interrupts were unhandled."""
+    names = [a.name.decode() for a in _views().actions[irq] if a.in_use]
+    log_store(0, "\n".join([
+        f'irq {irq}: nobody cared (try booting with the "irqpoll" option)',
+        "handlers:", *[f"[<0>] {n}" for n in names], f"Disabling IRQ #{irq}",
+    ]))
 
 
 # --- threaded handlers ----------------------------------------------------------------------

@@ -62,7 +62,12 @@ def _report_recovered() -> None:
     events = _recovered[:]
     _recovered.clear()
     for what, dead in events:
-        bug.warn(f"emu: {what} lock taken over from dead task (pid {dead})", depth=3)
+        report_dead_owner(what, dead, depth=4)
+
+
+def report_dead_owner(what: str, pid: int, depth: int = 3) -> None:
+    """Report a `what` lock taken over from dead task `pid` (also native/'s hook)."""
+    bug.warn(f"emu: {what} lock taken over from dead task (pid {pid})", depth=depth)
 
 
 # --- atomic_t / atomic64_t ---------------------------------------------------------------

@@ -902,3 +902,60 @@ def test_kthread_exit_in_a_handler_is_an_oops_and_the_line_survives(kernel):
     assert f"in interrupt handler of irq {IRQ}" in log_text(kernel)
     assert stopped == 7, "the interrupted task was not the one that exited"
     assert emu.free_irq(IRQ, count) == "exits"
+
+
+# --- 12. note_interrupt() and the descriptor lock --------------------------------------------
+
+def h_unhandled(irq, dev):
+    emu.atomic_inc(dev)
+    return emu.IRQ_NONE
+
+
+def test_line_that_nobody_handles_is_shut_off_after_a_full_window(kernel):
+    """note_interrupt(): 100,000 interrupts nobody handled disable the line, once."""
+    from emu import _native
+
+    count = emu.Atomic()
+    assert emu.request_irq(IRQ, h_unhandled, 0, "deaf", count) == 0
+    assert emu.irq_set_affinity(IRQ, emu.current().cpu) == 0
+    for _ in range(_native.SPURIOUS_WINDOW - 1):
+        emu.irq_inject_interrupt(IRQ)  # handled right here, on our own CPU
+    assert "nobody cared" not in log_text(kernel), "shut off before the window was full"
+    emu.irq_inject_interrupt(IRQ)
+    log = log_text(kernel)
+    assert f'irq {IRQ}: nobody cared (try booting with the "irqpoll" option)' in log
+    assert "[<0>] deaf" in log and f"Disabling IRQ #{IRQ}" in log
+    emu.irq_inject_interrupt(IRQ)
+    assert read(count) == _native.SPURIOUS_WINDOW, "the handler ran on a shut-off line"
+    assert emu.free_irq(IRQ, count) == "deaf"
+
+
+@pytest.mark.emu_expect(oopses=1, warnings=1)
+def test_irq_descriptor_lock_of_a_killed_holder_is_taken_over_and_reported(kernel):
+    """A task SIGKILLed holding a line's descriptor lock does not wedge the line."""
+    import signal
+
+    from emu import _native
+    from emu.image import field_addr
+
+    lock_addr = field_addr(image.this().img.irqs[IRQ], "lock")
+    held = emu.Completion()
+
+    def hold(d):
+        assert _native.lock(lock_addr, os.getpid(), 0, -1) == 0
+        emu.complete(held)
+        while True:
+            pass
+
+    count = emu.Atomic()
+    assert emu.request_irq(IRQ, h_count, 0, "counted", count) == 0
+    assert emu.irq_set_affinity(IRQ, emu.current().cpu) == 0
+    t = emu.kthread_run(hold, None, "holder")
+    emu.wait_for_completion(held)
+    os.kill(t.pid, signal.SIGKILL)
+    emu.irq_inject_interrupt(IRQ)  # waits for the dead holder's lock, takes it over
+    assert read(count) == 1
+    assert emu.kthread_stop(t) == 0
+    assert f"irq descriptor lock taken over from dead task (pid {t.pid})" in log_text(kernel)
+    emu.irq_inject_interrupt(IRQ)
+    assert read(count) == 2 and emu.free_irq(IRQ, count) == "counted"
