@@ -17,7 +17,7 @@ from hypothesis import given, settings
 import emu
 from emu.image import own_ipc_names, reclaim_orphans
 
-from util import stop_after_exit, wait_until
+from util import start_lock_holder, stop_after_exit, wait_until
 
 
 def emu_shm(pid: int | None = None) -> set[str]:
@@ -253,21 +253,10 @@ def test_cpu_sets_map_to_real_cpus_and_pin(data):
 @pytest.mark.emu_expect(oopses=1, warnings=1)
 def test_completion_lock_of_a_killed_holder_is_taken_over_and_reported(kernel):
     """A task SIGKILLed while holding a completion's lock does not wedge the completion."""
-    from emu import _native
     from emu.image import field_addr
 
     c = emu.Completion()
-    lock_addr = field_addr(c.rec, "lock")
-    held = emu.Completion()
-
-    def hold(d):
-        assert _native.lock(lock_addr, os.getpid(), 0, -1) == 0
-        emu.complete(held)
-        while True:
-            pass
-
-    t = emu.kthread_run(hold, None, "holder")
-    emu.wait_for_completion(held)
+    t = start_lock_holder(field_addr(c.rec, "lock"))
     os.kill(t.pid, signal.SIGKILL)
     emu.complete(c)  # waits for the dead holder's lock, takes it over
     assert c.done == 1 and emu.try_wait_for_completion(c)

@@ -20,7 +20,7 @@ import emu
 from emu import image
 from emu.irq import SIG_IRQ, irq_task
 
-from util import stop_after_exit, wait_state, wait_until
+from util import start_lock_holder, stop_after_exit, wait_state, wait_until
 
 IRQ = 5
 #: Generous bound for anything that waits on another process (other jobs may load the box).
@@ -935,23 +935,12 @@ def test_irq_descriptor_lock_of_a_killed_holder_is_taken_over_and_reported(kerne
     """A task SIGKILLed holding a line's descriptor lock does not wedge the line."""
     import signal
 
-    from emu import _native
     from emu.image import field_addr
-
-    lock_addr = field_addr(image.this().img.irqs[IRQ], "lock")
-    held = emu.Completion()
-
-    def hold(d):
-        assert _native.lock(lock_addr, os.getpid(), 0, -1) == 0
-        emu.complete(held)
-        while True:
-            pass
 
     count = emu.Atomic()
     assert emu.request_irq(IRQ, h_count, 0, "counted", count) == 0
     assert emu.irq_set_affinity(IRQ, emu.current().cpu) == 0
-    t = emu.kthread_run(hold, None, "holder")
-    emu.wait_for_completion(held)
+    t = start_lock_holder(field_addr(image.this().img.irqs[IRQ], "lock"))
     os.kill(t.pid, signal.SIGKILL)
     emu.irq_inject_interrupt(IRQ)  # waits for the dead holder's lock, takes it over
     assert read(count) == 1

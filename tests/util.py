@@ -31,3 +31,23 @@ def stop_after_exit(task: emu.Task, timeout: float = 5.0) -> int:
     """
     wait_state(task, "X", timeout)
     return emu.kthread_stop(task)
+
+
+def start_lock_holder(lock_addr: int, name: str = "holder") -> emu.Task:
+    """A kthread that takes the raw lock at `lock_addr` and then spins forever (until
+    the test kills it); returns once the lock is held."""
+    import os
+
+    from emu import _native
+
+    held = emu.Completion()
+
+    def hold(_: object) -> int:
+        assert _native.lock(lock_addr, os.getpid(), 0, -1) == 0
+        emu.complete(held)
+        while True:
+            pass
+
+    t = emu.kthread_run(hold, None, name)
+    emu.wait_for_completion(held)
+    return t
