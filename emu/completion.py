@@ -143,7 +143,7 @@ def _free(c: Completion) -> None:
     image.free_record("completions", c.index, c.generation)
 
 
-# --- the wait queue and the common case of every call live in native/'s WaitCore ---------
+# --- the wait queue and the common case of every call live in native/'s WaitCore -----------
 #
 # Each call below hands (index, generation) to WaitCore, which checks that the handle is
 # live and does the whole operation; it returns None, having changed nothing, when the
@@ -205,7 +205,7 @@ def reinit_completion(x: Completion) -> None:
         bug.warn("reinit_completion() while tasks wait on the completion", depth=2)
 
 
-# --- waiting: one slow path ------------------------------------------------------------------
+# --- waiting: one path, native common case, Python slow path -------------------------------
 
 def _wait(x: Completion, timeout: int, state: int) -> int:
     """__wait_for_common(): the jiffies left (at least 1) on success, 0 on time-out,
