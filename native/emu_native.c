@@ -1653,18 +1653,28 @@ ic_live_actions(IrqCore *ic, Py_ssize_t irq, int32_t (*live)[3])
     return n;
 }
 
-/* ((index, ref, ref_gen), ...) built once the lock is dropped (allocation may run
- * Python code: the garbage collector's finalizers). */
+static void
+ic_clear_inprogress(IrqCore *ic, Py_ssize_t irq)
+{
+    int32_t *lockw = D_FIELD(ic, irq, ic->d_lock, int32_t);
+
+    wc_lock(ic->wc, lockw, "irq descriptor");
+    __atomic_fetch_and(D_FIELD(ic, irq, ic->d_status, int32_t), ~IRQS_INPROGRESS,
+                       __ATOMIC_SEQ_CST);
+    wc_unlock(lockw);
+}
+
+/*
+ * The live actions of a line in progress, as ((index, ref, ref_gen), ...), built once
+ * the lock is dropped (allocation may run Python code: the garbage collector's
+ * finalizers). If that fails, the line is no longer in progress: nobody will run it.
+ */
 static PyObject *
-ic_live_tuple(IrqCore *ic, int32_t (*live)[3], Py_ssize_t n)
+ic_live_tuple(IrqCore *ic, Py_ssize_t irq, int32_t (*live)[3], Py_ssize_t n)
 {
     PyObject *t = PyTuple_New(n), *item;
     Py_ssize_t i;
 
-    if (wc_report_dead_owner(ic->wc) < 0) {
-        Py_XDECREF(t);
-        return NULL;
-    }
     for (i = 0; t != NULL && i < n; i++) {
         item = Py_BuildValue("(iii)", live[i][0], live[i][1], live[i][2]);
         if (item == NULL)
@@ -1672,6 +1682,10 @@ ic_live_tuple(IrqCore *ic, int32_t (*live)[3], Py_ssize_t n)
         else
             PyTuple_SET_ITEM(t, i, item);
     }
+    if (t != NULL && wc_report_dead_owner(ic->wc) < 0)
+        Py_CLEAR(t);
+    if (t == NULL)
+        ic_clear_inprogress(ic, irq);
     return t;
 }
 
@@ -1733,10 +1747,11 @@ IrqCore_claim(IrqCore *ic, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         Py_RETURN_NONE;
     }
-    return ic_live_tuple(ic, live, n);
+    return ic_live_tuple(ic, irq, live, n);
 }
 
-/* actions(irq): the live actions, as claim() returns them (for a replay). */
+/* actions(irq): the live actions of a line in progress, as claim() returns them (for a
+ * replay); on an error the line is no longer in progress. */
 static PyObject *
 IrqCore_actions(IrqCore *ic, PyObject *arg)
 {
@@ -1750,7 +1765,7 @@ IrqCore_actions(IrqCore *ic, PyObject *arg)
     wc_lock(ic->wc, lockw, "irq descriptor");
     n = ic_live_actions(ic, irq, live);
     wc_unlock(lockw);
-    return ic_live_tuple(ic, live, n);
+    return ic_live_tuple(ic, irq, live, n);
 }
 
 /*
@@ -1795,8 +1810,11 @@ IrqCore_end(IrqCore *ic, PyObject *const *args, Py_ssize_t nargs)
         __atomic_fetch_and(status, ~IRQS_INPROGRESS, __ATOMIC_SEQ_CST);
     }
     wc_unlock(lockw);
-    if (wc_report_dead_owner(ic->wc) < 0)
+    if (wc_report_dead_owner(ic->wc) < 0) {
+        if (result & IRQ_END_REPLAY)
+            ic_clear_inprogress(ic, irq);  /* the caller will not run it again */
         return NULL;
+    }
     return PyLong_FromLong(result);
 }
 
@@ -1804,16 +1822,11 @@ IrqCore_end(IrqCore *ic, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 IrqCore_abort(IrqCore *ic, PyObject *arg)
 {
-    int32_t *lockw;
     Py_ssize_t irq;
 
     if (ic_irq_arg(ic, arg, &irq) < 0)
         return NULL;
-    lockw = D_FIELD(ic, irq, ic->d_lock, int32_t);
-    wc_lock(ic->wc, lockw, "irq descriptor");
-    __atomic_fetch_and(D_FIELD(ic, irq, ic->d_status, int32_t), ~IRQS_INPROGRESS,
-                       __ATOMIC_SEQ_CST);
-    wc_unlock(lockw);
+    ic_clear_inprogress(ic, irq);
     if (wc_report_dead_owner(ic->wc) < 0)
         return NULL;
     Py_RETURN_NONE;

@@ -948,3 +948,35 @@ def test_irq_descriptor_lock_of_a_killed_holder_is_taken_over_and_reported(kerne
     assert f"irq descriptor lock taken over from dead task (pid {t.pid})" in log_text(kernel)
     emu.irq_inject_interrupt(IRQ)
     assert read(count) == 2 and emu.free_irq(IRQ, count) == "counted"
+
+
+@pytest.mark.emu_expect(oopses=1)
+def test_a_failing_takeover_report_does_not_leave_the_line_in_progress(kernel):
+    """If reporting the takeover raises, the interrupt is lost but the line is not wedged."""
+    import signal
+
+    from emu import locking
+    from emu.image import field_addr
+
+    class ReportFailed(Exception):
+        pass
+
+    def failing_report(what, pid):
+        raise ReportFailed(what)
+
+    count = emu.Atomic()
+    assert emu.request_irq(IRQ, h_count, 0, "counted", count) == 0
+    assert emu.irq_set_affinity(IRQ, emu.current().cpu) == 0
+    t = start_lock_holder(field_addr(image.this().img.irqs[IRQ], "lock"))
+    os.kill(t.pid, signal.SIGKILL)
+    core = image.this().core
+    core.set_dead_owner_hook(failing_report)
+    try:
+        with pytest.raises(ReportFailed, match="irq descriptor"):
+            emu.irq_inject_interrupt(IRQ)
+    finally:
+        core.set_dead_owner_hook(locking.report_dead_owner)
+    assert emu.kthread_stop(t) == 0
+    emu.irq_inject_interrupt(IRQ)
+    assert read(count) == 1, "the line stayed in progress after the failed report"
+    assert emu.free_irq(IRQ, count) == "counted"
