@@ -168,7 +168,8 @@ def complete(x: Completion) -> None:
 def complete_all(x: Completion) -> None:
     """Let every current and future waiter through until reinit_completion().
 
-    Sets ``done`` to UINT_MAX and wakes all queued waiters in FIFO order. A second
+    Sets ``done`` to UINT_MAX and wakes all queued waiters, in FIFO order, at once:
+    the order in which they then run is the scheduler's, as in the kernel. A second
     complete_all() without reinit_completion() is reported with a WARN (the kernel
     documents it as a bug but does not check). Any context.
     """
