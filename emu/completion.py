@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import _native, bug, image, preempt
+from . import bug, image, preempt
 from .constants import (
     ERESTARTSYS,
     MAX_SCHEDULE_TIMEOUT,
@@ -31,7 +31,6 @@ from .constants import (
     TASK_UNINTERRUPTIBLE,
 )
 from .errors import StaleObjectError
-from .sched import FOREVER_NS
 from .task import current
 
 _pid = os.getpid()
@@ -227,22 +226,10 @@ def _wait_slow(x: Completion, timeout: int, state: int) -> int:
     index = x.live_index
     if preempt.in_atomic() and not x._rec.done:
         preempt.schedule_debug()
-    jiffy_ns = image.this().jiffy_ns
-    timeout_ns = timeout * jiffy_ns
-    if timeout_ns >= FOREVER_NS:
-        timeout_ns = -1  # no timer: it would outlive the machine
-    result = x._core.wait(index, current().slot, timeout_ns, state)
+    left = x._core.wait(index, current().slot, timeout, state)
     if preempt.irqs_disabled():
         preempt.local_irq_enable()  # raw_spin_unlock_irq(): interrupts are on afterwards
-    if result == _native.WAIT_DONE_AT_ENTRY:
-        return timeout or 1
-    if result == _native.WAIT_TIMEDOUT:
-        return 0
-    if result == _native.WAIT_SIGNALLED:
-        return -ERESTARTSYS
-    if timeout_ns < 0:
-        return timeout
-    return max(1, -(-result // jiffy_ns))
+    return left
 
 
 def _check_timeout(timeout: int) -> None:

@@ -1131,36 +1131,69 @@ wc_wait(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot, long long timeout_ns, int
     return 0;
 }
 
-/* wait(index, slot, timeout_ns, state): wc_wait() for the Python slow path. */
+/*
+ * __wait_for_common() as the API returns it: the jiffies left (at least 1) when
+ * completed, `timeout` itself when done at entry, 0 on time-out, -ERESTARTSYS when a
+ * signal ended the wait. `timeout` is in jiffies, 0..LONG_MAX; one that reaches forever_ns
+ * (set_timebase()) sets no timer: it would outlive the machine.
+ */
+static PyObject *
+wc_wait_jiffies(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot, long long timeout, int state)
+{
+    long long timeout_ns = -1, left;
+
+    if (timeout < (wc->forever_ns + wc->jiffy_ns - 1) / wc->jiffy_ns)
+        timeout_ns = timeout * wc->jiffy_ns;
+    if (wc_wait(wc, idx, slot, timeout_ns, state, &left) < 0 || wc_report_dead_owner(wc) < 0)
+        return NULL;
+    if (left == WAIT_DONE_AT_ENTRY)
+        return PyLong_FromLongLong(timeout ? timeout : 1);
+    if (left == WAIT_TIMEDOUT)
+        return PyLong_FromLong(0);
+    if (left == WAIT_SIGNALLED)
+        return PyLong_FromLong(-ERESTARTSYS);
+    if (timeout_ns < 0)
+        return PyLong_FromLongLong(timeout);
+    left = (left + wc->jiffy_ns - 1) / wc->jiffy_ns;
+    return PyLong_FromLongLong(left > 1 ? left : 1);
+}
+
+/* wait(index, slot, timeout, state): wc_wait_jiffies() for the Python slow path, which
+ * has checked the handle, the context and the timeout. */
 static PyObject *
 WaitCore_wait(WaitCore *wc, PyObject *args)
 {
     Py_ssize_t idx, slot;
-    long long timeout_ns, result;
+    long long timeout;
     int state;
 
-    if (!PyArg_ParseTuple(args, "nnLi:wait", &idx, &slot, &timeout_ns, &state) ||
+    if (!PyArg_ParseTuple(args, "nnLi:wait", &idx, &slot, &timeout, &state) ||
         wc_check_index(wc, idx) < 0 || wc_check_slot(wc, slot) < 0)
         return NULL;
-    if (wc_wait(wc, idx, slot, timeout_ns, state, &result) < 0 || wc_report_dead_owner(wc) < 0)
+    if (timeout < 0) {
+        PyErr_Format(PyExc_ValueError, "timeout %lld is negative", timeout);
         return NULL;
-    return PyLong_FromLongLong(result);
+    }
+    if (wc->jiffy_ns <= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "WaitCore has no timebase: set_timebase() first");
+        return NULL;
+    }
+    return wc_wait_jiffies(wc, idx, slot, timeout, state);
 }
 
 /*
  * wait_for(index, generation, timeout, state): every wait_for_completion*() variant's
- * common case, start to end, as the current task. Returns the kernel's result: the
- * jiffies left (at least 1) when completed, `timeout` itself when done at entry, 0 on
- * time-out, -ERESTARTSYS when a signal ended the wait. Returns None, having changed
- * nothing, when the caller must take the Python slow path, which checks and reports:
- * a stale handle, a process that is not a task, atomic or IRQs-off context, a timeout
- * that is not an int in 0..LONG_MAX, a state without a sleeping bit, no timebase yet.
+ * common case, start to end, as the current task, with wc_wait_jiffies()'s result.
+ * Returns None, having changed nothing, when the caller must take the Python slow path,
+ * which checks and reports: a stale handle, a process that is not a task, atomic or
+ * IRQs-off context, a timeout that is not an int in 0..LONG_MAX, a state without a
+ * sleeping bit, no timebase yet.
  */
 static PyObject *
 WaitCore_wait_for(WaitCore *wc, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t idx, slot = wc->current;
-    long long timeout, timeout_ns = -1, left;
+    long long timeout;
     long state;
     int live, overflow = 0;
 
@@ -1177,21 +1210,7 @@ WaitCore_wait_for(WaitCore *wc, PyObject *const *args, Py_ssize_t nargs)
     timeout = PyLong_AsLongLongAndOverflow(args[2], &overflow);
     if (overflow || timeout < 0)
         Py_RETURN_NONE;
-    if (timeout < (wc->forever_ns + wc->jiffy_ns - 1) / wc->jiffy_ns)
-        timeout_ns = timeout * wc->jiffy_ns;  /* else no timer: it would outlive the machine */
-    if (wc_wait(wc, idx, slot, timeout_ns, (int)state, &left) < 0 ||
-        wc_report_dead_owner(wc) < 0)
-        return NULL;
-    if (left == WAIT_DONE_AT_ENTRY)
-        return PyLong_FromLongLong(timeout ? timeout : 1);
-    if (left == WAIT_TIMEDOUT)
-        return PyLong_FromLong(0);
-    if (left == WAIT_SIGNALLED)
-        return PyLong_FromLong(-ERESTARTSYS);
-    if (timeout_ns < 0)
-        return PyLong_FromLongLong(timeout);
-    left = (left + wc->jiffy_ns - 1) / wc->jiffy_ns;
-    return PyLong_FromLongLong(left > 1 ? left : 1);
+    return wc_wait_jiffies(wc, idx, slot, timeout, (int)state);
 }
 
 static PyObject *
@@ -1400,8 +1419,8 @@ static PyMethodDef WaitCore_methods[] = {
      "complete(index, generation, all) -> complete(): 1 if a waiter was woken; "
      "complete_all(): 1 if done was already UINT_MAX; None if the handle is stale"},
     {"wait", (PyCFunction)WaitCore_wait, METH_VARARGS,
-     "wait(index, slot, timeout_ns, state) -> -1 done at entry, -2 timed out, -3 signalled, "
-     "else ns left when completed after sleeping"},
+     "wait(index, slot, timeout_jiffies, state) -> the wait_for_completion*() result, "
+     "without wait_for()'s checks (the slow path made them)"},
     {"wait_for", (PyCFunction)(void (*)(void))WaitCore_wait_for, METH_FASTCALL,
      "wait_for(index, generation, timeout_jiffies, state) -> the wait_for_completion*() "
      "result as the current task, or None: take the slow path"},
@@ -1950,10 +1969,7 @@ emu_native_exec(PyObject *module)
     if (add_type(module, "WaitCore", &WaitCore_spec) < 0 ||
         add_type(module, "IrqCore", &IrqCore_spec) < 0)
         return -1;
-    if (PyModule_AddIntConstant(module, "WAIT_DONE_AT_ENTRY", WAIT_DONE_AT_ENTRY) < 0 ||
-        PyModule_AddIntConstant(module, "WAIT_TIMEDOUT", WAIT_TIMEDOUT) < 0 ||
-        PyModule_AddIntConstant(module, "WAIT_SIGNALLED", WAIT_SIGNALLED) < 0 ||
-        PyModule_AddIntConstant(module, "IRQS_INPROGRESS", IRQS_INPROGRESS) < 0 ||
+    if (PyModule_AddIntConstant(module, "IRQS_INPROGRESS", IRQS_INPROGRESS) < 0 ||
         PyModule_AddIntConstant(module, "IRQS_REPLAY", IRQS_REPLAY) < 0 ||
         PyModule_AddIntConstant(module, "IRQS_PENDING", IRQS_PENDING) < 0 ||
         PyModule_AddIntConstant(module, "IRQS_ONESHOT", IRQS_ONESHOT) < 0 ||
