@@ -122,6 +122,11 @@ def _views() -> _Views:
     return views
 
 
+def softirq_pending_addr(cpu: int) -> int:
+    """Address of `cpu`'s softirq pending bits (cached per kernel)."""
+    return int(_views().softirq_pending[cpu])
+
+
 def _core() -> Any:
     """This process's IrqCore over the kernel's image, made on first use."""
     img = image.this()
@@ -194,7 +199,7 @@ def do_IRQ() -> None:
                 handle_irq(core, low.bit_length() - 1, cpu)
     finally:
         preempt.irqs_off_raw(False)
-    if _native.load32(_views().softirq_pending[cpu]):
+    if _native.load32(softirq_pending_addr(cpu)):
         softirq.irq_exit_softirqs()
 
 

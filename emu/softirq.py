@@ -18,7 +18,14 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _native, bug, image, locking, preempt
-from .irq import free_funcref, load_funcref, ring_doorbell, start_irq_layer, store_funcref
+from .irq import (
+    free_funcref,
+    load_funcref,
+    ring_doorbell,
+    softirq_pending_addr,
+    start_irq_layer,
+    store_funcref,
+)
 
 HI_SOFTIRQ = 0
 TASKLET_SOFTIRQ = 6
@@ -177,7 +184,7 @@ def _take_list(cpu: int, nr: int) -> list[int]:
 
 def raise_softirq(cpu: int, nr: int) -> None:
     """Mark softirq `nr` pending on `cpu`; outside interrupt context serve it at once."""
-    _native.or32(image.field_addr(_percpu(cpu), "softirq_pending"), 1 << nr)
+    _native.or32(softirq_pending_addr(cpu), 1 << nr)
     if cpu != preempt.this_cpu():
         ring_doorbell(cpu)
     elif not preempt.in_interrupt() and not preempt.irqs_disabled():
@@ -189,7 +196,7 @@ def do_softirq() -> None:
     cpu = preempt.this_cpu()
     if cpu < 0 or preempt.in_interrupt():
         return
-    addr = image.field_addr(_percpu(cpu), "softirq_pending")
+    addr = softirq_pending_addr(cpu)
     for _ in range(MAX_SOFTIRQ_RESTART):
         pending = _native.xchg32(addr, 0)
         if not pending:
@@ -236,14 +243,14 @@ def _tasklet_action(cpu: int, nr: int) -> None:
 
 def _requeue(cpu: int, nr: int, index: int) -> None:
     _enqueue(cpu, nr, index)
-    _native.or32(image.field_addr(_percpu(cpu), "softirq_pending"), 1 << nr)
+    _native.or32(softirq_pending_addr(cpu), 1 << nr)
 
 
 def kick_pending_cpus() -> None:
     """Ring every CPU that has softirqs pending (after an enable, or while waiting)."""
     img = image.this()
     for cpu in range(img.img.hdr.ncpus):
-        if img.img.percpu[cpu].softirq_pending:
+        if _native.load32(softirq_pending_addr(cpu)):
             ring_doorbell(cpu)
 
 
