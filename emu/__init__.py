@@ -17,6 +17,17 @@ values, misuse is reported in the kernel log the kernel's way.
 
 from __future__ import annotations
 
+import sys
+
+try:  # the compiled part, a top-level module so that a source checkout finds it too
+    import _emu_native
+except ImportError as exc:
+    raise ImportError(
+        f"emu's compiled part (the C extension _emu_native) is not installed for this "
+        f"Python ({sys.executable}): run `pip install .` in the emu source tree (it needs "
+        f"a C compiler), then try again"
+    ) from exc
+
 from .bug import KernelBug
 from .completion import (
     DECLARE_COMPLETION,

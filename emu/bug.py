@@ -12,7 +12,9 @@ import sys
 import traceback
 from types import FrameType, TracebackType
 
-from . import _native, image
+import _emu_native as _native
+
+from . import image
 from .constants import TAINT_DIE, TAINT_WARN
 from .errors import EmuError
 from .printk import log_store

@@ -27,7 +27,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _native, bug, image, locking, preempt
+import _emu_native as _native
+
+from . import bug, image, locking, preempt
 from .constants import EBUSY, EINVAL, ENOMEM, PF_IDLE, TASK_INTERRUPTIBLE, TASK_RUNNING
 from .printk import log_store
 from .sched import schedule, schedule_timeout_idle

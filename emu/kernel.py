@@ -15,7 +15,9 @@ import signal as _os_signal
 import time
 from typing import Any
 
-from . import _native, image, irq, kthread, locking, preempt, sched, supervisor, task
+import _emu_native as _native
+
+from . import image, irq, kthread, locking, preempt, sched, supervisor, task
 from .constants import PF_IDLE, PF_KTHREAD, TASK_RUNNING
 from .errors import AlreadyBootedError, EmuError, KernelDeadError
 from .kthread import KTHREAD_EXITED

@@ -16,7 +16,9 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import _native, bug, image, irq, preempt
+import _emu_native as _native
+
+from . import bug, image, irq, preempt
 from .completion import (
     Completion,
     _free,

@@ -14,7 +14,9 @@ import os
 import time
 from typing import Any
 
-from . import _native, bug, image, preempt
+import _emu_native as _native
+
+from . import bug, image, preempt
 from .errors import StaleObjectError
 
 #: Busy-wait iterations before sleeping on the futex (the "spin briefly" part).

@@ -14,7 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _native, bug, image
+import _emu_native as _native
+
+from . import bug, image
 
 PREEMPT_OFFSET = 0x1
 SOFTIRQ_OFFSET = 0x100

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import signal as _os_signal
 
-from . import _native, image
+import _emu_native as _native
+
+from . import image
 from .constants import EINVAL, ESRCH, PF_EXITING, TASK_DEAD, TASK_INTERRUPTIBLE, TASK_WAKEKILL
 from .task import Task, current, wake_up_state
 

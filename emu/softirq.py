@@ -17,7 +17,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _native, bug, image, locking, preempt
+import _emu_native as _native
+
+from . import bug, image, locking, preempt
 from .irq import (
     free_funcref,
     load_funcref,

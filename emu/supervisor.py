@@ -15,7 +15,9 @@ import signal as _os_signal
 import time
 from typing import Any
 
-from . import _native, bug, image
+import _emu_native as _native
+
+from . import bug, image
 from .completion import _from_index, remove_waiter
 from .constants import (
     TAINT_DIE,

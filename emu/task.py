@@ -21,7 +21,9 @@ from typing import Any
 
 import posix_ipc
 
-from . import _native, image, locking, preempt
+import _emu_native as _native
+
+from . import image, locking, preempt
 from .constants import (
     EXIT_DEAD,
     EXIT_ZOMBIE,

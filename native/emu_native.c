@@ -1,5 +1,5 @@
 /*
- * emu._native: the few primitives the emulator cannot write in Python.
+ * _emu_native (emu's compiled part): the few primitives the emulator cannot write in Python.
  *
  * Every function takes an absolute memory address (a Python int, computed by the
  * caller from ctypes.addressof into the shared mmap) and returns raw data; policy
@@ -1457,7 +1457,7 @@ static PyType_Slot WaitCore_slots[] = {
 };
 
 static PyType_Spec WaitCore_spec = {
-    .name = "emu._native.WaitCore",
+    .name = "_emu_native.WaitCore",
     .basicsize = sizeof(WaitCore),
     .flags = Py_TPFLAGS_DEFAULT,
     .slots = WaitCore_slots,
@@ -1943,7 +1943,7 @@ static PyType_Slot IrqCore_slots[] = {
 };
 
 static PyType_Spec IrqCore_spec = {
-    .name = "emu._native.IrqCore",
+    .name = "_emu_native.IrqCore",
     .basicsize = sizeof(IrqCore),
     .flags = Py_TPFLAGS_DEFAULT,
     .slots = IrqCore_slots,
@@ -2096,7 +2096,7 @@ static PyModuleDef_Slot emu_native_slots[] = {
 
 static struct PyModuleDef emu_native_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "emu._native",
+    .m_name = "_emu_native",
     .m_doc = emu_native_doc,
     .m_size = 0,
     .m_methods = emu_native_methods,
@@ -2104,7 +2104,7 @@ static struct PyModuleDef emu_native_module = {
 };
 
 PyMODINIT_FUNC
-PyInit__native(void)
+PyInit__emu_native(void)
 {
     return PyModuleDef_Init(&emu_native_module);
 }

@@ -192,7 +192,7 @@ def test_hung_task_panic_reports_then_panics_the_kernel():
         wait_until(lambda: not psutil.pid_exists(t.pid)
                    or psutil.Process(t.pid).status() == psutil.STATUS_ZOMBIE, timeout=5,
                    what="the panic to kill the tasks")
-        from emu import _native
+        import _emu_native as _native
 
         wait_until(lambda: _native.pid_is_dead(k.supervisor_pid), timeout=5,
                    what="the panic to kill the supervisor too")

@@ -913,7 +913,7 @@ def h_unhandled(irq, dev):
 
 def test_line_that_nobody_handles_is_shut_off_after_a_full_window(kernel):
     """note_interrupt(): 100,000 interrupts nobody handled disable the line, once."""
-    from emu import _native
+    import _emu_native as _native
 
     count = emu.Atomic()
     assert emu.request_irq(IRQ, h_unhandled, 0, "deaf", count) == 0

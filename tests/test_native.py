@@ -1,4 +1,4 @@
-"""Tests for the C extension emu._native (atomics, owner-aware lock, futex, prctl).
+"""Tests for the C extension _emu_native (atomics, owner-aware lock, futex, prctl).
 
 All memory is one anonymous MAP_SHARED page (mmap.mmap(-1, 4096)), inherited by
 os.fork(), so the cross-process tests exercise exactly what the emulator relies on.
@@ -20,7 +20,7 @@ import traceback
 
 import pytest
 
-from emu import _native
+import _emu_native as _native
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -38,7 +38,7 @@ def start_lock_holder(lock_addr: int, name: str = "holder") -> emu.Task:
     the test kills it); returns once the lock is held."""
     import os
 
-    from emu import _native
+    import _emu_native as _native
 
     held = emu.Completion()
 

@@ -1,4 +1,4 @@
-"""Type stub of the C extension built from native/emu_native.c."""
+"""Type stub of the C extension _emu_native, built from native/*.c."""
 
 from collections.abc import Callable
 from typing import Any  # noqa: F401
