@@ -22,6 +22,7 @@ from typing import Any
 import posix_ipc
 
 import _emu_native as _native
+
 from .constants import KTHREAD_NAME_LEN, TASK_COMM_LEN
 from .errors import CapacityError, NotBootedError
 

@@ -19,7 +19,7 @@ import _emu_native as _native
 
 from . import image, irq, kthread, locking, preempt, sched, supervisor, task
 from .constants import PF_IDLE, PF_KTHREAD, TASK_RUNNING
-from .errors import AlreadyBootedError, EmuError, KernelDeadError
+from .errors import AlreadyBootedError, EmuError, KernelDeadError, StaleObjectError
 from .kthread import KTHREAD_EXITED
 from .locking import SOFTLOCKUP_THRESH_DEFAULT
 from .printk import CONSOLE_LOGLEVEL_DEFAULT, dmesg, log_store
@@ -177,12 +177,14 @@ class Kernel:
     def _stop_kthreads(self) -> None:
         kthreads = [t for t in task.live_tasks() if t.flags & PF_KTHREAD]
         for t in kthreads:
-            kthread.request_stop(t)
+            try:
+                kthread.request_stop(t)
+            except StaleObjectError:
+                pass  # its creator, a kthread, stopped and released it meanwhile
         deadline = time.monotonic() + SHUTDOWN_GRACE_SECS
         pending = kthreads
         while pending and time.monotonic() < deadline:
-            pending = [t for t in pending if not t._rec.kflags & KTHREAD_EXITED
-                       and not _native.pid_is_dead(t.pid)]
+            pending = [t for t in pending if _still_running(t)]
             if pending:
                 time.sleep(0.002)
         for t in pending:
@@ -210,6 +212,13 @@ class Kernel:
         task._handles.clear()
         image.attach(None)
         img.close()
+
+
+def _still_running(t: task.Task) -> bool:
+    """`t` was neither released nor has it exited (or died)."""
+    rec = t._rec
+    return (rec.in_use and rec.generation == t.generation and not rec.kflags & KTHREAD_EXITED
+            and not _native.pid_is_dead(t.pid))
 
 
 def boot(

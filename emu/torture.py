@@ -40,6 +40,7 @@ from . import irq as _irq
 from .completion import (
     Completion,
     complete,
+    complete_all,
     try_wait_for_completion,
     wait_for_completion,
     wait_for_completion_interruptible_timeout,
@@ -47,6 +48,7 @@ from .completion import (
     wait_for_completion_timeout,
 )
 from .constants import EINTR, ERESTARTSYS
+from .image import MAX_IRQ_SOURCES, NR_IRQS_MAX
 from .kernel import Kernel, boot
 from .kthread import (
     kthread_bind,
@@ -121,6 +123,8 @@ class CompletionState:
     stop: Atomic
     counters: Counters
     broken: bool = False  # a deliberately broken complete(), to prove the checks work
+    #: how long past its timeout a timed wait may return (the host's scheduling delay)
+    slack_ms: int = 1000
 
 
 VARIANTS = ("plain", "timeout", "interruptible", "killable", "try")
@@ -175,7 +179,7 @@ def _check_timed(st: CompletionState, variant: str, ret: int, timeout: int, star
     if not 1 <= ret <= max(timeout, 1):
         _count_failure(st, "return value", f"{variant} wait({timeout}) returned {ret}")
         return False
-    if elapsed_ms > jiffies_to_msecs(timeout) + 1000:
+    if elapsed_ms > jiffies_to_msecs(timeout) + st.slack_ms:
         _count_failure(st, "stuck past timeout", f"{variant} wait({timeout} jiffies) "
                        f"took {elapsed_ms:.0f} ms")
     return True
@@ -217,7 +221,8 @@ def _trivial(value: int) -> int:
     return value
 
 
-def _parkable(data: Any) -> int:
+def _parkable(ran: Atomic) -> int:
+    atomic_set(ran, 1)
     while not kthread_should_stop():
         if kthread_should_park():
             kthread_parkme()
@@ -235,7 +240,8 @@ def _kthread_churner(data: tuple[Counters, Atomic, int, int]) -> int:
             atomic64_add(1, counters.failures)
             fail("kthread", invariant, details)
 
-    parker = kthread_run(_parkable, None, "torture-park/%d", cpu)
+    parker_ran = Atomic()
+    parker = kthread_run(_parkable, parker_ran, "torture-park/%d", cpu)
     while not _stopped(stop):
         op = rng.choice(("run", "stop-early", "bind", "park"))
         value = rng.randint(-1000, 1000)
@@ -261,7 +267,10 @@ def _kthread_churner(data: tuple[Counters, Atomic, int, int]) -> int:
             check(task_state_to_char(parker) == "P", "state", "parked thread not in P")
             kthread_unpark(parker)
         counters.add(cpu)
-    check(kthread_stop(parker) == 7, "result", "parkable thread's result")
+    result = kthread_stop(parker)
+    # -EINTR if the stop came before its first run (a short run on a busy machine)
+    expected = 7 if atomic_read(parker_ran) else -EINTR
+    check(result == expected, "result", f"parkable thread's result {result} != {expected}")
     return 0
 
 
@@ -342,31 +351,59 @@ class Run:
     kernel: Kernel
     opts: Options
     stop: Atomic
+    #: completed (all) once every torture thread exists: creating hundreds of threads
+    #: is slow while those already created hammer the CPUs
+    go: Completion = field(default_factory=Completion)
+    #: called right after `go` (the emulated devices start there)
+    on_go: list[Callable[[], None]] = field(default_factory=list)
     counters: dict[str, Counters] = field(default_factory=dict)
     threads: list[Task] = field(default_factory=list)
     finish: list[Callable[[], list[str]]] = field(default_factory=list)
     cstate: CompletionState | None = None
 
 
+def _oversubscription(k: Kernel) -> int:
+    """Emulated CPUs per real CPU (rounded up): the host time-slices that many busy CPUs'
+    tasks on one real CPU, so a woken task may wait that many times longer to run."""
+    return -(-k.ncpus // len(set(k.cpu_map)))
+
+
+def _gated(run: Run, threadfn: Callable[[Any], int]) -> Callable[[Any], int]:
+    """`threadfn`, starting only once the run's `go` was completed."""
+    go = run.go
+
+    def gated(data: Any) -> int:
+        wait_for_completion(go)
+        return threadfn(data)
+
+    return gated
+
+
 def _start_completion(run: Run, rng: random.Random) -> None:
     k, opts = run.kernel, run.opts
     counters = run.counters["completion"] = Counters(k.ncpus)
     st = run.cstate = CompletionState(Completion(), Atomic64(), Atomic64(), run.stop, counters,
-                                      broken=opts.broken)
+                                      broken=opts.broken, slack_ms=1000 * _oversubscription(k))
     for cpu in range(k.ncpus):
         for _ in range(opts.threads_per_cpu):
             run.threads.append(kthread_run_on_cpu(
-                _completion_waiter, (st, rng.randrange(1 << 30)), cpu, "cwait/%u"))
+                _gated(run, _completion_waiter), (st, rng.randrange(1 << 30)), cpu, "cwait/%u"))
         run.threads.append(kthread_run_on_cpu(
-            _completion_completer, (st, rng.randrange(1 << 30)), cpu, "cpost/%u"))
+            _gated(run, _completion_completer), (st, rng.randrange(1 << 30)), cpu, "cpost/%u"))
     if opts.irq_rate > 0:
         line = 1
         _irq.request_irq(line, completion_irq_handler, 0, "torture-complete",
                          (st.c, st.posted, run.stop))
-        source = k.add_irq_source(line, rate_hz=opts.irq_rate, count=-1)
+        sources: list[int] = []
+
+        def start_device() -> None:
+            sources.append(k.add_irq_source(line, rate_hz=opts.irq_rate, count=-1))
+
+        run.on_go.append(start_device)
 
         def stop_irq() -> list[str]:
-            k.remove_irq_source(source)
+            for source in sources:
+                k.remove_irq_source(source)
             _irq.free_irq(line, (st.c, st.posted, run.stop))
             return []
 
@@ -457,9 +494,9 @@ def _start_kthread(run: Run, rng: random.Random) -> None:
     k = run.kernel
     counters = run.counters["kthread"] = Counters(k.ncpus)
     for cpu in range(k.ncpus):
-        run.threads.append(kthread_run_on_cpu(
-            _kthread_churner, (counters, run.stop, rng.randrange(1 << 30), k.ncpus), cpu,
-            "kchurn/%u"))
+        data = (counters, run.stop, rng.randrange(1 << 30), k.ncpus)
+        run.threads.append(kthread_run_on_cpu(_gated(run, _kthread_churner), data, cpu,
+                                              "kchurn/%u"))
 
 
 def _start_irq(run: Run, rng: random.Random) -> None:
@@ -468,24 +505,31 @@ def _start_irq(run: Run, rng: random.Random) -> None:
     st = IrqState(Spinlock(), Atomic64(), Atomic64(), Atomic64(), Atomic(), Atomic64(),
                   counters.failures)
     st.tasklet = Tasklet(torture_tasklet, st)
-    sources = []
-    devs = [(st, Atomic()) for _ in range(k.ncpus)]
+    sources: list[int] = []
+    lines = _irq_lines(k.ncpus)
+    devs = [(st, Atomic()) for _ in range(lines)]
     for cpu in range(k.ncpus):
-        line = 8 + cpu
-        _irq.request_irq(line, irq_torture_handler, 0, "torture-irq", devs[cpu])
-        _irq.irq_set_affinity(line, cpu)
-        if opts.irq_rate > 0:
-            sources.append((line, k.add_irq_source(line, rate_hz=opts.irq_rate, count=-1)))
-        run.threads.append(kthread_run_on_cpu(_irq_worker, (st, run.stop, counters), cpu,
-                                              "irqwork/%u"))
+        if cpu < lines:  # one device per CPU, as far as there are lines
+            line = IRQ_LINE_BASE + cpu
+            _irq.request_irq(line, irq_torture_handler, 0, "torture-irq", devs[cpu])
+            _irq.irq_set_affinity(line, cpu)
+        run.threads.append(kthread_run_on_cpu(_gated(run, _irq_worker), (st, run.stop, counters),
+                                              cpu, "irqwork/%u"))
+
+    def start_devices() -> None:
+        for line in range(IRQ_LINE_BASE, IRQ_LINE_BASE + lines):
+            sources.append(k.add_irq_source(line, rate_hz=opts.irq_rate, count=-1))
+
+    if opts.irq_rate > 0:
+        run.on_go.append(start_devices)
 
     def finish() -> list[str]:
         # Quiesce before comparing: no device, no handler, no worker may still be
         # between its locked update and its count.
-        for _line, source in sources:
+        for source in sources:
             k.remove_irq_source(source)
-        for cpu in range(k.ncpus):
-            _irq.free_irq(8 + cpu, devs[cpu])
+        for cpu in range(lines):
+            _irq.free_irq(IRQ_LINE_BASE + cpu, devs[cpu])
         assert st.tasklet is not None
         tasklet_kill(st.tasklet)
         _wait_exited([t for t in run.threads if t.comm.startswith("irqwork")])
@@ -501,6 +545,45 @@ def _start_irq(run: Run, rng: random.Random) -> None:
 
 
 STARTERS = {"completion": _start_completion, "kthread": _start_kthread, "irq": _start_irq}
+
+#: The irq torture's device of CPU i raises line IRQ_LINE_BASE + i (the completion
+#: torture's device uses line 1).
+IRQ_LINE_BASE = 8
+
+
+def _irq_lines(ncpus: int) -> int:
+    """How many CPUs get an irq-torture device: one each, as far as IRQ lines and
+    emulated devices go (one device is the completion torture's)."""
+    return min(ncpus, NR_IRQS_MAX - IRQ_LINE_BASE, MAX_IRQ_SOURCES - 1)
+
+
+def _ncpus(cpus: Any) -> int:
+    """The number of emulated CPUs boot(cpus=...) will make (boot() validates `cpus`)."""
+    if cpus is None:
+        return len(os.sched_getaffinity(0))
+    if isinstance(cpus, int):
+        return cpus
+    return len(list(cpus))
+
+
+def boot_capacities(opts: Options) -> dict[str, int]:
+    """The boot() capacities a run with `opts` needs, for any CPU count.
+
+    Tasks alive at once: the booting task, three FIFO probe waiters, and per CPU its
+    idle task plus, by type, `threads_per_cpu` waiters and a completer (completion), a
+    churner, its parker and the thread it churns (kthread), a worker (irq).
+    """
+    per_cpu = 1
+    if "completion" in opts.types:
+        per_cpu += opts.threads_per_cpu + 1
+    if "kthread" in opts.types:
+        per_cpu += 3
+    if "irq" in opts.types:
+        per_cpu += 1
+    ncpus = _ncpus(opts.cpus)
+    tasks = 1 + 3 + ncpus * per_cpu
+    return {"max_tasks": max(256, tasks + tasks // 4),
+            "nr_irqs": max(32, IRQ_LINE_BASE + _irq_lines(ncpus))}
 
 
 def _stat_line(kind: str, counters: Counters, elapsed: float) -> str:
@@ -523,11 +606,14 @@ def run_torture(opts: Options, out: Any = sys.stdout) -> dict[str, Any]:
     rng = random.Random(opts.seed)
     result: dict[str, Any] = {"seed": opts.seed, "types": {}}
     interrupted = False
-    with boot(cpus=opts.cpus, hz=1000, max_tasks=max(256, 64 + 8 * opts.threads_per_cpu),
-              hung_task_timeout_secs=max(5, int(opts.duration) + 5)) as kernel:
+    with boot(cpus=opts.cpus, hz=1000, hung_task_timeout_secs=max(5, int(opts.duration) + 5),
+              **boot_capacities(opts)) as kernel:
         run = Run(kernel, opts, Atomic())
         for kind in opts.types:
             STARTERS[kind](run, rng)
+        complete_all(run.go)
+        for hook in run.on_go:
+            hook()
         start = time.monotonic()
         next_stat = start + opts.stat_interval
         tty = hasattr(out, "isatty") and out.isatty()
@@ -600,7 +686,7 @@ def posix_ipc_baseline(ncpus: int, threads_per_cpu: int, seconds: float,
                [real[i % len(real)] for i in range(ncpus)])
     sem = posix_ipc.Semaphore(None, posix_ipc.O_CREX, mode=0o600)
     sem.unlink()
-    counts = mmap.mmap(-1, 8 * 64)
+    counts = mmap.mmap(-1, 8 * ncpus * (threads_per_cpu + 1))
     pids: list[int] = []
     deadline = time.monotonic() + seconds
     for cpu in range(ncpus):

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from emu.torture import Options, run_torture
+from emu.torture import Options, boot_capacities, run_torture
 
 
 def test_short_torture_of_every_type_succeeds(tmp_path):
@@ -24,6 +24,18 @@ def test_short_torture_of_every_type_succeeds(tmp_path):
         assert len(result["types"][kind]["per_cpu"]) == result["cpus"]
     assert result["baseline_posix_ipc_ops_per_s"] > 0
     assert json.loads(report.read_text())["verdict"] == "SUCCESS"
+
+
+def test_the_run_sizes_its_kernel_for_64_cpus():
+    """64 CPUs need more than the default 256 task slots and 32 IRQ lines."""
+    opts = Options(cpus=64, duration=1, stat_interval=1, irq_rate=100, signal_rate=20)
+    capacities = boot_capacities(opts)
+    assert capacities["max_tasks"] > 64 * (opts.threads_per_cpu + 6)
+    out = io.StringIO()
+    result = run_torture(opts, out)
+    assert result["verdict"] == "SUCCESS", out.getvalue() + "\n".join(result.get("log_tail", []))
+    assert result["cpus"] == 64
+    assert all(result["types"][kind]["ops"] > 0 for kind in ("completion", "kthread", "irq"))
 
 
 def test_a_broken_completion_is_caught():
