@@ -81,3 +81,90 @@ def test_wait_state_of_a_wrong_type_is_a_type_error(kernel):
     with pytest.raises(ValueError, match="state must be in the range of unsigned int"):
         emu.wait_for_completion_state(c, (1 << 32) | emu.TASK_UNINTERRUPTIBLE)
     assert c.done == 1, "a rejected wait must not consume"
+
+
+# --- tasks and kthreads -----------------------------------------------------------------------
+
+K_CALLS = {
+    "kthread_stop": (lambda k: emu.kthread_stop(k), "k"),
+    "kthread_park": (lambda k: emu.kthread_park(k), "k"),
+    "kthread_unpark": (lambda k: emu.kthread_unpark(k), "k"),
+    "kthread_bind": (lambda k: emu.kthread_bind(k, 0), "k"),
+    "kthread_bind_mask": (lambda k: emu.kthread_bind_mask(k, [0]), "k"),
+    "kthread_data": (lambda k: emu.kthread_data(k), "task"),
+    "kthread_func": (lambda k: emu.kthread_func(k), "task"),
+    "wake_up_process": (lambda k: emu.wake_up_process(k), "task"),
+    "wake_up_state": (lambda k: emu.wake_up_state(k, emu.TASK_NORMAL), "task"),
+    "task_state_to_char": (lambda k: emu.task_state_to_char(k), "task"),
+    "send_sig": (lambda k: emu.send_sig(9, k, 0), "task"),
+    "signal_pending": (lambda k: emu.signal_pending(k), "task"),
+    "fatal_signal_pending": (lambda k: emu.fatal_signal_pending(k), "task"),
+    "flush_signals": (lambda k: emu.flush_signals(k), "task"),
+}
+
+
+@pytest.mark.parametrize("call", K_CALLS)
+def test_task_calls_name_the_task_for_a_wrong_type(kernel, call):
+    fn, name = K_CALLS[call]
+    for bad, typename in [(42, "int"), (None, "NoneType"), (emu.Completion(), "Completion")]:
+        with pytest.raises(TypeError, match=f"^{name} must be an emu.Task, not {typename}$"):
+            fn(bad)
+
+
+def test_kthread_stop_42_is_a_type_error(kernel):
+    with pytest.raises(TypeError) as info:
+        emu.kthread_stop(42)
+    assert str(info.value) == "k must be an emu.Task, not int"
+
+
+@pytest.mark.emu_expect(warnings=2)
+def test_stop_or_park_of_a_task_that_is_not_a_kthread_warns(kernel):
+    me = emu.current()
+    assert emu.kthread_stop(me) == -emu.EINVAL
+    assert emu.kthread_park(me) == -emu.EINVAL
+    assert not emu.signal_pending(me), "the refused stop must not leave TIF_NOTIFY_SIGNAL"
+    assert sum("which is not a kthread" in line for line in kernel.dmesg()) == 2
+
+
+def test_kthread_exit_arguments_are_checked_before_anything(kernel):
+    c = emu.Completion()
+    with pytest.raises(TypeError, match="comp must be an emu.Completion or None, not int"):
+        emu.kthread_complete_and_exit(7, 0)
+    with pytest.raises(TypeError, match="code must be an int"):
+        emu.kthread_complete_and_exit(c, "0")
+    with pytest.raises(ValueError, match="code must be in the range of long"):
+        emu.kthread_complete_and_exit(c, 2**63)
+    assert c.done == 0, "a rejected call must not complete"
+    with pytest.raises(TypeError, match="result must be an int"):
+        emu.kthread_exit(None)
+
+
+def test_bind_mask_needs_an_iterable_of_cpus(kernel):
+    me = emu.current()
+    for bad in (0, None, "0"):
+        with pytest.raises(TypeError, match="cpus must be an iterable of CPU numbers"):
+            emu.kthread_bind_mask(me, bad)
+
+
+def test_task_state_and_mask_are_checked(kernel):
+    me = emu.current()
+    with pytest.raises(TypeError, match="state must be an int"):
+        emu.set_current_state("D")
+    with pytest.raises(ValueError, match="state must be in the range of unsigned int"):
+        emu.set_current_state(-1)
+    assert me.state == emu.TASK_RUNNING
+    with pytest.raises(TypeError, match="mask must be an int"):
+        emu.wake_up_state(me, None)
+    with pytest.raises(ValueError, match="mask must be in the range of unsigned int"):
+        emu.wake_up_state(me, 1 << 32)
+    assert emu.wake_up_state(me, emu.UINT_MAX) == 0  # running: nothing to wake
+
+
+def test_send_sig_checks_types_and_refuses_non_signals_like_the_kernel(kernel):
+    me = emu.current()
+    with pytest.raises(TypeError, match="sig must be a signal number"):
+        emu.send_sig("9", me, 0)
+    with pytest.raises(TypeError, match="priv must be an int"):
+        emu.send_sig(10, me, None)
+    assert emu.send_sig(99, me, 0) == -emu.EINVAL
+    assert not emu.signal_pending(me)
