@@ -168,3 +168,22 @@ def test_send_sig_checks_types_and_refuses_non_signals_like_the_kernel(kernel):
         emu.send_sig(10, me, None)
     assert emu.send_sig(99, me, 0) == -emu.EINVAL
     assert not emu.signal_pending(me)
+
+
+# --- sleeping ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sleep", [emu.schedule_timeout, emu.schedule_timeout_interruptible,
+                                   emu.schedule_timeout_uninterruptible,
+                                   emu.schedule_timeout_killable, emu.schedule_timeout_idle])
+def test_schedule_timeout_checks_the_timeout_before_the_state_changes(kernel, sleep):
+    with pytest.raises(TypeError, match="timeout must be an int"):
+        sleep("1")
+    with pytest.raises(ValueError, match="timeout must be in the range of long"):
+        sleep(2**63)
+    assert emu.current().state == emu.TASK_RUNNING
+    assert emu.task_state_to_char(emu.current()) == "R"
+
+
+def test_ssleep_refuses_seconds_that_overflow_msecs(kernel):
+    with pytest.raises(ValueError, match="seconds must be at most"):
+        emu.ssleep(2**32 // 1000 + 1)
