@@ -187,3 +187,106 @@ def test_schedule_timeout_checks_the_timeout_before_the_state_changes(kernel, sl
 def test_ssleep_refuses_seconds_that_overflow_msecs(kernel):
     with pytest.raises(ValueError, match="seconds must be at most"):
         emu.ssleep(2**32 // 1000 + 1)
+
+
+# --- atomics and spinlocks --------------------------------------------------------------------
+
+def test_atomic_of_2_to_the_40_is_refused_not_zero(kernel):
+    before = in_use("atomics")
+    with pytest.raises(ValueError, match=r"value must be in the range of int, "
+                                         r"-2147483648 to 2147483647; got 1099511627776"):
+        emu.Atomic(2**40)
+    assert in_use("atomics") == before, "a refused constructor must not take a record"
+    assert emu.Atomic(INT_MAX).counter == INT_MAX and emu.Atomic(INT_MIN).counter == INT_MIN
+    assert emu.Atomic64(2**40).counter == 2**40
+
+
+@pytest.mark.parametrize("cls, lo, hi", [(emu.Atomic, INT_MIN, INT_MAX),
+                                         (emu.Atomic64, S64_MIN, S64_MAX)])
+def test_constructor_range_and_type(kernel, cls, lo, hi):
+    for bad in (hi + 1, lo - 1, 2**100):
+        with pytest.raises(ValueError, match="value must be in the range of"):
+            cls(bad)
+    for bad in ("1", 1.0, None, True):
+        with pytest.raises(TypeError, match="value must be an int"):
+            cls(bad)
+    with pytest.raises(ValueError, match="i must be in the range of int"):
+        emu.ATOMIC_INIT(hi + 1 if cls is emu.Atomic else 2**40)
+    assert cls(hi).counter == hi and cls(lo).counter == lo
+
+
+def test_atomic_set_of_2_to_the_31_is_refused_and_changes_nothing(kernel):
+    a = emu.Atomic(5)
+    with pytest.raises(ValueError, match="i must be in the range of int, "
+                                         "-2147483648 to 2147483647; got 2147483648"):
+        emu.atomic_set(a, 2**31)
+    assert emu.atomic_read(a) == 5
+
+
+OPS = {  # name: (call(v, value), the argument the value is)
+    "set": (lambda p, v, i: p.set(v, i), "i"),
+    "add": (lambda p, v, i: p.add(i, v), "i"),
+    "sub": (lambda p, v, i: p.sub(i, v), "i"),
+    "add_return": (lambda p, v, i: p.add_return(i, v), "i"),
+    "sub_return": (lambda p, v, i: p.sub_return(i, v), "i"),
+    "xchg": (lambda p, v, i: p.xchg(v, i), "new"),
+    "cmpxchg old": (lambda p, v, i: p.cmpxchg(v, i, 0), "old"),
+    "cmpxchg new": (lambda p, v, i: p.cmpxchg(v, 5, i), "new"),
+}
+
+
+class Ops:
+    """atomic_<op> or atomic64_<op> by name."""
+
+    def __init__(self, prefix):
+        self.prefix = prefix
+
+    def __getattr__(self, op):
+        return getattr(emu, self.prefix + op)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("cls, prefix, lo, hi", [(emu.Atomic, "atomic_", INT_MIN, INT_MAX),
+                                                 (emu.Atomic64, "atomic64_", S64_MIN, S64_MAX)])
+def test_every_value_argument_is_checked_before_the_change(kernel, op, cls, prefix, lo, hi):
+    call, arg = OPS[op]
+    ops = Ops(prefix)
+    v = cls(5)
+    for bad in (hi + 1, lo - 1, 2**200):
+        with pytest.raises(ValueError, match=f"{arg} must be in the range of"):
+            call(ops, v, bad)
+    for bad in (1.0, "1", None, [1], True):
+        with pytest.raises(TypeError, match=f"{arg} must be an int"):
+            call(ops, v, bad)
+    assert ops.read(v) == 5, "a refused call must not change the value"
+    call(ops, v, lo)
+    call(ops, v, hi)  # both ends of the range are accepted
+
+
+def test_arithmetic_wraps_as_in_the_kernel(kernel):
+    a = emu.Atomic(INT_MAX)
+    emu.atomic_inc(a)
+    assert emu.atomic_read(a) == INT_MIN
+    emu.atomic_dec(a)
+    assert emu.atomic_read(a) == INT_MAX
+    emu.atomic_add(INT_MAX, a)
+    assert emu.atomic_read(a) == -2
+    emu.atomic_sub(INT_MIN, a)  # -INT_MIN wraps to INT_MIN: adds 2**31
+    assert emu.atomic_read(a) == INT_MAX - 1
+    b = emu.Atomic64(S64_MAX)
+    emu.atomic64_inc(b)
+    assert emu.atomic64_read(b) == S64_MIN
+    assert emu.atomic64_sub_return(S64_MIN, b) == 0
+
+
+def test_bad_irqrestore_flags_leave_the_lock_held(kernel):
+    lock = emu.Spinlock()
+    flags = emu.spin_lock_irqsave(lock)
+    for bad in (None, "x", -1, 2**64):
+        with pytest.raises((TypeError, ValueError), match="flags must be"):
+            emu.spin_unlock_irqrestore(lock, bad)
+    assert emu.spin_is_locked(lock) and emu.irqs_disabled() and emu.in_atomic()
+    emu.spin_unlock_irqrestore(lock, flags)
+    assert not emu.spin_is_locked(lock) and not emu.irqs_disabled()
+    with pytest.raises(TypeError, match="flags must be an int"):
+        emu.local_irq_restore(None)
