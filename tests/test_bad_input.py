@@ -290,3 +290,61 @@ def test_bad_irqrestore_flags_leave_the_lock_held(kernel):
     assert not emu.spin_is_locked(lock) and not emu.irqs_disabled()
     with pytest.raises(TypeError, match="flags must be an int"):
         emu.local_irq_restore(None)
+
+
+# --- interrupts and tasklets ------------------------------------------------------------------
+
+def test_irq_numbers_and_request_arguments(kernel):
+    for fn in (emu.disable_irq, emu.enable_irq, emu.synchronize_irq, emu.irq_inject_interrupt,
+               emu.disable_irq_nosync):
+        for bad in (None, "3", 3.0, True):
+            with pytest.raises(TypeError, match="irq must be an int IRQ number"):
+                fn(bad)
+        with pytest.raises(ValueError, match="irq must be an IRQ number from 0 to"):
+            fn(10**6)
+    dev = emu.Atomic()
+    with pytest.raises(TypeError, match="flags must be an int"):
+        emu.request_irq(3, emu.irq.irq_default_primary_handler, "0", "x", dev)
+    with pytest.raises(TypeError, match="thread_fn must be callable or None"):
+        emu.request_threaded_irq(3, None, 5, emu.IRQF_ONESHOT, "x", dev)
+    with pytest.raises(TypeError, match="name must be a str"):
+        emu.request_irq(3, emu.irq.irq_default_primary_handler, 0, None, dev)
+    assert emu.request_irq(3, None, 0, "x", dev) == -emu.EINVAL  # the kernel's answer
+    for bad in (None, "0", 1.5, [0, "1"]):
+        with pytest.raises(TypeError, match="cpus must be a CPU number or an iterable"):
+            emu.irq_set_affinity(3, bad)
+    assert emu.irq_set_affinity(3, [10**6]) == -emu.EINVAL
+
+
+def test_tasklet_arguments(kernel):
+    before = in_use("tasklets")
+    with pytest.raises(TypeError, match="callback must be callable, not int"):
+        emu.Tasklet(3)
+    assert in_use("tasklets") == before, "a refused constructor must not take a record"
+    for fn in (emu.tasklet_schedule, emu.tasklet_hi_schedule, emu.tasklet_disable,
+               emu.tasklet_enable, emu.tasklet_kill):
+        with pytest.raises(TypeError, match="t must be an emu.Tasklet, not Completion"):
+            fn(emu.Completion())
+    with pytest.raises(TypeError, match="t must be an emu.Tasklet, not NoneType"):
+        emu.tasklet_setup(None, tasklet_fn)
+
+
+# --- printk and ERR_PTR -----------------------------------------------------------------------
+
+def test_printk_names_fmt(kernel):
+    for fn in (emu.printk, emu.pr_info, emu.pr_cont):
+        with pytest.raises(TypeError, match="fmt must be a str, not NoneType"):
+            fn(None)
+    with pytest.raises(ValueError, match="fmt '%d' does not fit its arguments"):
+        emu.pr_info("%d", "x")
+    with pytest.raises(ValueError, match="fmt"):
+        emu.printk("%s %s", 1)
+    assert emu.printk("100%") == 4, "without arguments fmt is the text"
+
+
+def test_ptr_err(kernel):
+    assert emu.PTR_ERR(emu.ERR_PTR(-emu.EINVAL)) == -emu.EINVAL
+    with pytest.raises(TypeError, match="x must be an emu.ErrPtr, not NoneType"):
+        emu.PTR_ERR(None)
+    with pytest.raises(TypeError, match="errno must be an int"):
+        emu.ERR_PTR("EINVAL")
