@@ -119,7 +119,8 @@ class Task:
 
     @property
     def state(self) -> int:
-        return int(self._rec.state)
+        """``__state``: an unsigned int (stored in an int32 field)."""
+        return int(self._rec.state) & UINT_MAX
 
     @property
     def flags(self) -> int:

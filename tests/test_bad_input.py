@@ -158,6 +158,11 @@ def test_task_state_and_mask_are_checked(kernel):
     with pytest.raises(ValueError, match="mask must be in the range of unsigned int"):
         emu.wake_up_state(me, 1 << 32)
     assert emu.wake_up_state(me, emu.UINT_MAX) == 0  # running: nothing to wake
+    emu.set_current_state(1 << 31)  # __state is an unsigned int: it reads back as given
+    try:
+        assert me.state == 1 << 31
+    finally:
+        emu.set_current_state(emu.TASK_RUNNING)
 
 
 def test_send_sig_checks_types_and_refuses_non_signals_like_the_kernel(kernel):
