@@ -50,7 +50,7 @@ DOCUMENTED = (TypeError, ValueError, OverflowError, emu.EmuError)
 REFUSED = (TypeError, ValueError, OverflowError)
 POOLS = ("completions", "atomics", "spinlocks", "funcrefs", "tasklets")
 SLEEP_JIFFIES = 2  # the longest sleep a call may ask for
-EXAMPLES = int(os.environ.get("EMU_FUZZ_EXAMPLES", "100"))
+EXAMPLES = int(os.environ.get("EMU_FUZZ_EXAMPLES", "60"))
 
 # --- callbacks (module level: IRQ handlers and tasklet callbacks are stored by reference) --
 
@@ -198,7 +198,7 @@ JUNK = st.one_of(
 )
 STATES = st.sampled_from([
     emu.TASK_RUNNING, emu.TASK_INTERRUPTIBLE, emu.TASK_UNINTERRUPTIBLE, emu.TASK_KILLABLE,
-    emu.TASK_IDLE, emu.TASK_PARKED, emu.TASK_NORMAL, emu.TASK_WAKEKILL,
+    emu.TASK_IDLE, emu.TASK_PARKED, emu.TASK_NORMAL, emu.TASK_WAKEKILL, 1 << 31, emu.UINT_MAX,
 ])
 RIGHT = {
     "x": pool("c", "c2"),
