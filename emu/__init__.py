@@ -28,6 +28,7 @@ except ImportError as exc:
         f"a C compiler), then try again"
     ) from exc
 
+from . import checks as _checks
 from .bug import KernelBug
 from .completion import (
     DECLARE_COMPLETION,
@@ -268,7 +269,7 @@ class ErrPtr:
 
 
 def ERR_PTR(errno: int) -> ErrPtr:
-    return ErrPtr(errno)
+    return ErrPtr(_checks.check_int(errno, "errno", "long"))
 
 
 def IS_ERR(x: object) -> bool:
@@ -278,6 +279,8 @@ def IS_ERR(x: object) -> bool:
 
 def PTR_ERR(x: ErrPtr) -> int:
     """The (negative) errno carried by an ERR_PTR."""
+    if not isinstance(x, ErrPtr):
+        raise _checks.not_a("x", "an emu.ErrPtr", x)
     return x.errno
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import bug, image, preempt
+from . import bug, checks, image, preempt
 from .constants import (
     ERESTARTSYS,
     MAX_SCHEDULE_TIMEOUT,
@@ -146,7 +146,15 @@ def _free(c: Completion) -> None:
 #
 # Each call below hands (index, generation) to WaitCore, which checks that the handle is
 # live and does the whole operation; it returns None, having changed nothing, when the
-# handle is stale or (waits) when Python must check and report something first.
+# handle is stale or (waits) when Python must check and report something first. A handle
+# that is not a Completion fails at ``x._core``, before anything changed: the handler
+# turns that AttributeError into the TypeError naming `x` (free on the success path).
+
+def _check(x: object) -> None:
+    """Raise the TypeError naming `x` unless it is a Completion (using it failed)."""
+    if not isinstance(x, Completion):
+        raise checks.not_a("x", "an emu.Completion", x) from None
+
 
 def remove_waiter(x: Completion, slot: int) -> bool:
     """Unlink task `slot` from `x`'s queue wherever it is; False if it was not queued."""
@@ -160,7 +168,12 @@ def complete(x: Completion) -> None:
 
     ``done`` is incremented unless it is UINT_MAX (after complete_all()). Any context.
     """
-    if x._core.complete(x.index, x.generation, False) is None:
+    try:
+        live = x._core.complete(x.index, x.generation, False)
+    except AttributeError:
+        _check(x)
+        raise
+    if live is None:
         x._stale()
 
 
@@ -172,7 +185,11 @@ def complete_all(x: Completion) -> None:
     complete_all() without reinit_completion() is reported with a WARN (the kernel
     documents it as a bug but does not check). Any context.
     """
-    twice = x._core.complete(x.index, x.generation, True)
+    try:
+        twice = x._core.complete(x.index, x.generation, True)
+    except AttributeError:
+        _check(x)
+        raise
     if twice is None:
         x._stale()
     if twice:
@@ -185,7 +202,11 @@ def init_completion(x: Completion) -> None:
     Waiters still queued are lost (never woken by complete()): that is reported with a
     WARN, as the kernel documentation calls it a bug.
     """
-    lost = x._core.reset(x.index, x.generation, True)
+    try:
+        lost = x._core.reset(x.index, x.generation, True)
+    except AttributeError:
+        _check(x)
+        raise
     if lost is None:
         x._stale()
     if lost:
@@ -198,7 +219,11 @@ def reinit_completion(x: Completion) -> None:
     The caller must ensure no task is waiting: a reinit with waiters queued is reported
     with a WARN.
     """
-    waiting = x._core.reset(x.index, x.generation, False)
+    try:
+        waiting = x._core.reset(x.index, x.generation, False)
+    except AttributeError:
+        _check(x)
+        raise
     if waiting is None:
         x._stale()
     if waiting:
@@ -214,7 +239,11 @@ def _wait(x: Completion, timeout: int, state: int) -> int:
     WaitCore.wait_for() does the common case (a live handle, a task in process context)
     entirely in native code; everything else goes through _wait_slow().
     """
-    left = x._core.wait_for(x.index, x.generation, timeout, state)
+    try:
+        left = x._core.wait_for(x.index, x.generation, timeout, state)
+    except AttributeError:
+        _check(x)
+        raise
     return _wait_slow(x, timeout, state) if left is None else left
 
 
@@ -289,7 +318,8 @@ def wait_for_completion_killable_timeout(x: Completion, timeout: int) -> int:
 
 def wait_for_completion_state(x: Completion, state: int) -> int:
     """Wait in `state` (e.g. TASK_IDLE): 0 when completed, -ERESTARTSYS if a signal ended it."""
-    if not isinstance(state, int) or not state & (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE):
+    checks.check_int(state, "state", "unsigned int")
+    if not state & (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE):
         raise ValueError(f"state must be a sleeping TASK_* state, got {state!r}")
     t = _wait(x, MAX_SCHEDULE_TIMEOUT, state)
     return -ERESTARTSYS if t == -ERESTARTSYS else 0
@@ -297,7 +327,11 @@ def wait_for_completion_state(x: Completion, state: int) -> int:
 
 def try_wait_for_completion(x: Completion) -> bool:
     """Consume one completion without sleeping: True if one was available. Any context."""
-    ok = x._core.try_wait(x.index, x.generation)
+    try:
+        ok = x._core.try_wait(x.index, x.generation)
+    except AttributeError:
+        _check(x)
+        raise
     if ok is None:
         x._stale()
     return bool(ok)
@@ -305,7 +339,11 @@ def try_wait_for_completion(x: Completion) -> bool:
 
 def completion_done(x: Completion) -> bool:
     """True if a wait would not block (``done != 0``). Any context."""
-    return bool(x.rec.done)
+    try:
+        return bool(x.rec.done)
+    except AttributeError:
+        _check(x)
+        raise
 
 
 __all__ = [

@@ -24,12 +24,12 @@ import ctypes
 import pickle
 import signal as _os_signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import _emu_native as _native
 
-from . import bug, image, locking, preempt
+from . import bug, checks, image, locking, preempt
 from .constants import EBUSY, EINVAL, ENOMEM, PF_IDLE, TASK_INTERRUPTIBLE, TASK_RUNNING
 from .printk import log_store
 from .sched import schedule, schedule_timeout_idle
@@ -141,8 +141,17 @@ def _core() -> Any:
 def _desc(irq: int) -> Any:
     descs = _views().descs
     if type(irq) is not int or not 0 <= irq < len(descs):
-        raise ValueError(f"irq must be an IRQ number from 0 to {len(descs) - 1}, got {irq!r}")
+        _check_irq(irq)
     return descs[irq]
+
+
+def _check_irq(irq: object) -> None:
+    """TypeError unless `irq` is an int, ValueError unless it names a line."""
+    if type(irq) is not int:
+        raise checks.not_a("irq", "an int IRQ number", irq) from None
+    nr_irqs = len(_views().descs)
+    if not 0 <= irq < nr_irqs:
+        raise ValueError(f"irq must be an IRQ number from 0 to {nr_irqs - 1}, got {irq}") from None
 
 
 def _lock(desc: Any) -> int:
@@ -153,7 +162,12 @@ def _lock(desc: Any) -> int:
 
 def irq_inject_interrupt(irq: int) -> None:
     """Raise IRQ `irq` now on its target CPU (irq_set_affinity()). Any context, any process."""
-    if _core().raise_irq(irq):
+    try:
+        ours = _core().raise_irq(irq)
+    except ValueError:
+        _check_irq(irq)  # the TypeError of a wrong type
+        raise
+    if ours:
         do_IRQ()  # our own CPU: take it now (or leave it pending if IRQs are off)
 
 
@@ -360,8 +374,13 @@ def request_threaded_irq(irq: int, handler: Callable[[int, Any], int] | None,
     returns IRQ_WAKE_THREAD. Process context only (it may sleep).
     """
     desc = _desc(irq)
+    if handler is not None and not callable(handler):
+        raise checks.not_a("handler", "callable or None", handler)
+    if thread_fn is not None and not callable(thread_fn):
+        raise checks.not_a("thread_fn", "callable or None", thread_fn)
+    checks.check_int(flags, "flags", "unsigned long")
     if not isinstance(name, str):
-        raise TypeError(f"name must be a str, not {type(name).__name__}")
+        raise checks.not_a("name", "a str", name)
     if handler is None and thread_fn is None:
         return -EINVAL
     if flags & IRQF_SHARED and dev is None:
@@ -370,10 +389,6 @@ def request_threaded_irq(irq: int, handler: Callable[[int, Any], int] | None,
         log_store(3, f"genirq: Threaded irq requested with handler=NULL and !ONESHOT for "
                      f"{name} (irq {irq})")
         return -EINVAL
-    if thread_fn is not None and not callable(thread_fn):
-        raise TypeError(f"thread_fn must be callable, not {type(thread_fn).__name__}")
-    if handler is not None and not callable(handler):
-        raise TypeError(f"handler must be callable, not {type(handler).__name__}")
     preempt.might_sleep()
     start_irq_layer()
     ref = store_funcref((handler or irq_default_primary_handler, dev), "handler")
@@ -506,12 +521,27 @@ def synchronize_irq(irq: int) -> None:
         time.sleep(0.0002)
 
 
+def _cpu_list(cpus: Any) -> list[int]:
+    """`cpus`, a CPU number or an iterable of them, as a list; else TypeError."""
+    def is_int(c: object) -> bool:
+        return isinstance(c, int) and not isinstance(c, bool)
+
+    if is_int(cpus):
+        return [cpus]
+    if isinstance(cpus, Iterable) and not isinstance(cpus, (str, bytes)):
+        wanted = list(cpus)
+        if all(is_int(c) for c in wanted):
+            return wanted
+    raise checks.not_a("cpus", "a CPU number or an iterable of CPU numbers", cpus)
+
+
 def irq_set_affinity(irq: int, cpus: Any) -> int:
-    """Route `irq` to a CPU of `cpus` (a CPU number or a set): 0, or -EINVAL."""
+    """Route `irq` to a CPU of `cpus` (a CPU number or an iterable of them): 0, or
+    -EINVAL if one of them does not exist or there are none."""
     desc = _desc(irq)
     ncpus = image.this().img.hdr.ncpus
-    wanted = [cpus] if isinstance(cpus, int) else sorted(cpus)
-    valid = [c for c in wanted if isinstance(c, int) and 0 <= c < ncpus]
+    wanted = sorted(_cpu_list(cpus))
+    valid = [c for c in wanted if 0 <= c < ncpus]
     if not valid or len(valid) != len(wanted):
         return -EINVAL
     desc.affinity = valid[0]

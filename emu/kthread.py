@@ -18,7 +18,7 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import bug, image, irq, preempt
+from . import bug, checks, image, irq, preempt
 from .completion import (
     Completion,
     _free,
@@ -30,6 +30,7 @@ from .completion import (
 from .constants import (
     EBUSY,
     EINTR,
+    EINVAL,
     ENOSYS,
     ESRCH,
     PF_EXITING,
@@ -46,6 +47,7 @@ from .sched import install_show_stack, schedule
 from .task import (
     Task,
     alloc_slot,
+    check_task,
     current,
     free_slot,
     set_current,
@@ -314,6 +316,7 @@ def _to_int(result: Any) -> int:
 
 def kthread_exit(result: int) -> None:
     """End the current kthread with `result` (what kthread_stop() returns). Does not return."""
+    checks.check_int(result, "result", "long")
     me = current()
     if not me.is_kthread:
         bug.warn("kthread_exit() called by a task that is not a kthread", depth=2)
@@ -323,6 +326,9 @@ def kthread_exit(result: int) -> None:
 
 def kthread_complete_and_exit(comp: Completion | None, code: int) -> None:
     """complete(comp) if given, then kthread_exit(code)."""
+    if comp is not None and not isinstance(comp, Completion):
+        raise checks.not_a("comp", "an emu.Completion or None", comp)
+    checks.check_int(code, "code", "long")
     if comp is not None:
         complete(comp)
     kthread_exit(code)
@@ -348,12 +354,17 @@ def kthread_stop(k: Task) -> int:
 
     Misuse that makes the kernel hang is reported instead: stopping the current task
     is a BUG; stopping a task twice (or after it was released) is a WARN and
-    returns -ESRCH.
+    returns -ESRCH; stopping a task that is not a kthread is a WARN (to_kthread()) and
+    returns -EINVAL.
     """
+    check_task(k, "k")
     me = current()
     if _stopped_twice(k):
         bug.warn(f"kthread_stop() on a task that was already stopped (slot {k.slot})", depth=2)
         return -ESRCH
+    if not k.is_kthread:
+        bug.warn(f"kthread_stop() on {k.comm}/{k.pid}, which is not a kthread", depth=2)
+        return -EINVAL
     if k == me:
         bug.BUG(depth=2)
     rec = k.rec
@@ -439,7 +450,7 @@ def kthread_should_stop_or_park() -> bool:
 
 def kthread_data(task: Task) -> Any:
     """The `data` given at creation (WARN and None if `task` is not a kthread)."""
-    if not task.is_kthread:
+    if not check_task(task).is_kthread:
         bug.warn("kthread_data() on a task that is not a kthread", depth=2)
         return None
     return task.data
@@ -447,7 +458,7 @@ def kthread_data(task: Task) -> Any:
 
 def kthread_func(task: Task) -> Any:
     """The threadfn given at creation, or None if `task` is not a kthread."""
-    return task.threadfn if task.is_kthread else None
+    return task.threadfn if check_task(task).is_kthread else None
 
 
 # --- binding -------------------------------------------------------------------------------
@@ -470,6 +481,7 @@ def _bind(k: Task, cpu: int) -> None:
 
 def kthread_bind(k: Task, cpu: int) -> None:
     """Pin a just-created kthread to `cpu` for good. Only before its first wake-up."""
+    check_task(k, "k")
     check_cpu(cpu)
     _bind(k, cpu)
 
@@ -477,6 +489,9 @@ def kthread_bind(k: Task, cpu: int) -> None:
 def kthread_bind_mask(k: Task, cpus: Iterable[int]) -> None:
     """kthread_bind() to a set of CPUs. emu pins a task to exactly one CPU: the lowest of
     `cpus`, or the task's current CPU when it is in the set."""
+    check_task(k, "k")
+    if not isinstance(cpus, Iterable) or isinstance(cpus, (str, bytes)):
+        raise checks.not_a("cpus", "an iterable of CPU numbers", cpus)
     mask = sorted({check_cpu(c, "cpus") for c in cpus})
     if not mask:
         raise ValueError("cpus must name at least one CPU")
@@ -510,7 +525,12 @@ def kthread_park(k: Task) -> int:
     Returns 0; -ENOSYS (with a WARN) if `k` is exiting; -EBUSY (with a WARN) if a park
     is already pending. A never-started thread parks without running threadfn.
     Parking is cooperative: `k` must call kthread_parkme(). Process context only.
+    A task that is not a kthread is a WARN (to_kthread()) and returns -EINVAL.
     """
+    check_task(k, "k")
+    if not k.is_kthread:
+        bug.warn(f"kthread_park() on {k.comm}/{k.pid}, which is not a kthread", depth=2)
+        return -EINVAL
     rec = k.rec
     if rec.flags & PF_EXITING:
         bug.warn(f"kthread_park() on exiting task {k.comm}/{k.pid}", depth=2)
@@ -529,6 +549,7 @@ def kthread_park(k: Task) -> int:
 
 def kthread_unpark(k: Task) -> None:
     """Clear a pending park request and wake `k` from TASK_PARKED. Does not wait."""
+    check_task(k, "k")
     old = _native.and32(_kflags_addr(k), ~KTHREAD_SHOULD_PARK)
     if old & KTHREAD_SHOULD_PARK:
         wake_up_state(k, TASK_PARKED)

@@ -16,7 +16,7 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import bug, image, preempt
+from . import bug, checks, image, preempt
 from .errors import StaleObjectError
 
 #: Busy-wait iterations before sleeping on the futex (the "spin briefly" part).
@@ -133,11 +133,14 @@ class _Shared:
 class Atomic(_Shared):
     """atomic_t: a 32-bit counter in shared memory, lock-free from every task and context.
 
-    Arithmetic wraps like a C int. Pass the handle to kthreads (inherited or pickled).
+    Arithmetic wraps like a C int (atomic_inc() of INT_MAX gives INT_MIN); a value given
+    to the constructor or an atomic_*() function must fit an int (ValueError otherwise).
+    Pass the handle to kthreads (inherited or pickled).
     """
 
     TABLE = "atomics"
     FIELD = "value"
+    CTYPE = "int"  # what atomic_t holds: the C type of every value argument
     __slots__ = ()
     _load = staticmethod(_native.load32)
     _store = staticmethod(_native.store32)
@@ -146,6 +149,7 @@ class Atomic(_Shared):
     _cmpxchg = staticmethod(_native.cmpxchg32)
 
     def __init__(self, value: int = 0) -> None:
+        checks.check_int(value, "value", self.CTYPE)
         super().__init__()
         self._store(self._addr, value)
 
@@ -158,8 +162,9 @@ class Atomic(_Shared):
 
 
 class Atomic64(Atomic):
-    """atomic64_t: a 64-bit counter in shared memory."""
+    """atomic64_t: a 64-bit counter in shared memory (values are s64)."""
 
+    CTYPE = "s64"
     __slots__ = ()
     _load = staticmethod(_native.load64)
     _store = staticmethod(_native.store64)
@@ -169,65 +174,107 @@ class Atomic64(Atomic):
 
 
 def _atomic_ops(cls: type[Atomic]) -> dict[str, object]:
-    """The atomic_*() (or atomic64_*()) functions, each checking it got a `cls`."""
-    name = "atomic64_t" if cls is Atomic64 else "atomic_t"
+    """The atomic_*() (or atomic64_*()) functions, each checking its arguments (a `cls`,
+    values that fit cls.CTYPE) before it changes anything.
 
-    def check(v: Atomic) -> int:
+    Each tests its arguments inline (no call) and calls check() only when that test
+    fails; the native operations are bound here once and return ints. Together that
+    keeps the checked calls as fast as the unchecked ones were.
+    """
+    name = "atomic64_t" if cls is Atomic64 else "atomic_t"
+    ctype = cls.CTYPE
+    lo, hi = checks.C_RANGES[ctype]
+    load, store, add_new, exchange, compare_exchange = (
+        cls._load, cls._store, cls._add, cls._xchg, cls._cmpxchg)
+
+    def check(v: Atomic, i: int = 0, arg: str = "i") -> None:
+        """Raise the error for `v` or for value `i` (argument `arg`); return if both are
+        valid after all (an int subclass, such as an IntEnum, in range)."""
         if type(v) is not cls:
-            raise TypeError(f"v must be an emu.{cls.__name__} ({name}), not {type(v).__name__}")
-        return v.addr()
+            raise checks.not_a("v", f"an emu.{cls.__name__} ({name})", v)
+        checks.check_int(i, arg, ctype)
 
     def read(v: Atomic) -> int:
         """The value."""
-        return int(cls._load(check(v)))
+        if type(v) is not cls:
+            check(v)
+        return load(v.addr())
 
     def set(v: Atomic, i: int) -> None:
         """Store `i`."""
-        cls._store(check(v), i)
+        if type(v) is not cls or type(i) is not int or not lo <= i <= hi:
+            check(v, i)
+        store(v.addr(), i)
 
     def add_return(i: int, v: Atomic) -> int:
         """Add `i`; returns the new value."""
-        return int(cls._add(check(v), i))
+        if type(v) is not cls or type(i) is not int or not lo <= i <= hi:
+            check(v, i)
+        return add_new(v.addr(), i)
 
     def add(i: int, v: Atomic) -> None:
         """Add `i`."""
-        cls._add(check(v), i)
+        if type(v) is not cls or type(i) is not int or not lo <= i <= hi:
+            check(v, i)
+        add_new(v.addr(), i)
 
     def sub(i: int, v: Atomic) -> None:
         """Subtract `i`."""
-        cls._add(check(v), -i)
+        if type(v) is not cls or type(i) is not int or not lo <= i <= hi:
+            check(v, i)
+        add_new(v.addr(), -i)
 
     def sub_return(i: int, v: Atomic) -> int:
         """Subtract `i`; returns the new value."""
-        return int(cls._add(check(v), -i))
+        if type(v) is not cls or type(i) is not int or not lo <= i <= hi:
+            check(v, i)
+        return add_new(v.addr(), -i)
 
     def inc(v: Atomic) -> None:
-        cls._add(check(v), 1)
+        if type(v) is not cls:
+            check(v)
+        add_new(v.addr(), 1)
 
     def dec(v: Atomic) -> None:
-        cls._add(check(v), -1)
+        if type(v) is not cls:
+            check(v)
+        add_new(v.addr(), -1)
 
     def inc_return(v: Atomic) -> int:
-        return int(cls._add(check(v), 1))
+        if type(v) is not cls:
+            check(v)
+        return add_new(v.addr(), 1)
 
     def dec_return(v: Atomic) -> int:
-        return int(cls._add(check(v), -1))
+        if type(v) is not cls:
+            check(v)
+        return add_new(v.addr(), -1)
 
     def dec_and_test(v: Atomic) -> bool:
         """Decrement; True if the result is 0."""
-        return cls._add(check(v), -1) == 0
+        if type(v) is not cls:
+            check(v)
+        return add_new(v.addr(), -1) == 0
 
     def inc_and_test(v: Atomic) -> bool:
         """Increment; True if the result is 0."""
-        return cls._add(check(v), 1) == 0
+        if type(v) is not cls:
+            check(v)
+        return add_new(v.addr(), 1) == 0
 
     def xchg(v: Atomic, new: int) -> int:
         """Store `new`; returns the old value."""
-        return int(cls._xchg(check(v), new))
+        if type(v) is not cls or type(new) is not int or not lo <= new <= hi:
+            check(v, new, "new")
+        return exchange(v.addr(), new)
 
     def cmpxchg(v: Atomic, old: int, new: int) -> int:
         """Store `new` if the value is `old`; returns the value found (== old on success)."""
-        return int(cls._cmpxchg(check(v), old, new))
+        if type(v) is not cls or type(old) is not int or not lo <= old <= hi:
+            check(v, old, "old")
+        if type(new) is not int or not lo <= new <= hi:
+            check(v, new, "new")
+        return compare_exchange(v.addr(), old, new)
 
     ops = {
         "read": read, "set": set, "add": add, "sub": sub, "inc": inc, "dec": dec,
@@ -275,7 +322,7 @@ atomic64_cmpxchg: Any = _OPS64["atomic64_cmpxchg"]
 
 def ATOMIC_INIT(i: int) -> Atomic:
     """A new atomic_t holding `i`."""
-    return Atomic(i)
+    return Atomic(checks.check_int(i, "i", Atomic.CTYPE))
 
 
 # --- spinlock_t -----------------------------------------------------------------------------
@@ -417,6 +464,8 @@ def spin_lock_irqsave(lock: Spinlock) -> int:
 
 def spin_unlock_irqrestore(lock: Spinlock, flags: int) -> None:
     """spin_unlock(), then restore the interrupt state saved by spin_lock_irqsave()."""
+    if type(flags) is not int or not 0 <= flags <= checks.ULONG_MAX:
+        checks.check_int(flags, "flags", "unsigned long")  # before the lock is released
     spin_unlock(lock)
     preempt.local_irq_restore(flags)
 

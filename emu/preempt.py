@@ -16,7 +16,7 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import bug, image
+from . import bug, checks, image
 
 PREEMPT_OFFSET = 0x1
 SOFTIRQ_OFFSET = 0x100
@@ -165,6 +165,8 @@ def local_irq_save() -> int:
 
 def local_irq_restore(flags: int) -> None:
     """Restore the interrupt state saved by local_irq_save()."""
+    if type(flags) is not int or not 0 <= flags <= checks.ULONG_MAX:
+        checks.check_int(flags, "flags", "unsigned long")
     if flags & 0x200:
         local_irq_enable()
     else:

@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Callable
 
-from . import image, locking
+from . import checks, image, locking
 
 KERN_SOH = "\x01"
 KERN_EMERG = KERN_SOH + "0"
@@ -50,11 +50,24 @@ def printk(fmt: str, *args: object) -> int:
     """Log ``fmt % args`` at the level given by an optional KERN_* prefix.
 
     Callable from any context; never sleeps. Returns the number of characters
-    logged, like the kernel's printk.
+    logged, like the kernel's printk. A `fmt` that is not a str, or does not fit
+    `args`, raises TypeError or ValueError naming `fmt` (the kernel's compiler checks
+    printf formats).
     """
-    text = fmt % args if args else fmt
+    text = _format(fmt, args)
     level, text = _split_level(text)
     return log_store(level, text)
+
+
+def _format(fmt: str, args: tuple[object, ...]) -> str:
+    if not isinstance(fmt, str):
+        raise checks.not_a("fmt", "a str", fmt)
+    if not args:
+        return fmt
+    try:
+        return fmt % args
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(f"fmt {fmt!r} does not fit its arguments {args!r}: {exc}") from None
 
 
 def log_store(level: int, text: str) -> int:
@@ -131,7 +144,7 @@ def dmesg(img: image.SharedImage | None = None) -> list[str]:
 
 def _pr(level: str) -> Callable[..., int]:
     def pr(fmt: str, *args: object) -> int:
-        return printk(level + fmt, *args)
+        return printk(level + _format(fmt, args))
 
     return pr
 

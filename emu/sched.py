@@ -11,7 +11,7 @@ import signal as _os_signal
 import time
 from typing import Any
 
-from . import bug, image, preempt
+from . import bug, checks, image, preempt
 from .constants import (
     MAX_SCHEDULE_TIMEOUT,
     TASK_IDLE,
@@ -96,6 +96,7 @@ def schedule_timeout(timeout: int) -> int:
     MAX_SCHEDULE_TIMEOUT. A negative timeout is reported ("wrong timeout value") and
     returns 0 at once.
     """
+    checks.check_int(timeout, "timeout", "long")
     me = current()
     if timeout == MAX_SCHEDULE_TIMEOUT:
         schedule()
@@ -123,6 +124,7 @@ def schedule_timeout(timeout: int) -> int:
 
 
 def _schedule_timeout_state(state: int, timeout: int) -> int:
+    checks.check_int(timeout, "timeout", "long")  # before the state changes
     set_current_state(state)
     return schedule_timeout(timeout)
 
@@ -177,6 +179,9 @@ def msleep_interruptible(msecs: int) -> int:
 def ssleep(seconds: int) -> None:
     """msleep(seconds * 1000)."""
     _check_count(seconds, "seconds")
+    if seconds > UINT_MAX // 1000:
+        raise ValueError(f"seconds must be at most UINT_MAX / 1000 = {UINT_MAX // 1000}, "
+                         f"got {seconds}")
     msleep(seconds * 1000)
 
 

@@ -12,9 +12,9 @@ import signal as _os_signal
 
 import _emu_native as _native
 
-from . import image
+from . import checks, image
 from .constants import EINVAL, ESRCH, PF_EXITING, TASK_DEAD, TASK_INTERRUPTIBLE, TASK_WAKEKILL
-from .task import Task, current, wake_up_state
+from .task import Task, check_task, current, wake_up_state
 
 SIGKILL = int(_os_signal.SIGKILL)
 _NSIG = 64
@@ -24,9 +24,13 @@ def _bit(sig: int) -> int:
     return 1 << (sig - 1)
 
 
+def _check_sig_type(sig: int, name: str = "sig") -> None:
+    if not isinstance(sig, int) or isinstance(sig, bool):
+        raise checks.not_a(name, "a signal number (int)", sig)
+
+
 def _check_sig(sig: int, name: str = "sig") -> None:
-    if not isinstance(sig, int):
-        raise TypeError(f"{name} must be a signal number (int), not {type(sig).__name__}")
+    _check_sig_type(sig, name)
     if not 1 <= sig <= _NSIG:
         raise ValueError(f"{name} must be a signal number from 1 to {_NSIG}, got {sig}")
 
@@ -36,13 +40,18 @@ def _as_i64(bits: int) -> int:
 
 
 def send_sig(sig: int, task: Task, priv: int) -> int:
-    """Send `sig` to `task`: 0 on success (also when dropped), -EINVAL, or -ESRCH if it is exiting.
+    """Send `sig` to `task`: 0 on success (also when dropped), -EINVAL for a number
+    that is not a signal, or -ESRCH if it is exiting.
 
-    `priv` non-zero sends as the kernel (SEND_SIG_PRIV), which allow_kernel_signal()
-    accepts. A queued signal wakes interruptible sleepers; SIGKILL also killable ones.
-    Any context.
+    `priv` non-zero (an int or a bool) sends as the kernel (SEND_SIG_PRIV), which
+    allow_kernel_signal() accepts. A queued signal wakes interruptible sleepers; SIGKILL
+    also killable ones. Any context.
     """
-    if not isinstance(sig, int) or not 1 <= sig <= _NSIG:
+    _check_sig_type(sig)
+    check_task(task)
+    if not isinstance(priv, int):
+        raise checks.not_a("priv", "an int", priv)
+    if not 1 <= sig <= _NSIG:
         return -EINVAL
     rec = task.rec
     if rec.flags & PF_EXITING or rec.state == TASK_DEAD:
@@ -83,13 +92,21 @@ def disallow_signal(sig: int) -> None:
 
 def signal_pending(task: Task) -> bool:
     """A signal is queued, or TIF_NOTIFY_SIGNAL is set (by kthread_stop)."""
-    rec = task._rec
-    return bool(rec.notify_signal or rec.sigpending)
+    try:
+        rec = task._rec
+        return bool(rec.notify_signal or rec.sigpending)
+    except AttributeError:  # only a task's slot has these fields
+        check_task(task)
+        raise
 
 
 def fatal_signal_pending(task: Task) -> bool:
     """SIGKILL is queued for `task`."""
-    return bool(task._rec.sigpending & _bit(SIGKILL))
+    try:
+        return bool(task._rec.sigpending & _bit(SIGKILL))
+    except AttributeError:
+        check_task(task)
+        raise
 
 
 def signal_pending_state(state: int, task: Task) -> bool:
@@ -103,7 +120,7 @@ def signal_pending_state(state: int, task: Task) -> bool:
 
 def flush_signals(task: Task) -> None:
     """Discard every pending signal of `task` (TIF_NOTIFY_SIGNAL stays)."""
-    _native.store64(image.field_addr(task.rec, "sigpending"), 0)
+    _native.store64(image.field_addr(check_task(task).rec, "sigpending"), 0)
 
 
 def kernel_dequeue_signal() -> int:

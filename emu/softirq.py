@@ -19,7 +19,7 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import bug, image, locking, preempt
+from . import bug, checks, image, locking, preempt
 from .irq import (
     free_funcref,
     load_funcref,
@@ -50,6 +50,7 @@ class Tasklet(locking._Shared):
     __slots__ = ()
 
     def __init__(self, callback: Callable[[Tasklet], None], data: Any = None) -> None:
+        _check_callback(callback)  # before a record is taken
         super().__init__()
         tasklet_setup(self, callback, data)
         # A CPU with no running task serves its softirqs in its idle task.
@@ -69,10 +70,20 @@ class Tasklet(locking._Shared):
         super().__del__()
 
 
+def _check_tasklet(t: object) -> None:
+    if not isinstance(t, Tasklet):
+        raise checks.not_a("t", "an emu.Tasklet", t) from None
+
+
+def _check_callback(callback: object) -> None:
+    if not callable(callback):
+        raise checks.not_a("callback", "callable", callback)
+
+
 def tasklet_setup(t: Tasklet, callback: Callable[[Tasklet], None], data: Any = None) -> None:
     """(Re)initialise `t` with `callback` (a module-level function taking the tasklet)."""
-    if not callable(callback):
-        raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+    _check_tasklet(t)
+    _check_callback(callback)
     rec = t._rec
     index, generation = store_funcref((callback, data), "callback")
     if rec.ref:
@@ -84,6 +95,8 @@ def tasklet_setup(t: Tasklet, callback: Callable[[Tasklet], None], data: Any = N
 
 
 def _addr(t: Tasklet, field: str) -> int:
+    if type(t) is not Tasklet:
+        _check_tasklet(t)
     t.addr()
     return image.field_addr(t._rec, field)
 
@@ -131,6 +144,7 @@ def tasklet_unlock_wait(t: Tasklet) -> None:
 
 def tasklet_kill(t: Tasklet) -> None:
     """Wait until `t` is neither scheduled nor running. Process context only."""
+    _check_tasklet(t)
     if preempt.in_interrupt():
         bug.warn("Attempt to kill tasklet from interrupt", depth=2)
     preempt.might_sleep()

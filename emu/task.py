@@ -23,10 +23,11 @@ import posix_ipc
 
 import _emu_native as _native
 
-from . import image, locking, preempt
+from . import checks, image, locking, preempt
 from .constants import (
     EXIT_DEAD,
     EXIT_ZOMBIE,
+    INT_MAX,
     KTHREAD_NAME_LEN,
     PF_IDLE,
     PF_KTHREAD,
@@ -40,6 +41,7 @@ from .constants import (
     TASK_REPORT_IDLE,
     TASK_RTLOCK_WAIT,
     TASK_UNINTERRUPTIBLE,
+    UINT_MAX,
 )
 from .errors import CapacityError, EmuError, StaleObjectError
 
@@ -117,7 +119,8 @@ class Task:
 
     @property
     def state(self) -> int:
-        return int(self._rec.state)
+        """``__state``: an unsigned int (stored in an int32 field)."""
+        return int(self._rec.state) & UINT_MAX
 
     @property
     def flags(self) -> int:
@@ -130,6 +133,19 @@ class Task:
     @property
     def is_kthread(self) -> bool:
         return bool(self._rec.flags & PF_KTHREAD)
+
+
+def check_task(task: object, name: str = "task") -> Task:
+    """`task` if it is a Task handle; else the TypeError naming argument `name`."""
+    if not isinstance(task, Task):
+        raise checks.not_a(name, "an emu.Task", task) from None
+    return task
+
+
+def _check_state(state: Any, name: str) -> int:
+    """A task state or mask (``unsigned int``) as native/ takes it: a signed 32-bit int."""
+    checks.check_int(state, name, "unsigned int")
+    return state - (1 << 32) if state > INT_MAX else state
 
 
 # --- the task table ---------------------------------------------------------------------
@@ -261,6 +277,8 @@ def current() -> Task:
 
 def set_current_state(state: int) -> None:
     """Publish this task's state with a full barrier (smp_store_mb)."""
+    if type(state) is not int or not 0 <= state <= UINT_MAX:
+        _check_state(state, "state")
     current()
     _native.xchg32(_state_addr, state)
 
@@ -280,8 +298,19 @@ def wake_up_state(task: Task, mask: int) -> int:
 
     Safe from any context; never sleeps.
     """
-    _ = task.rec  # raises StaleObjectError for a released task
-    return wake_slot(task.slot, mask)
+    if type(mask) is not int or not 0 <= mask <= INT_MAX:
+        mask = _check_state(mask, "mask")
+    return wake_slot(_live_slot(task), mask)
+
+
+def _live_slot(task: Task) -> int:
+    """`task`'s slot; StaleObjectError once it was released, TypeError for a non-Task."""
+    try:
+        _ = task.rec
+        return task.slot
+    except AttributeError:  # only a Task has both
+        check_task(task)
+        raise
 
 
 def wake_slot(slot: int, mask: int) -> int:
@@ -295,7 +324,7 @@ def wake_up_process(task: Task) -> int:
     Returns 1 if the task was changed to running, 0 if it was already running or in a
     state this does not wake (parked, dead). Any context.
     """
-    return wake_up_state(task, TASK_NORMAL)
+    return wake_slot(_live_slot(task), TASK_NORMAL)
 
 
 def sleep(deadline_ns: int | None) -> bool:
@@ -326,7 +355,7 @@ def task_state_index(state: int) -> int:
 
 def task_state_to_char(task: Task) -> str:
     """The ps letter of `task`: one of R S D T t X Z P I."""
-    state = task.state
+    state = check_task(task).state
     if state == TASK_DEAD:
         return "X"
     return _STATE_LETTERS[task_state_index(state)]

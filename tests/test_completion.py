@@ -922,11 +922,13 @@ def test_bad_timeout_raises_naming_the_timeout(kernel, kind, bad, exc):
     assert c.done == 1, "a rejected call must not consume"
 
 
-@pytest.mark.parametrize("state", [emu.TASK_RUNNING, emu.TASK_PARKED, "D", None])
-def test_bad_wait_state_raises_naming_the_state(kernel, state):
+@pytest.mark.parametrize("state, exc", [(emu.TASK_RUNNING, ValueError),
+                                        (emu.TASK_PARKED, ValueError),
+                                        ("D", TypeError), (None, TypeError)])
+def test_bad_wait_state_raises_naming_the_state(kernel, state, exc):
     c = emu.Completion()
     emu.complete(c)
-    with pytest.raises(ValueError, match="state"):
+    with pytest.raises(exc, match="state"):
         emu.wait_for_completion_state(c, state)
     assert c.done == 1
 
