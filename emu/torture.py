@@ -45,9 +45,10 @@ from .completion import (
     wait_for_completion,
     wait_for_completion_interruptible_timeout,
     wait_for_completion_killable_timeout,
+    wait_for_completion_state,
     wait_for_completion_timeout,
 )
-from .constants import EINTR, ERESTARTSYS
+from .constants import EINTR, ERESTARTSYS, TASK_IDLE
 from .image import MAX_IRQ_SOURCES, NR_IRQS_MAX
 from .kernel import Kernel, boot
 from .kthread import (
@@ -373,7 +374,7 @@ def _gated(run: Run, threadfn: Callable[[Any], int]) -> Callable[[Any], int]:
     go = run.go
 
     def gated(data: Any) -> int:
-        wait_for_completion(go)
+        wait_for_completion_state(go, TASK_IDLE)  # idle: however long start-up takes
         return threadfn(data)
 
     return gated
