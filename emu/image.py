@@ -16,12 +16,13 @@ import mmap
 import os
 import re
 import secrets
-from ctypes import c_char, c_int32, c_int64, c_uint32, c_uint64
+from ctypes import c_char, c_int32, c_int64, c_uint8, c_uint32, c_uint64
 from typing import Any
 
 import posix_ipc
 
 import _emu_native as _native
+
 from .constants import KTHREAD_NAME_LEN, TASK_COMM_LEN
 from .errors import CapacityError, NotBootedError
 
@@ -87,6 +88,35 @@ class PoolHdr(ctypes.Structure):
     ]
 
 
+class HeapHdr(ctypes.Structure):
+    """The shared byte heap (heap.py): where its blocks lie and which are free."""
+
+    _fields_ = [
+        ("lock", LockWord),
+        ("size", c_int64),  # the heap_size boot parameter
+        ("start", c_int64),  # offset of the first block (aligned), end of the last
+        ("end", c_int64),
+        ("free_head", c_int64),  # offset of the first free block, -1 = none
+        ("used", c_int64),  # bytes in allocated blocks, headers included
+    ]
+
+
+class HeapBlock(ctypes.Structure):
+    """A block of the heap. Allocated blocks use the first two fields, their payload
+    follows at offset HEAP_BLOCK_HDR; a free block links itself in its payload."""
+
+    _fields_ = [
+        ("size", c_int64),  # bytes, header included; bit 0 set while allocated
+        ("prev_size", c_int64),  # size of the block just before, 0 for the first
+        ("next_free", c_int64),  # free list links (offsets), -1 = none
+        ("prev_free", c_int64),
+    ]
+
+
+#: Bytes before a heap block's payload (its size and prev_size).
+HEAP_BLOCK_HDR = HeapBlock.next_free.offset
+
+
 class Header(ctypes.Structure):
     _fields_ = [
         ("magic", c_uint64),
@@ -118,6 +148,7 @@ class Header(ctypes.Structure):
         ("spinlocks_pool", PoolHdr),
         ("funcrefs_pool", PoolHdr),
         ("tasklets_pool", PoolHdr),
+        ("heap", HeapHdr),
         ("nr_irqs", c_int32),
         ("irq_ready", c_int32),  # idle tasks: 0 none, 1 being created, 2 running
         ("log_lock", LockWord),
@@ -299,7 +330,8 @@ class LogRec(ctypes.Structure):
 
 def image_type(max_tasks: int, max_completions: int, log_records: int,
                max_atomics: int, max_spinlocks: int, nr_irqs: int = NR_IRQS_MAX,
-               max_tasklets: int = 256, max_funcrefs: int = 512) -> type[ctypes.Structure]:
+               max_tasklets: int = 256, max_funcrefs: int = 512,
+               heap_size: int = 0) -> type[ctypes.Structure]:
     """The ctypes type of a whole image with the given capacities."""
 
     class Image(ctypes.Structure):
@@ -315,6 +347,7 @@ def image_type(max_tasks: int, max_completions: int, log_records: int,
             ("funcrefs", FuncRef * max_funcrefs),
             ("irq_sources", IrqSource * MAX_IRQ_SOURCES),
             ("log", LogRec * log_records),
+            ("heap", c_uint8 * heap_size),  # last: its pages are touched only when used
         ]
 
     return Image
@@ -330,10 +363,10 @@ class SharedImage:
 
     def __init__(self, max_tasks: int, max_completions: int, log_records: int,
                  max_atomics: int = 1024, max_spinlocks: int = 1024,
-                 nr_irqs: int = NR_IRQS_MAX) -> None:
+                 nr_irqs: int = NR_IRQS_MAX, heap_size: int = 1 << 20) -> None:
         prefix = f"/{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
         itype = image_type(max_tasks, max_completions, log_records, max_atomics, max_spinlocks,
-                           nr_irqs)
+                           nr_irqs, heap_size=heap_size)
         self.size = ctypes.sizeof(itype)
         shm = posix_ipc.SharedMemory(prefix, posix_ipc.O_CREX, mode=0o600, size=self.size)
         try:
