@@ -33,7 +33,6 @@ NR_IRQS_MAX = 64
 #: Actions (request_irq() users) one IRQ line can have (IRQF_SHARED).
 MAX_IRQ_ACTIONS = 4
 IRQ_NAME_LEN = 32
-FUNCREF_LEN = 1000
 MAX_IRQ_SOURCES = 32
 #: Every IPC name starts with this and the creating pid: /emu-<pid>-<token>[-<slot>]
 NAME_PREFIX = "emu-"
@@ -117,6 +116,16 @@ class HeapBlock(ctypes.Structure):
 HEAP_BLOCK_HDR = HeapBlock.next_free.offset
 
 
+class CallbackHdr(ctypes.Structure):
+    """The head of a callback carried in the heap (callback.py); the pickle follows."""
+
+    _fields_ = [
+        ("seq", c_int32),  # which callback this is; 0 once freed
+        ("pad", c_int32),
+        ("length", c_int64),  # bytes of pickle
+    ]
+
+
 class Header(ctypes.Structure):
     _fields_ = [
         ("magic", c_uint64),
@@ -146,9 +155,9 @@ class Header(ctypes.Structure):
         ("completions_pool", PoolHdr),
         ("atomics_pool", PoolHdr),
         ("spinlocks_pool", PoolHdr),
-        ("funcrefs_pool", PoolHdr),
         ("tasklets_pool", PoolHdr),
         ("heap", HeapHdr),
+        ("callback_seq", c_int32),  # last callback stored (callback.py)
         ("nr_irqs", c_int32),
         ("irq_ready", c_int32),  # idle tasks: 0 none, 1 being created, 2 running
         ("log_lock", LockWord),
@@ -196,26 +205,13 @@ class SpinlockRec(ctypes.Structure):
     ]
 
 
-class FuncRef(ctypes.Structure):
-    """A callable and its data, pickled by reference, runnable in any task (IRQ handlers,
-    tasklet callbacks run in whichever task the interrupt hits)."""
-
-    _fields_ = [
-        ("in_use", c_int32),
-        ("generation", c_int32),
-        ("free_next", c_int32),
-        ("length", c_int32),
-        ("data", c_char * FUNCREF_LEN),
-    ]
-
-
 class IrqAction(ctypes.Structure):
     """struct irqaction: one request_irq() on a line."""
 
     _fields_ = [
         ("in_use", c_int32),
         ("flags", c_int32),  # IRQF_*
-        ("ref", c_int32),  # FuncRef index of (handler, dev)
+        ("ref", c_int32),  # callback (handler, dev): heap offset and seq (callback.py)
         ("ref_generation", c_int32),
         ("thread_slot", c_int32),  # irq/N-name kthread, -1 if none
         ("thread_generation", c_int32),
@@ -264,7 +260,7 @@ class TaskletRec(ctypes.Structure):
         ("state", c_int32),  # TASKLET_STATE_SCHED | TASKLET_STATE_RUN
         ("count", c_int32),  # tasklet_disable() nesting
         ("next", c_int32),  # per-CPU list link
-        ("ref", c_int32),  # FuncRef of (callback, data)
+        ("ref", c_int32),  # callback (callback, data): heap offset (0 = none) and seq
         ("ref_generation", c_int32),
     ]
 
@@ -330,8 +326,7 @@ class LogRec(ctypes.Structure):
 
 def image_type(max_tasks: int, max_completions: int, log_records: int,
                max_atomics: int, max_spinlocks: int, nr_irqs: int = NR_IRQS_MAX,
-               max_tasklets: int = 256, max_funcrefs: int = 512,
-               heap_size: int = 0) -> type[ctypes.Structure]:
+               max_tasklets: int = 256, heap_size: int = 0) -> type[ctypes.Structure]:
     """The ctypes type of a whole image with the given capacities."""
 
     class Image(ctypes.Structure):
@@ -344,7 +339,6 @@ def image_type(max_tasks: int, max_completions: int, log_records: int,
             ("irqs", IrqDesc * nr_irqs),
             ("percpu", PerCpu * MAX_CPUS),
             ("tasklets", TaskletRec * max_tasklets),
-            ("funcrefs", FuncRef * max_funcrefs),
             ("irq_sources", IrqSource * MAX_IRQ_SOURCES),
             ("log", LogRec * log_records),
             ("heap", c_uint8 * heap_size),  # last: its pages are touched only when used
@@ -382,7 +376,7 @@ class SharedImage:
         #: nanoseconds per jiffy (set at boot with HZ)
         self.jiffy_ns = 0
         #: this process's caches over this kernel's records (never shared across kernels)
-        self.funcref_cache: dict[tuple[int, int], Any] = {}  # FuncRef -> unpickled object
+        self.callback_cache: dict[tuple[int, int], Any] = {}  # callback.py: ref -> its copy
         self.irq_views: Any = None  # irq.py's per-kernel ctypes views
         self.irq_core: Any = None  # native IrqCore, made by irq.py after boot
         #: emulated CPU i runs on real CPU cpu_map[i]
