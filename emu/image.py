@@ -16,7 +16,7 @@ import mmap
 import os
 import re
 import secrets
-from ctypes import c_char, c_int32, c_int64, c_uint32, c_uint64
+from ctypes import c_char, c_int32, c_int64, c_uint8, c_uint32, c_uint64
 from typing import Any
 
 import posix_ipc
@@ -33,7 +33,6 @@ NR_IRQS_MAX = 64
 #: Actions (request_irq() users) one IRQ line can have (IRQF_SHARED).
 MAX_IRQ_ACTIONS = 4
 IRQ_NAME_LEN = 32
-FUNCREF_LEN = 1000
 MAX_IRQ_SOURCES = 32
 #: Every IPC name starts with this and the creating pid: /emu-<pid>-<token>[-<slot>]
 NAME_PREFIX = "emu-"
@@ -88,6 +87,45 @@ class PoolHdr(ctypes.Structure):
     ]
 
 
+class HeapHdr(ctypes.Structure):
+    """The shared byte heap (heap.py): where its blocks lie and which are free."""
+
+    _fields_ = [
+        ("lock", LockWord),
+        ("size", c_int64),  # the heap_size boot parameter
+        ("start", c_int64),  # offset of the first block (aligned), end of the last
+        ("end", c_int64),
+        ("free_head", c_int64),  # offset of the first free block, -1 = none
+        ("used", c_int64),  # bytes in allocated blocks, headers included
+    ]
+
+
+class HeapBlock(ctypes.Structure):
+    """A block of the heap. Allocated blocks use the first two fields, their payload
+    follows at offset HEAP_BLOCK_HDR; a free block links itself in its payload."""
+
+    _fields_ = [
+        ("size", c_int64),  # bytes, header included; bit 0 set while allocated
+        ("prev_size", c_int64),  # size of the block just before, 0 for the first
+        ("next_free", c_int64),  # free list links (offsets), -1 = none
+        ("prev_free", c_int64),
+    ]
+
+
+#: Bytes before a heap block's payload (its size and prev_size).
+HEAP_BLOCK_HDR = HeapBlock.next_free.offset
+
+
+class CallbackHdr(ctypes.Structure):
+    """The head of a callback carried in the heap (callback.py); the pickle follows."""
+
+    _fields_ = [
+        ("seq", c_int32),  # which callback this is; 0 once freed
+        ("pad", c_int32),
+        ("length", c_int64),  # bytes of pickle
+    ]
+
+
 class Header(ctypes.Structure):
     _fields_ = [
         ("magic", c_uint64),
@@ -117,8 +155,9 @@ class Header(ctypes.Structure):
         ("completions_pool", PoolHdr),
         ("atomics_pool", PoolHdr),
         ("spinlocks_pool", PoolHdr),
-        ("funcrefs_pool", PoolHdr),
         ("tasklets_pool", PoolHdr),
+        ("heap", HeapHdr),
+        ("callback_seq", c_int32),  # last callback stored (callback.py)
         ("nr_irqs", c_int32),
         ("irq_ready", c_int32),  # idle tasks: 0 none, 1 being created, 2 running
         ("log_lock", LockWord),
@@ -166,26 +205,13 @@ class SpinlockRec(ctypes.Structure):
     ]
 
 
-class FuncRef(ctypes.Structure):
-    """A callable and its data, pickled by reference, runnable in any task (IRQ handlers,
-    tasklet callbacks run in whichever task the interrupt hits)."""
-
-    _fields_ = [
-        ("in_use", c_int32),
-        ("generation", c_int32),
-        ("free_next", c_int32),
-        ("length", c_int32),
-        ("data", c_char * FUNCREF_LEN),
-    ]
-
-
 class IrqAction(ctypes.Structure):
     """struct irqaction: one request_irq() on a line."""
 
     _fields_ = [
         ("in_use", c_int32),
         ("flags", c_int32),  # IRQF_*
-        ("ref", c_int32),  # FuncRef index of (handler, dev)
+        ("ref", c_int32),  # callback (handler, dev): heap offset and seq (callback.py)
         ("ref_generation", c_int32),
         ("thread_slot", c_int32),  # irq/N-name kthread, -1 if none
         ("thread_generation", c_int32),
@@ -234,7 +260,7 @@ class TaskletRec(ctypes.Structure):
         ("state", c_int32),  # TASKLET_STATE_SCHED | TASKLET_STATE_RUN
         ("count", c_int32),  # tasklet_disable() nesting
         ("next", c_int32),  # per-CPU list link
-        ("ref", c_int32),  # FuncRef of (callback, data)
+        ("ref", c_int32),  # callback (callback, data): heap offset (0 = none) and seq
         ("ref_generation", c_int32),
     ]
 
@@ -300,7 +326,7 @@ class LogRec(ctypes.Structure):
 
 def image_type(max_tasks: int, max_completions: int, log_records: int,
                max_atomics: int, max_spinlocks: int, nr_irqs: int = NR_IRQS_MAX,
-               max_tasklets: int = 256, max_funcrefs: int = 512) -> type[ctypes.Structure]:
+               max_tasklets: int = 256, heap_size: int = 0) -> type[ctypes.Structure]:
     """The ctypes type of a whole image with the given capacities."""
 
     class Image(ctypes.Structure):
@@ -313,9 +339,9 @@ def image_type(max_tasks: int, max_completions: int, log_records: int,
             ("irqs", IrqDesc * nr_irqs),
             ("percpu", PerCpu * MAX_CPUS),
             ("tasklets", TaskletRec * max_tasklets),
-            ("funcrefs", FuncRef * max_funcrefs),
             ("irq_sources", IrqSource * MAX_IRQ_SOURCES),
             ("log", LogRec * log_records),
+            ("heap", c_uint8 * heap_size),  # last: its pages are touched only when used
         ]
 
     return Image
@@ -331,10 +357,10 @@ class SharedImage:
 
     def __init__(self, max_tasks: int, max_completions: int, log_records: int,
                  max_atomics: int = 1024, max_spinlocks: int = 1024,
-                 nr_irqs: int = NR_IRQS_MAX) -> None:
+                 nr_irqs: int = NR_IRQS_MAX, heap_size: int = 1 << 20) -> None:
         prefix = f"/{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
         itype = image_type(max_tasks, max_completions, log_records, max_atomics, max_spinlocks,
-                           nr_irqs)
+                           nr_irqs, heap_size=heap_size)
         self.size = ctypes.sizeof(itype)
         shm = posix_ipc.SharedMemory(prefix, posix_ipc.O_CREX, mode=0o600, size=self.size)
         try:
@@ -350,7 +376,7 @@ class SharedImage:
         #: nanoseconds per jiffy (set at boot with HZ)
         self.jiffy_ns = 0
         #: this process's caches over this kernel's records (never shared across kernels)
-        self.funcref_cache: dict[tuple[int, int], Any] = {}  # FuncRef -> unpickled object
+        self.callback_cache: dict[tuple[int, int], Any] = {}  # callback.py: ref -> its copy
         self.irq_views: Any = None  # irq.py's per-kernel ctypes views
         self.irq_core: Any = None  # native IrqCore, made by irq.py after boot
         #: emulated CPU i runs on real CPU cpu_map[i]

@@ -12,16 +12,14 @@ enables interrupts again. A line is never handled re-entrantly: an arrival while
 handler runs on another CPU, or while it is disabled, is replayed once afterwards.
 
 Hard-IRQ handlers run in whichever task the interrupt hits, so `handler` and `dev` are
-stored pickled in the shared image: the handler must be importable by reference (a
-module-level function) and `dev` picklable (an int, a Completion, an Atomic, ...).
+carried there by value (callback.py): any callable and any object cloudpickle can
+carry, each task running its own copy of what they capture (emu objects stay shared).
 Threaded handlers (`thread_fn`) run in their own ``irq/N-name`` kthread, forked from
-the requesting task, so they may be any callable.
+the requesting task, on the objects themselves as they were at the fork.
 """
 
 from __future__ import annotations
 
-import ctypes
-import pickle
 import signal as _os_signal
 import time
 from collections.abc import Callable, Iterable
@@ -30,6 +28,7 @@ from typing import Any
 import _emu_native as _native
 
 from . import bug, checks, image, locking, preempt
+from .callback import callback_free, callback_load, callback_store
 from .constants import EBUSY, EINVAL, ENOMEM, PF_IDLE, TASK_INTERRUPTIBLE, TASK_RUNNING
 from .printk import log_store
 from .sched import schedule, schedule_timeout_idle
@@ -62,43 +61,6 @@ ACTION_RESERVED = 2  # claimed by a request_irq() that has not finished
 #: The doorbell: interrupt delivery to a task process.
 SIG_IRQ = _os_signal.SIGRTMIN + 1
 
-# --- callables stored by reference --------------------------------------------------------
-
-def store_funcref(obj: Any, what: str) -> tuple[int, int]:
-    """Pickle `obj` into a FuncRef record; TypeError naming `what` if it cannot be."""
-    try:
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    except (pickle.PicklingError, TypeError, AttributeError) as exc:
-        raise TypeError(
-            f"{what} must be a module-level function with picklable data: it runs in "
-            f"whichever task the interrupt hits ({exc})"
-        ) from None
-    if len(data) > image.FUNCREF_LEN:
-        raise ValueError(f"{what} pickles to {len(data)} bytes, more than {image.FUNCREF_LEN}")
-    index, generation = image.alloc_record("funcrefs")
-    rec = image.this().img.funcrefs[index]
-    ctypes.memmove(image.field_addr(rec, "data"), data, len(data))  # binary: not rec.data
-    rec.length = len(data)
-    return index, generation
-
-
-def load_funcref(index: int, generation: int) -> Any:
-    """The object stored by store_funcref(), unpickled once per process."""
-    img = image.this()
-    key = (index, generation)
-    obj = img.funcref_cache.get(key)
-    if obj is None:
-        rec = img.img.funcrefs[index]
-        obj = pickle.loads(ctypes.string_at(image.field_addr(rec, "data"), rec.length))
-        img.funcref_cache[key] = obj
-    return obj
-
-
-def free_funcref(index: int, generation: int) -> None:
-    image.this().funcref_cache.pop((index, generation), None)
-    image.free_record("funcrefs", index, generation)
-
-
 # --- delivery -------------------------------------------------------------------------------
 #
 # The pending bits, the doorbell and the descriptor's state changes on the interrupt path
@@ -106,7 +68,8 @@ def free_funcref(index: int, generation: int) -> None:
 
 class _Views:
     """ctypes views and addresses the slower paths need, built once per kernel (a
-    ctypes structure access builds new objects every time)."""
+    ctypes structure access builds new objects every time), and this process's
+    requests."""
 
     def __init__(self, img: image.SharedImage) -> None:
         self.descs = [img.img.irqs[i] for i in range(img.img.hdr.nr_irqs)]
@@ -114,6 +77,10 @@ class _Views:
                         for d in self.descs]
         self.softirq_pending = [image.field_addr(img.img.percpu[c], "softirq_pending")
                                 for c in range(image.MAX_CPUS)]
+        #: (irq, action index) -> (callback ref, handler, dev) as given to request_irq()
+        #: in this process (or inherited by fork): free_irq() finds `dev` by identity,
+        #: and what they capture stays alive until then.
+        self.requested: dict[tuple[int, int], tuple[tuple[int, int], Any, Any]] = {}
 
 
 def _views() -> _Views:
@@ -258,7 +225,7 @@ def _run_actions(irq: int, live: tuple[tuple[int, int, int], ...]) -> int:
 
 def _call_handler(irq: int, ref: int, generation: int) -> int:
     try:
-        handler, dev = load_funcref(ref, generation)
+        handler, dev = callback_load(ref, generation)
         res = handler(irq, dev)
     except bug.TaskKilled:
         return IRQ_HANDLED  # BUG() in the handler, already reported
@@ -372,6 +339,11 @@ def request_threaded_irq(irq: int, handler: Callable[[int, Any], int] | None,
     -ENOMEM: no free action slot. From the moment it returns 0 the handler may run.
     With `thread_fn`, an ``irq/N-name`` kthread runs it whenever the primary handler
     returns IRQ_WAKE_THREAD. Process context only (it may sleep).
+
+    `handler` may be any callable and `dev` any object cloudpickle can carry: each
+    task that takes the interrupt runs its own copy of them, made at registration
+    (emu objects they capture stay shared). TypeError, naming the object at fault,
+    if they cannot be carried; emu.CapacityError if the heap (heap_size) is full.
     """
     desc = _desc(irq)
     if handler is not None and not callable(handler):
@@ -391,11 +363,12 @@ def request_threaded_irq(irq: int, handler: Callable[[int, Any], int] | None,
         return -EINVAL
     preempt.might_sleep()
     start_irq_layer()
-    ref = store_funcref((handler or irq_default_primary_handler, dev), "handler")
+    ref = callback_store(handler or irq_default_primary_handler, dev, "handler", "dev")
     index = _claim_action(irq, desc, flags, name, ref)
     if index < 0:
-        free_funcref(*ref)
+        callback_free(*ref)
         return index
+    _views().requested[irq, index] = (ref, handler, dev)
     if thread_fn is not None:
         from .kthread import kthread_run
 
@@ -435,18 +408,22 @@ def _claim_action(irq: int, desc: Any, flags: int, name: str, ref: tuple[int, in
 def free_irq(irq: int, dev: Any) -> str | None:
     """Remove the action of `dev` from line `irq`; returns its name, or None.
 
-    Waits for running hard and threaded handlers and stops the irq thread. From
-    interrupt context, or for an action that does not exist, it WARNs and returns None.
+    `dev` names the action whose dev is that very object (in the task that requested
+    it, or one forked from it since), else the first whose dev compares equal to it
+    (emu handles, ints and strings do in every task). Waits for running hard and
+    threaded handlers and stops the irq thread. From interrupt context, or for an
+    action that does not exist, it WARNs and returns None.
     """
     desc = _desc(irq)
     if preempt.in_interrupt():
         bug.warn(f"Trying to free IRQ {irq} from IRQ context!", depth=2)
         return None
     preempt.might_sleep()
-    action = _find_action(desc, dev)
-    if action is None:
+    index = _find_action(irq, desc, dev)
+    if index < 0:
         bug.warn(f"Trying to free already-free IRQ {irq}", depth=2)
         return None
+    action = desc.actions[index]
     addr = _lock(desc)
     try:
         action.in_use = 0
@@ -459,15 +436,40 @@ def free_irq(irq: int, dev: Any) -> str | None:
 
         kthread_stop(task_from_slot(action.thread_slot, action.thread_generation))
         action.thread_slot = -1
-    free_funcref(action.ref, action.ref_generation)
+    callback_free(action.ref, action.ref_generation)
+    _views().requested.pop((irq, index), None)
     return name
 
 
-def _find_action(desc: Any, dev: Any) -> Any:
-    for action in desc.actions:
-        if action.in_use and load_funcref(action.ref, action.ref_generation)[1] == dev:
-            return action
-    return None
+def _find_action(irq: int, desc: Any, dev: Any) -> int:
+    """The index of the action `dev` names (see free_irq()), or -1.
+
+    The kernel compares dev_id pointers; here `dev` reaches other tasks as a copy, so
+    identity only holds where the request was made, and equality stands in elsewhere.
+    """
+    requested = _views().requested
+    live = []
+    for index, action in enumerate(desc.actions):
+        if action.in_use:
+            ref = (action.ref, action.ref_generation)
+            mine = requested.get((irq, index))
+            if mine is not None and mine[0] == ref:
+                if mine[2] is dev:
+                    return index
+                live.append((index, mine[2]))
+            else:
+                live.append((index, callback_load(*ref)[1]))
+    for index, other in live:
+        if _same(other, dev):
+            return index
+    return -1
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return a is b or bool(a == b)
+    except Exception:  # an __eq__ that cannot answer (arrays, ...): not the same
+        return False
 
 
 # --- line control -----------------------------------------------------------------------------

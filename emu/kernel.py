@@ -17,7 +17,7 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import image, irq, kthread, locking, preempt, sched, supervisor, task
+from . import heap, image, irq, kthread, locking, preempt, sched, supervisor, task
 from .constants import PF_IDLE, PF_KTHREAD, TASK_RUNNING
 from .errors import AlreadyBootedError, EmuError, KernelDeadError, StaleObjectError
 from .kthread import KTHREAD_EXITED
@@ -237,6 +237,7 @@ def boot(
     hung_task_check_interval_secs: int = 0,
     hung_task_warnings: int = 10,
     hung_task_panic: int = 0,
+    heap_size: int = heap.HEAP_SIZE_DEFAULT,
 ) -> Kernel:
     """Boot a kernel in this process; use as ``with emu.boot(...) as kernel:``.
 
@@ -264,10 +265,12 @@ def boot(
     _check_int(hung_task_check_interval_secs, "hung_task_check_interval_secs", 0, 1 << 30)
     _check_int(hung_task_warnings, "hung_task_warnings", -1, 1 << 30)
     _check_int(hung_task_panic, "hung_task_panic", 0, 1)
+    _check_int(heap_size, "heap_size", 4096, (1 << 31) - 1)
 
     image.reclaim_orphans()
     img = image.SharedImage(max_tasks, max_completions + 2 * max_tasks, log_records,
-                            max_atomics, max_spinlocks, nr_irqs)
+                            max_atomics, max_spinlocks, nr_irqs, heap_size)
+    heap.heap_init(img, heap_size)
     hdr = img.img.hdr
     hdr.magic = image.IMAGE_MAGIC
     hdr.boot_ns = time.monotonic_ns()

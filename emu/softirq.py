@@ -7,8 +7,8 @@ kernel's ksoftirqd. Tasklets are queued on the scheduling CPU; one never runs
 concurrently with itself; scheduling it while it runs makes it run once more.
 
 Like hard-IRQ handlers, tasklet callbacks run in whichever task serves the CPU's
-softirqs, so the callback is stored pickled by reference (a module-level function)
-with its picklable `data`.
+softirqs, so the callback and its `data` are carried there by value (callback.py):
+any callable, each task running its own copy of what it captures.
 """
 
 from __future__ import annotations
@@ -20,14 +20,8 @@ from typing import Any
 import _emu_native as _native
 
 from . import bug, checks, image, locking, preempt
-from .irq import (
-    free_funcref,
-    load_funcref,
-    ring_doorbell,
-    softirq_pending_addr,
-    start_irq_layer,
-    store_funcref,
-)
+from .callback import callback_free, callback_load, callback_store
+from .irq import ring_doorbell, softirq_pending_addr, start_irq_layer
 
 HI_SOFTIRQ = 0
 TASKLET_SOFTIRQ = 6
@@ -42,30 +36,38 @@ MAX_SOFTIRQ_RESTART = 10
 class Tasklet(locking._Shared):
     """struct tasklet_struct: `callback(tasklet)` run in softirq context after scheduling.
 
-    `data` travels with the callback and is available as ``tasklet.data``.
+    `callback` may be any callable and `data` any object cloudpickle can carry; each
+    task that runs the tasklet has its own copy of both (``tasklet.data`` is this
+    task's copy). The handle that created the tasklet keeps them alive, and frees the
+    tasklet when it is garbage-collected.
     """
 
     TABLE = "tasklets"
     FIELD = "state"
-    __slots__ = ()
+    __slots__ = ("_callback",)
+    _callback: tuple[Any, Any]  # (callback, data) as given
 
     def __init__(self, callback: Callable[[Tasklet], None], data: Any = None) -> None:
-        _check_callback(callback)  # before a record is taken
-        super().__init__()
-        tasklet_setup(self, callback, data)
+        ref = _store(callback, data)  # first: a callback that cannot be carried takes nothing
+        try:
+            super().__init__()
+        except BaseException:
+            callback_free(*ref)
+            raise
+        _setup(self, ref, callback, data)
         # A CPU with no running task serves its softirqs in its idle task.
         start_irq_layer()
 
     @property
     def data(self) -> Any:
-        """The `data` given at setup (rec.ref holds the FuncRef index + 1, 0 = none)."""
-        return load_funcref(self._rec.ref - 1, self._rec.ref_generation)[1]
+        """This task's copy of the `data` given at setup."""
+        return callback_load(self._rec.ref, self._rec.ref_generation)[1]
 
     def __del__(self) -> None:
         rec = getattr(self, "_rec", None)
         if (rec is not None and self._owner and image._this is getattr(self, "_img", None)
                 and rec.generation == self.generation and rec.ref):
-            free_funcref(rec.ref - 1, rec.ref_generation)
+            callback_free(rec.ref, rec.ref_generation)
             rec.ref = 0
         super().__del__()
 
@@ -81,14 +83,26 @@ def _check_callback(callback: object) -> None:
 
 
 def tasklet_setup(t: Tasklet, callback: Callable[[Tasklet], None], data: Any = None) -> None:
-    """(Re)initialise `t` with `callback` (a module-level function taking the tasklet)."""
+    """(Re)initialise `t` with `callback`, called as ``callback(t)``.
+
+    TypeError if `callback` or `data` cannot be carried to other tasks (see Tasklet).
+    """
     _check_tasklet(t)
+    ref = _store(callback, data)
+    if t._rec.ref:
+        callback_free(t._rec.ref, t._rec.ref_generation)
+    _setup(t, ref, callback, data)
+
+
+def _store(callback: Callable[[Tasklet], None], data: Any) -> tuple[int, int]:
     _check_callback(callback)
+    return callback_store(callback, data, "callback", "data")
+
+
+def _setup(t: Tasklet, ref: tuple[int, int], callback: Any, data: Any) -> None:
     rec = t._rec
-    index, generation = store_funcref((callback, data), "callback")
-    if rec.ref:
-        free_funcref(rec.ref - 1, rec.ref_generation)
-    rec.ref, rec.ref_generation = index + 1, generation
+    rec.ref, rec.ref_generation = ref
+    t._callback = (callback, data)  # what they capture lives as long as this handle
     rec.state = 0
     rec.count = 0
     rec.next = -1
@@ -247,7 +261,7 @@ def _tasklet_action(cpu: int, nr: int) -> None:
             continue
         _native.and32(state, ~TASKLET_STATE_SCHED)
         try:
-            callback, _data = load_funcref(rec.ref - 1, rec.ref_generation)
+            callback, _data = callback_load(rec.ref, rec.ref_generation)
             callback(Tasklet._from_index(index, rec.generation))
         except bug.TaskKilled:
             pass  # BUG() in the callback, already reported

@@ -41,18 +41,20 @@ from hypothesis import HealthCheck, given, settings
 
 import emu
 from emu import image
+from emu.callback import callback_load
+from emu.heap import heap_used
 from emu.image import own_ipc_names
-from emu.irq import ACTION_LIVE, _views, load_funcref
+from emu.irq import ACTION_LIVE, _views
 
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 S64_MIN, S64_MAX = -(2**63), 2**63 - 1
 DOCUMENTED = (TypeError, ValueError, OverflowError, emu.EmuError)
 REFUSED = (TypeError, ValueError, OverflowError)
-POOLS = ("completions", "atomics", "spinlocks", "funcrefs", "tasklets")
+POOLS = ("completions", "atomics", "spinlocks", "tasklets")
 SLEEP_JIFFIES = 2  # the longest sleep a call may ask for
 EXAMPLES = int(os.environ.get("EMU_FUZZ_EXAMPLES", "60"))
 
-# --- callbacks (module level: IRQ handlers and tasklet callbacks are stored by reference) --
+# --- callbacks -------------------------------------------------------------------------
 
 
 def threadfn(data):
@@ -120,6 +122,7 @@ class World:
         while self.tasklet._rec.count:
             emu.tasklet_enable(self.tasklet)
         emu.tasklet_kill(self.tasklet)
+        emu.tasklet_setup(self.tasklet, tasklet_fn, 1)  # a call may have set other data
         undo_irq_lines()
         for t in self.created:
             emu.kthread_stop(t)
@@ -160,7 +163,7 @@ def undo_irq_lines():
             emu.enable_irq(irq)
         for action in desc.actions:
             if action.in_use == ACTION_LIVE:
-                dev = load_funcref(action.ref, action.ref_generation)[1]
+                dev = callback_load(action.ref, action.ref_generation)[1]
                 assert emu.free_irq(irq, dev) is not None, f"cannot free irq {irq}"
 
 
@@ -172,6 +175,7 @@ def pools_in_use():
         records = getattr(img.img, table)
         counts[table] = sum(records[i].in_use for i in range(pool.high))
     counts["task slots"] = sum(t._rec.in_use for t in emu.task.live_tasks())
+    counts["heap bytes"] = heap_used()
     return counts
 
 

@@ -1,9 +1,10 @@
 """Hard interrupts: request/free, delivery into running Python code, masking, replay,
 threaded handlers, /proc/interrupts and emulated devices (spec §4, §10.2-10.4).
 
-Hard-IRQ handlers run in whichever task the interrupt hits, so they are module-level
-functions here and their `dev` is a tuple of emu handles (stored pickled by reference).
-Results are recorded in emu.Atomic counters and checked by the test.
+Hard-IRQ handlers run in whichever task the interrupt hits, each on its own copy of
+what it captures, so results are recorded in emu.Atomic counters (shared) and checked
+by the test; the handlers here are module-level functions taking a tuple of emu
+handles as `dev` (closures and other callables: test_callbacks.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import threading
 import time
 
 import psutil
@@ -27,7 +29,7 @@ IRQ = 5
 T = 20.0
 
 
-# --- helpers ----------------------------------------------------------------------------------
+# --- helpers --------------------------------------------------------------------------------------
 
 def busy(ticks):
     """Run Python code on the CPU until stopped, counting loop iterations."""
@@ -85,7 +87,7 @@ def read(a):
     return emu.atomic_read(a)
 
 
-# --- handlers (module level: stored by reference) ----------------------------------------------
+# --- handlers -------------------------------------------------------------------------------------
 
 def h_count(irq, dev):
     emu.atomic_inc(dev)
@@ -226,8 +228,9 @@ def test_request_irq_return_values_and_free_irq(kernel):
     assert "Trying to free already-free IRQ 3" in log_text(kernel)
     assert kernel.warnings == 1
 
+    lock = threading.Lock()  # cannot be carried to the tasks that run the handler
     with pytest.raises(TypeError, match="handler"):
-        emu.request_irq(6, lambda irq, dev: emu.IRQ_HANDLED, 0, "lambda", a)
+        emu.request_irq(6, lambda irq, dev: lock.locked() or emu.IRQ_HANDLED, 0, "lambda", a)
     for bad in (-1, 32, 10**6):
         with pytest.raises(ValueError, match="irq"):
             emu.request_irq(bad, h_count, 0, "bad", a)
@@ -312,7 +315,7 @@ def test_interrupts_wait_while_the_task_has_them_disabled(kernel):
     assert emu.free_irq(IRQ, dev) == "held"
 
 
-# --- 4. uninterruptible sleep vs interrupts ------------------------------------------------------
+# --- 4. uninterruptible sleep vs interrupts -------------------------------------------------------
 
 @pytest.mark.emu_boot(cpus=2)
 def test_uninterruptible_wait_is_not_ended_by_interrupts_or_doorbells(kernel):
@@ -341,7 +344,7 @@ def test_uninterruptible_wait_is_not_ended_by_interrupts_or_doorbells(kernel):
     assert emu.free_irq(IRQ, count) == "noise"
 
 
-# --- 5. spin_lock_irqsave against the handler ----------------------------------------------------
+# --- 5. spin_lock_irqsave against the handler -----------------------------------------------------
 
 @pytest.mark.emu_boot(cpus=2)
 def test_irqsave_lock_shared_with_handler_loses_no_update(kernel):
@@ -904,7 +907,7 @@ def test_kthread_exit_in_a_handler_is_an_oops_and_the_line_survives(kernel):
     assert emu.free_irq(IRQ, count) == "exits"
 
 
-# --- 12. note_interrupt() and the descriptor lock --------------------------------------------
+# --- 12. note_interrupt() and the descriptor lock -------------------------------------------------
 
 def h_unhandled(irq, dev):
     emu.atomic_inc(dev)

@@ -1,7 +1,8 @@
 """Softirqs and tasklets (spec §4.5).
 
-Tasklet callbacks run in whichever task serves the CPU's softirqs, so they are
-module-level functions here taking the tasklet; their `data` is a tuple of emu handles.
+Tasklet callbacks run in whichever task serves the CPU's softirqs, each on its own copy
+of what it captures; the callbacks here are module-level functions taking the tasklet,
+whose `data` is a tuple of emu handles (closures and other callables: test_callbacks.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def log_text(kernel):
     return "\n".join(kernel.dmesg())
 
 
-# --- callbacks and handlers (module level: stored by reference) ---------------------------------
+# --- callbacks and handlers -----------------------------------------------------------------------
 
 def cb_count(t):
     emu.atomic_inc(t.data)
