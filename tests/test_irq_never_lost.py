@@ -192,3 +192,77 @@ def test_interrupt_aimed_at_a_starting_kthread_is_handled(kernel, monkeypatch):
     wait_until(lambda: read(ticks) > 0, T, "the kthread to run")
     assert emu.kthread_stop(t) == 0
     assert emu.free_irq(IRQ, count) == "never-lost"
+
+
+@pytest.mark.emu_boot(cpus=2)
+def test_interrupt_aimed_at_an_exiting_kthread_goes_to_another_task(kernel, monkeypatch):
+    """A kthread takes the doorbell after its exit began (it is no longer its task, so
+    it handles nothing): the interrupt goes to its CPU's idle task."""
+    count = emu.Atomic()
+    start_layer(count)
+    hold = Hold(monkeypatch, "exit_notify", "exiting/1")
+    t = None
+    try:
+        t = emu.kthread_run_on_cpu(lambda _: 5, None, 1, "exiting/%u")
+        hold.wait_reached()
+        assert emu.task_state_to_char(t) == "R", "still running on CPU 1: a target"
+        emu.irq_inject_interrupt(IRQ)
+        hold.wait_doorbell_taken()
+    finally:
+        hold.release()
+    wait_until(lambda: read(count) == 2, T, "the handler")
+    assert emu.kthread_stop(t) == 5
+    assert emu.free_irq(IRQ, count) == "never-lost"
+
+
+def irqs_off_until(dev):
+    """Disable interrupts, say so, and spin until told to go on (then return with them off)."""
+    ready, go, spins = dev
+    emu.local_irq_disable()
+    emu.complete(ready)
+    while not emu.atomic_read(go):
+        emu.atomic_inc(spins)
+    return 3
+
+
+def start_irqs_off(name):
+    ready, go, spins = dev = (emu.Completion(), emu.Atomic(), emu.Atomic())
+    t = emu.kthread_run_on_cpu(irqs_off_until, dev, 1, name)
+    emu.wait_for_completion(ready)
+    return t, go, spins
+
+
+def raise_while_irqs_off(t, spins, count, before):
+    """Raise the line at `t`, which has interrupts off: it takes the doorbell and leaves
+    the interrupt pending."""
+    emu.irq_inject_interrupt(IRQ)
+    wait_until(lambda: not sig_pending(t.pid, irq.SIG_IRQ), T, "doorbell delivery")
+    s = read(spins)
+    wait_until(lambda: read(spins) >= s + 2, T, "the task to spin on")
+    assert read(count) == before, "held while interrupts are off"
+
+
+@pytest.mark.emu_boot(cpus=2)
+def test_interrupt_held_by_a_task_that_exits_with_interrupts_off_is_handled(kernel):
+    count = emu.Atomic()
+    start_layer(count)
+    t, go, spins = start_irqs_off("irqsoff/%u")
+    raise_while_irqs_off(t, spins, count, 1)
+    emu.atomic_set(go, 1)
+    wait_until(lambda: read(count) == 2, T, "the handler, after the task exited")
+    assert emu.kthread_stop(t) == 3
+    assert "exited with irqs disabled" in "\n".join(kernel.dmesg())
+    assert emu.free_irq(IRQ, count) == "never-lost"
+
+
+@pytest.mark.emu_boot(cpus=2)
+@pytest.mark.emu_expect(oopses=1)
+def test_interrupt_held_by_a_killed_task_is_handled(kernel):
+    count = emu.Atomic()
+    start_layer(count)
+    t, _go, spins = start_irqs_off("victim/%u")
+    raise_while_irqs_off(t, spins, count, 1)
+    os.kill(t.pid, 9)
+    wait_until(lambda: read(count) == 2, T, "the handler, after the task died")
+    assert emu.kthread_stop(t) == 0
+    assert emu.free_irq(IRQ, count) == "never-lost"
