@@ -219,18 +219,21 @@ def do_IRQ() -> None:
     if cpu < 0:
         return
     core = _core()
-    preempt.irqs_off_raw(True)
-    try:
-        # Loop until nothing is pending: an interrupt raised meanwhile (on this CPU,
-        # or to our task from elsewhere) only left its bit.
-        while pending := core.take_pending(cpu):
-            while pending:
-                low = pending & -pending
-                pending ^= low
-                handle_irq(core, low.bit_length() - 1, cpu)
-    finally:
-        preempt.irqs_off_raw(False)
-    if _native.load32(softirq_pending_addr(cpu)):
+    views = _views()
+    # Loop until nothing is pending: an interrupt raised meanwhile (on this CPU, or to
+    # our task from elsewhere) only left its bit, even one whose doorbell came after the
+    # last look but before interrupts were on again (that doorbell's do_IRQ() returned).
+    while _native.load64(views.irq_pending[cpu]):
+        preempt.irqs_off_raw(True)
+        try:
+            while pending := core.take_pending(cpu):
+                while pending:
+                    low = pending & -pending
+                    pending ^= low
+                    handle_irq(core, low.bit_length() - 1, cpu)
+        finally:
+            preempt.irqs_off_raw(False)
+    if _native.load32(views.softirq_pending[cpu]):
         softirq.irq_exit_softirqs()
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import emu
-from emu import irq, kthread
+from emu import irq, kthread, preempt
 
 from util import wait_until
 
@@ -266,3 +266,34 @@ def test_interrupt_held_by_a_killed_task_is_handled(kernel):
     wait_until(lambda: read(count) == 2, T, "the handler, after the task died")
     assert emu.kthread_stop(t) == 0
     assert emu.free_irq(IRQ, count) == "never-lost"
+
+
+@pytest.mark.emu_boot(cpus=2)
+def test_interrupt_raised_as_do_irq_turns_interrupts_back_on_is_handled(kernel, monkeypatch):
+    """A doorbell that comes after do_IRQ() found nothing more pending but before it
+    turned interrupts on again finds them off and leaves its interrupt pending: do_IRQ()
+    must look once more. The doorbell is simulated at that exact point: the target raises
+    the second line on its own CPU, as a doorbell would."""
+    first, second, ticks = emu.Atomic(), emu.Atomic(), emu.Atomic()
+    start_layer(first)
+    assert emu.request_irq(IRQ + 1, h_count, 0, "second", second) == 0
+    assert emu.irq_set_affinity(IRQ + 1, [1]) == 0
+    armed = emu.Atomic()
+    orig = preempt.irqs_off_raw
+    me = os.getpid()
+
+    def irqs_off_raw(off):
+        if not off and os.getpid() != me and emu.atomic_cmpxchg(armed, 1, 0) == 1:
+            emu.irq_inject_interrupt(IRQ + 1)  # interrupts still off here: left pending
+        orig(off)
+
+    monkeypatch.setattr(preempt, "irqs_off_raw", irqs_off_raw)
+    t = emu.kthread_run_on_cpu(busy, ticks, 1, "busy/%u")
+    wait_until(lambda: read(ticks) > 0, T, "the busy kthread to run")
+    emu.atomic_set(armed, 1)
+    emu.irq_inject_interrupt(IRQ)
+    wait_until(lambda: read(first) == 2 and read(armed) == 0, T, "the first line's handler")
+    wait_until(lambda: read(second) == 1, T, "the second line's handler")
+    assert emu.kthread_stop(t) == 0
+    assert emu.free_irq(IRQ + 1, second) == "second"
+    assert emu.free_irq(IRQ, first) == "never-lost"
