@@ -888,6 +888,23 @@ wc_wake_slot(WaitCore *wc, Py_ssize_t slot, int32_t mask)
 }
 
 /*
+ * After taking a post: let the kernel deliver the signals already sent to this process,
+ * so that CPython's handler flag is set before PyErr_CheckSignals() looks. A doorbell
+ * is a signal, then a post (or a post already there). sem_wait() can take that post in
+ * user space before the signal arrives (on the sender's IPI, at any instruction); if it
+ * arrives after PyErr_CheckSignals() and before the next sem_wait() blocks, it only
+ * sets the flag, and the task sleeps on with its CPU's interrupt pending. The exit of
+ * any system call delivers a signal sent before the post was made.
+ */
+static void
+wc_take_signals(void)
+{
+    sigset_t pending;
+
+    (void)sigpending(&pending);
+}
+
+/*
  * Block until the task's state is TASK_RUNNING or CLOCK_MONOTONIC passes deadline_ns
  * (< 0: no deadline). Returns 1 if woken, 0 on time-out (the task then put itself back
  * to TASK_RUNNING), -1 with a Python exception if a signal handler raised. The GIL is
@@ -900,6 +917,7 @@ wc_sleep(WaitCore *wc, Py_ssize_t slot, long long deadline_ns)
     int32_t *state = T_FIELD(wc, slot, wc->t_state, int32_t);
     sem_t *sem = wc->sems[slot];
     struct timespec ts;
+    int taken;
 
     __atomic_add_fetch(T_FIELD(wc, slot, wc->t_nvcsw, int64_t), 1, __ATOMIC_RELAXED);
     __atomic_store_n(T_FIELD(wc, slot, wc->t_recent_cpu, int32_t), sched_getcpu(),
@@ -918,13 +936,15 @@ wc_sleep(WaitCore *wc, Py_ssize_t slot, long long deadline_ns)
         /* Woken, timed out or interrupted: the loop re-checks the state either way. */
         Py_BEGIN_ALLOW_THREADS
         if (deadline_ns < 0) {
-            (void)sem_wait(sem);
+            taken = sem_wait(sem) == 0;
         }
         else {
             ns_to_timespec(deadline_ns, &ts);
-            (void)sem_clockwait(sem, CLOCK_MONOTONIC, &ts);
+            taken = sem_clockwait(sem, CLOCK_MONOTONIC, &ts) == 0;
         }
         Py_END_ALLOW_THREADS
+        if (taken)
+            wc_take_signals();
         /* Run Python signal handlers (interrupt delivery) after any return: a doorbell
          * that arrived just before sem_wait only set CPython's flag, and the interrupt
          * controller posts the semaphore too so that it is seen here. */
