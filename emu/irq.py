@@ -81,6 +81,8 @@ class _Views:
         #: in this process (or inherited by fork): free_irq() finds `dev` by identity,
         #: and what they capture stays alive until then.
         self.requested: dict[tuple[int, int], tuple[tuple[int, int], Any, Any]] = {}
+        self.irq_pending = [image.field_addr(img.img.percpu[c], "irq_pending")
+                            for c in range(image.MAX_CPUS)]
 
 
 def _views() -> _Views:
@@ -150,20 +152,47 @@ def ring_doorbell(cpu: int) -> None:
         do_IRQ()
 
 
+def resend_pending(cpu: int) -> None:
+    """Ring `cpu`'s doorbell again if it has interrupts or softirqs pending, whoever
+    it reaches (the task running there, else the CPU's idle task; the caller too).
+
+    For a moment when the CPU's doorbell target changes: a task that starts or ends
+    for good on `cpu` may have taken doorbells while it could not run handlers (before
+    set_current(), after its exit began), and a raiser that found no target at all
+    rang nobody. Their interrupts stay pending and nothing else would ring again. A
+    task that stops being a target makes that visible (TASK_DEAD) with a full barrier
+    first: a raiser sets the pending bit, then looks for the target, so either it finds
+    another task or this call sees the bit.
+    """
+    views = _views()
+    if _native.load64(views.irq_pending[cpu]) or _native.load32(views.softirq_pending[cpu]):
+        _core().ring(cpu)
+
+
 def _doorbell(signum: int, frame: Any) -> None:
     do_IRQ()
 
 
 def install_doorbell() -> None:
-    """Take interrupts in this task process (boot and kthread start-up)."""
+    """Take interrupts in this task process (boot and kthread start-up), once it is its
+    task (set_current()), and those its CPU has pending.
+
+    A new kthread is a doorbell target as soon as it is in the task table (woken, it
+    runs on its CPU; an idle task is its CPU's fallback at once). A doorbell that
+    reached it before set_current() found no CPU to take interrupts on (do_IRQ()
+    returned) and left them pending, as a new task in the kernel takes what is pending
+    when it enables interrupts in schedule_tail(): ring for them again.
+    """
     _os_signal.signal(SIG_IRQ, _doorbell)
+    resend_pending(preempt.this_cpu())
 
 
 def do_IRQ() -> None:
     """Handle every IRQ pending for this task's CPU, unless interrupts are disabled here.
 
     Like a CPU taking an interrupt, it runs with interrupts off until every pending
-    line was handled; softirqs run afterwards with interrupts on.
+    line was handled; softirqs run afterwards with interrupts on. In a process that is
+    not (or no longer) a task it does nothing: see install_doorbell(), resend_pending().
     """
     if preempt.irqs_disabled() or preempt.in_hardirq():
         return
@@ -171,18 +200,21 @@ def do_IRQ() -> None:
     if cpu < 0:
         return
     core = _core()
-    preempt.irqs_off_raw(True)
-    try:
-        # Loop until nothing is pending: an interrupt raised meanwhile (on this CPU,
-        # or to our task from elsewhere) only left its bit.
-        while pending := core.take_pending(cpu):
-            while pending:
-                low = pending & -pending
-                pending ^= low
-                handle_irq(core, low.bit_length() - 1, cpu)
-    finally:
-        preempt.irqs_off_raw(False)
-    if _native.load32(softirq_pending_addr(cpu)):
+    views = _views()
+    # Loop until nothing is pending: an interrupt raised meanwhile (on this CPU, or to
+    # our task from elsewhere) only left its bit, even one whose doorbell came after the
+    # last look but before interrupts were on again (that doorbell's do_IRQ() returned).
+    while _native.load64(views.irq_pending[cpu]):
+        preempt.irqs_off_raw(True)
+        try:
+            while pending := core.take_pending(cpu):
+                while pending:
+                    low = pending & -pending
+                    pending ^= low
+                    handle_irq(core, low.bit_length() - 1, cpu)
+        finally:
+            preempt.irqs_off_raw(False)
+    if _native.load32(views.softirq_pending[cpu]):
         softirq.irq_exit_softirqs()
 
 
@@ -579,8 +611,9 @@ def start_irq_layer() -> None:
     for cpu in range(hdr.ncpus):
         t = kthread_create_on_cpu(_idle, cpu, cpu, "swapper/%u")
         _native.or32(image.field_addr(t._rec, "flags"), PF_IDLE)
-        img.img.percpu[cpu].idle_slot = t.slot
+        _native.store32(image.field_addr(img.img.percpu[cpu], "idle_slot"), t.slot)
         wake_up_process(t)
+        resend_pending(cpu)  # raised while `cpu` had no target: nobody was rung
     _native.store32(ready, IRQ_LAYER_READY)
 
 

@@ -298,7 +298,8 @@ def exit_notify(rec: Any, result: int) -> None:
     _native.or32(image.field_addr(rec, "flags"), PF_EXITING)
     _native.or32(image.field_addr(rec, "kflags"), KTHREAD_EXITED)
     exited = _from_index(rec.exited, image.this().img.completions[rec.exited].generation)
-    rec.state = TASK_DEAD
+    _native.store32(image.field_addr(rec, "state"), TASK_DEAD)  # full barrier: not a target
+    irq.resend_pending(rec.cpu)  # what it was rung for and did not handle: to another task
     complete(exited)
 
 

@@ -888,6 +888,23 @@ wc_wake_slot(WaitCore *wc, Py_ssize_t slot, int32_t mask)
 }
 
 /*
+ * After taking a post: let the kernel deliver the signals already sent to this process,
+ * so that CPython's handler flag is set before PyErr_CheckSignals() looks. A doorbell
+ * is a signal, then a post (or a post already there). sem_wait() can take that post in
+ * user space before the signal arrives (on the sender's IPI, at any instruction); if it
+ * arrives after PyErr_CheckSignals() and before the next sem_wait() blocks, it only
+ * sets the flag, and the task sleeps on with its CPU's interrupt pending. The exit of
+ * any system call delivers a signal sent before the post was made.
+ */
+static void
+wc_take_signals(void)
+{
+    sigset_t pending;
+
+    (void)sigpending(&pending);
+}
+
+/*
  * Block until the task's state is TASK_RUNNING or CLOCK_MONOTONIC passes deadline_ns
  * (< 0: no deadline). Returns 1 if woken, 0 on time-out (the task then put itself back
  * to TASK_RUNNING), -1 with a Python exception if a signal handler raised. The GIL is
@@ -900,6 +917,7 @@ wc_sleep(WaitCore *wc, Py_ssize_t slot, long long deadline_ns)
     int32_t *state = T_FIELD(wc, slot, wc->t_state, int32_t);
     sem_t *sem = wc->sems[slot];
     struct timespec ts;
+    int taken;
 
     __atomic_add_fetch(T_FIELD(wc, slot, wc->t_nvcsw, int64_t), 1, __ATOMIC_RELAXED);
     __atomic_store_n(T_FIELD(wc, slot, wc->t_recent_cpu, int32_t), sched_getcpu(),
@@ -918,13 +936,15 @@ wc_sleep(WaitCore *wc, Py_ssize_t slot, long long deadline_ns)
         /* Woken, timed out or interrupted: the loop re-checks the state either way. */
         Py_BEGIN_ALLOW_THREADS
         if (deadline_ns < 0) {
-            (void)sem_wait(sem);
+            taken = sem_wait(sem) == 0;
         }
         else {
             ns_to_timespec(deadline_ns, &ts);
-            (void)sem_clockwait(sem, CLOCK_MONOTONIC, &ts);
+            taken = sem_clockwait(sem, CLOCK_MONOTONIC, &ts) == 0;
         }
         Py_END_ALLOW_THREADS
+        if (taken)
+            wc_take_signals();
         /* Run Python signal handlers (interrupt delivery) after any return: a doorbell
          * that arrived just before sem_wait only set CPython's flag, and the interrupt
          * controller posts the semaphore too so that it is seen here. */
@@ -1552,42 +1572,43 @@ ic_running_on(IrqCore *ic, Py_ssize_t slot, int32_t cpu)
            LOAD32(T_FIELD(wc, slot, ic->t_pid, int32_t)) > 0;
 }
 
-/* The slot of a task running on `cpu`, else of the CPU's idle task; -1 if neither. */
+/*
+ * The slot of a task running on `cpu`, else of the CPU's idle task; -1 if neither. The
+ * idle task runs only when no other task does: while it starts up (state R) it is not
+ * taken for a running task.
+ */
 static Py_ssize_t
 ic_target(IrqCore *ic, int32_t cpu)
 {
     Py_ssize_t slot = ic->last_target[cpu], high = LOAD32(ic->task_high);
+    Py_ssize_t idle = LOAD32(P_FIELD(ic, cpu, ic->p_idle_slot, int32_t));
 
-    if (slot >= 0 && ic_running_on(ic, slot, cpu))
+    if (slot >= 0 && slot != idle && ic_running_on(ic, slot, cpu))
         return slot;
     if (high > ic->wc->ntasks)
         high = ic->wc->ntasks;
     for (slot = 0; slot < high; slot++) {
-        if (ic_running_on(ic, slot, cpu)) {
+        if (slot != idle && ic_running_on(ic, slot, cpu)) {
             ic->last_target[cpu] = slot;
             return slot;
         }
     }
-    slot = LOAD32(P_FIELD(ic, cpu, ic->p_idle_slot, int32_t));
-    return slot < ic->wc->ntasks ? slot : -1;
+    return idle < ic->wc->ntasks ? idle : -1;
 }
 
 /*
- * Make `cpu` look at its pending interrupts and softirqs. Returns 1 if it is the
- * current task's own CPU (the caller takes them now, as a CPU interrupting itself),
- * else 0 once the task running there, or the CPU's idle task, was signalled; with
- * neither yet, they stay pending. -1 with an OSError if the signal cannot be sent.
+ * Ring `cpu`'s doorbell: signal the task running there, or else the CPU's idle task,
+ * even if that is the caller. Returns 0; with neither yet, the interrupts and softirqs
+ * stay pending. -1 with an OSError if the signal cannot be sent.
  */
 static int
-ic_kick(IrqCore *ic, int32_t cpu)
+ic_ring(IrqCore *ic, int32_t cpu)
 {
     WaitCore *wc = ic->wc;
     Py_ssize_t slot;
     int i, value;
     pid_t pid;
 
-    if (wc->current >= 0 && LOAD32(T_FIELD(wc, wc->current, ic->t_cpu, int32_t)) == cpu)
-        return 1;
     for (i = 0; i < DOORBELL_TRIES; i++) {
         slot = ic_target(ic, cpu);
         if (slot < 0 || (pid = LOAD32(T_FIELD(wc, slot, ic->t_pid, int32_t))) <= 0)
@@ -1605,6 +1626,21 @@ ic_kick(IrqCore *ic, int32_t cpu)
         return 0;
     }
     return 0;
+}
+
+/*
+ * Make `cpu` look at its pending interrupts and softirqs. Returns 1 if it is the
+ * current task's own CPU (the caller takes them now, as a CPU interrupting itself),
+ * else ic_ring()'s result.
+ */
+static int
+ic_kick(IrqCore *ic, int32_t cpu)
+{
+    WaitCore *wc = ic->wc;
+
+    if (wc->current >= 0 && LOAD32(T_FIELD(wc, wc->current, ic->t_cpu, int32_t)) == cpu)
+        return 1;
+    return ic_ring(ic, cpu);
 }
 
 static PyObject *
@@ -1641,6 +1677,17 @@ IrqCore_kick(IrqCore *ic, PyObject *arg)
     if (ic_cpu_arg(ic, arg, &cpu) < 0)
         return NULL;
     return ic_kick_result(ic_kick(ic, (int32_t)cpu));
+}
+
+/* ring(cpu): ring the CPU's doorbell, even if the caller is the task it reaches. */
+static PyObject *
+IrqCore_ring(IrqCore *ic, PyObject *arg)
+{
+    Py_ssize_t cpu;
+
+    if (ic_cpu_arg(ic, arg, &cpu) < 0 || ic_ring(ic, (int32_t)cpu) < 0)
+        return NULL;
+    Py_RETURN_NONE;
 }
 
 /* take_pending(cpu): the CPU's pending IRQ bits, cleared. */
@@ -1914,6 +1961,8 @@ static PyMethodDef IrqCore_methods[] = {
      "is the caller's own CPU (the caller takes the interrupt now)"},
     {"kick", (PyCFunction)IrqCore_kick, METH_O,
      "kick(cpu) -> ring the CPU's doorbell; True if it is the caller's own CPU"},
+    {"ring", (PyCFunction)IrqCore_ring, METH_O,
+     "ring(cpu) -> signal the task running on the CPU, or its idle task, even the caller"},
     {"take_pending", (PyCFunction)IrqCore_take_pending, METH_O,
      "take_pending(cpu) -> the CPU's pending IRQ bits, now cleared"},
     {"claim", (PyCFunction)(void (*)(void))IrqCore_claim, METH_FASTCALL,
