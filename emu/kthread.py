@@ -140,7 +140,7 @@ def _create(threadfn: Callable[[Any], int], data: Any, name: str, cpu: int | Non
     exited._owner = parked._owner = 0  # owned by the task slot, freed with it
     rec.exited, rec.parked = exited.index, parked.index
     task.threadfn, task.data = threadfn, data
-    pid = os.fork()
+    pid = _fork_named(task.comm)
     if pid == 0:
         _kthread(task)  # never returns
     rec.pid = pid
@@ -154,6 +154,20 @@ def _create(threadfn: Callable[[Any], int], data: Any, name: str, cpu: int | Non
     if bound:
         _wait_bound(task, parked)
     return task
+
+
+def _fork_named(comm: str) -> int:
+    """os.fork() a child whose comm is `comm` from birth, as kthread_create() returns a
+    task whose name is set. The creating thread wears the name during the fork only."""
+    own = _native.get_comm()
+    pid = -1
+    try:
+        _native.set_comm(comm)
+        pid = os.fork()
+    finally:
+        if pid != 0:
+            _native.set_comm(own)
+    return pid
 
 
 def _wait_bound(task: Task, pinned: Completion) -> None:
@@ -238,10 +252,6 @@ def _become_kthread(task: Task) -> None:
     set_current(task)
     irq.install_doorbell()
     install_show_stack()
-    try:
-        _native.set_comm(task.comm)
-    except OSError:
-        pass
 
 
 def _kthread(task: Task) -> None:
