@@ -115,7 +115,10 @@ class Supervisor:
     def reap(self, slot: int, generation: int, pid: int) -> None:
         """A task process is gone: if it did not exit through emu, report and clean up."""
         rec = self.img.img.tasks[slot]
-        if not rec.in_use or rec.generation != generation or rec.kflags & KTHREAD_EXITED:
+        # Read first, check after: a task that exited through emu may be released and its
+        # slot reused (reset) at any moment, one that died outside emu cannot.
+        kflags = rec.kflags
+        if not rec.in_use or rec.generation != generation or kflags & KTHREAD_EXITED:
             return
         comm = rec.comm.decode("utf-8", "replace")
         bug.oops(None, f"task {comm}:{pid} died outside emu (killed by a real signal?)",

@@ -1,14 +1,18 @@
-"""kthread life cycle as the host OS shows it (spec §2.1): a kthread has its name when
-kthread_create() returns."""
+"""kthread life cycle as the host OS shows it (spec §2.1, §2.4): a kthread has its name
+when kthread_create() returns, and its exit is told from a death outside emu."""
 
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import psutil
 import pytest
 
 import emu
+from emu import supervisor
+
+from util import wait_state
 
 #: Creations checked one after another: the name used to be set late, a race.
 CREATIONS = 50
@@ -49,3 +53,46 @@ def test_the_creator_keeps_its_own_name(kernel):
     assert os_comm(os.getpid()) == before
     assert emu.current().comm == before.decode()
     assert emu.kthread_stop(t) == -emu.EINTR
+
+
+# --- the death watch -------------------------------------------------------------------------
+
+class SlotReusedMidway:
+    """A task slot as the supervisor reads it, released by kthread_stop() and reused by
+    the next kthread_create() right after its `reads`-th field read."""
+
+    def __init__(self, rec, reads, reuse):
+        self.rec, self.left, self.reuse = rec, reads, reuse
+
+    def __getattr__(self, name):
+        self.left -= 1
+        if self.left == 0:
+            self.reuse()
+        return getattr(self.rec, name)
+
+
+def test_the_death_watch_does_not_mistake_a_reused_slot_for_a_death(kernel, monkeypatch):
+    """A kthread that exited through emu may be released and its slot reused while the
+    supervisor looks at its death: the new task must not be reported nor ended."""
+    notified = []
+    monkeypatch.setattr(supervisor, "exit_notify", lambda rec, result: notified.append(rec))
+    watch = supervisor.Supervisor.__new__(supervisor.Supervisor)
+    watch.hdr = kernel._img.img.hdr
+    watch.ask_to_reap = lambda: None
+    for reads in range(1, 10):
+        a = emu.kthread_run(lambda d: 1, None, "old")
+        wait_state(a, "X")
+        reused = []
+
+        def reuse(a=a, reused=reused):
+            assert emu.kthread_stop(a) == 1
+            reused.append(emu.kthread_create(idle_until_stopped, None, "new"))
+            assert reused[0].slot == a.slot
+
+        rec = SlotReusedMidway(kernel._img.img.tasks[a.slot], reads, reuse)
+        watch.img = SimpleNamespace(img=SimpleNamespace(tasks={a.slot: rec}))
+        watch.reap(a.slot, a.generation, a.pid)
+        assert (notified, kernel.oopses) == ([], 0), f"reused after read {reads}"
+        if not reused:
+            reuse()
+        assert emu.kthread_stop(reused[0]) == -emu.EINTR
