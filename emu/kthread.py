@@ -68,7 +68,12 @@ _IGNORED_SIGNALS = (
     "SIGCHLD", "SIGTSTP", "SIGTTIN", "SIGTTOU",
 )
 
-_children: set[int] = set()
+#: pid -> task slot of each kthread process this process forked and has not collected yet
+#: (booting process only: a kthread ignores SIGCHLD, so the host kernel collects its own).
+_children: dict[int, Any] = {}
+#: Sent by the supervisor to the booting process when a kthread it created exited, so that
+#: it collects the process at once, as the kernel reaps an exited kthread.
+SIG_REAP = _os_signal.SIGRTMIN + 3
 
 
 class KthreadExit(BaseException):
@@ -140,13 +145,14 @@ def _create(threadfn: Callable[[Any], int], data: Any, name: str, cpu: int | Non
     exited._owner = parked._owner = 0  # owned by the task slot, freed with it
     rec.exited, rec.parked = exited.index, parked.index
     task.threadfn, task.data = threadfn, data
+    rec.ppid = os.getpid()  # before the pid: whoever sees the pid sees the parent
     pid = _fork_named(task.comm)
     if pid == 0:
         _kthread(task)  # never returns
-    rec.pid = pid
-    rec.ppid = os.getpid()
     if img.is_boot_process:
-        _children.add(pid)
+        _children[pid] = rec  # before the pid too: the supervisor may ask us to reap it
+    rec.pid = pid
+    if img.is_boot_process:
         try:
             os.setpgid(pid, img.img.hdr.supervisor_pid)
         except OSError:
@@ -404,19 +410,32 @@ def release_task(k: Task) -> None:
         try:
             os.waitpid(pid, 0)
         except ChildProcessError:
-            pass
-        _children.discard(pid)
+            pass  # reap_children() was faster
+        _children.pop(pid, None)
 
 
 def reap_children() -> None:
-    """Collect exited kthread processes this process forked (no zombies accumulate)."""
-    for pid in list(_children):
+    """Collect the kthread processes this process forked that exited; never another child."""
+    for pid, rec in list(_children.items()):
+        if not rec.kflags & KTHREAD_EXITED:
+            continue  # running, or its slot was released: release_task() collects it
         try:
             done, _ = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             done = pid
         if done:
-            _children.discard(pid)
+            _children.pop(pid, None)
+
+
+def _reap_signal(signum: int, frame: Any) -> None:
+    # May run inside release_task() or shutdown: their waitpid() then finds no child.
+    reap_children()
+
+
+def install_reaper() -> None:
+    """Let the supervisor ask this process to reap its exited kthreads (boot; a kthread
+    inherits the handler and has nothing to reap)."""
+    _os_signal.signal(SIG_REAP, _reap_signal)
 
 
 # --- predicates and data ---------------------------------------------------------------------

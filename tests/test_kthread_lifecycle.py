@@ -1,9 +1,14 @@
 """kthread life cycle as the host OS shows it (spec §2.1, §2.4): a kthread has its name
-when kthread_create() returns, and its exit is told from a death outside emu."""
+when kthread_create() returns, its process is reaped as soon as it exits, and its exit is
+told from a death outside emu."""
 
 from __future__ import annotations
 
 import os
+import select
+import signal
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import psutil
@@ -12,7 +17,7 @@ import pytest
 import emu
 from emu import supervisor
 
-from util import wait_state
+from util import stop_after_exit, wait_state, wait_until
 
 #: Creations checked one after another: the name used to be set late, a race.
 CREATIONS = 50
@@ -27,6 +32,16 @@ def idle_until_stopped(data):
 def os_comm(pid: int) -> bytes:
     with open(f"/proc/{pid}/comm", "rb") as f:
         return f.read().rstrip(b"\n")
+
+
+def reaped(pid: int) -> bool:
+    """The process is gone from the process table: not running, not a zombie."""
+    return not psutil.pid_exists(pid)
+
+
+def wait_reaped(pid: int, what: str) -> None:
+    # Polls the process table only: no emu call that could reap on the side.
+    wait_until(lambda: reaped(pid), what=f"{what} (pid {pid}) to be reaped")
 
 
 # --- the name ------------------------------------------------------------------------------
@@ -55,7 +70,87 @@ def test_the_creator_keeps_its_own_name(kernel):
     assert emu.kthread_stop(t) == -emu.EINTR
 
 
+# --- reaping -------------------------------------------------------------------------------
+
+def test_an_exited_kthread_is_reaped_while_its_creator_does_nothing(kernel):
+    t = emu.kthread_run(lambda d: 17, None, "shortlived")
+    wait_reaped(t.pid, "a kthread whose threadfn returned")
+    assert emu.task_state_to_char(t) == "X"  # the task stays until kthread_stop()
+    assert emu.kthread_stop(t) == 17
+
+
+def test_a_kthread_that_exits_with_kthread_exit_is_reaped_too(kernel):
+    ts = [emu.kthread_run(lambda d: emu.kthread_exit(d), i, "exit%d", i) for i in range(5)]
+    for t in ts:
+        wait_reaped(t.pid, t.comm)
+    assert [emu.kthread_stop(t) for t in ts] == list(range(5))
+
+
+@pytest.mark.emu_expect(oopses=1)
+def test_a_kthread_killed_outside_emu_is_reaped_too(kernel):
+    t = emu.kthread_run(idle_until_stopped, None, "victim")
+    wait_state(t, "S")
+    os.kill(t.pid, signal.SIGKILL)
+    wait_reaped(t.pid, "a kthread killed by SIGKILL")
+    assert emu.kthread_stop(t) == 0  # as after an Oops
+
+
+def test_a_kthread_created_by_a_kthread_is_reaped(kernel):
+    child_pid = emu.Atomic(0)
+    go = emu.Completion()
+
+    def parent(data):
+        child = emu.kthread_run(lambda d: 23, None, "grandchild")
+        emu.atomic_set(child_pid, child.pid)
+        emu.wait_for_completion(go)
+        return emu.kthread_stop(child)
+
+    t = emu.kthread_run(parent, None, "parent")
+    wait_until(lambda: emu.atomic_read(child_pid), what="the child kthread")
+    wait_reaped(emu.atomic_read(child_pid), "the kthread's child")
+    emu.complete(go)
+    assert stop_after_exit(t) == 23
+
+
+def test_other_children_of_the_booting_process_are_left_alone(kernel):
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(7)"])
+    try:
+        wait_until(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE,
+                   what="the subprocess to exit")
+        t = emu.kthread_run(lambda d: 5, None, "sibling")
+        wait_reaped(t.pid, "the kthread")
+        assert psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE
+        assert emu.kthread_stop(t) == 5
+        assert psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        assert proc.wait(timeout=5) == 7
+
+
 # --- the death watch -------------------------------------------------------------------------
+
+def death_watch(kernel, ask_to_reap):
+    """A second death watch over the kernel's tasks, run step by step by the test."""
+    watch = supervisor.Supervisor.__new__(supervisor.Supervisor)
+    watch.img, watch.hdr = kernel._img, kernel._img.img.hdr
+    watch.poller, watch.watched, watch.by_slot, watch.dead = select.poll(), {}, {}, {}
+    watch.ask_to_reap = ask_to_reap
+    return watch
+
+
+def test_a_death_is_handled_once(kernel):
+    """The slot of an exited kthread lives on until kthread_stop(): the death watch does
+    not take it up again and again (and ask its creator to reap it each time)."""
+    asked = []
+    watch = death_watch(kernel, asked.append)
+    t = emu.kthread_run(lambda d: 2, None, "once")
+    wait_reaped(t.pid, "the kthread")
+    for _ in range(3):
+        watch.watch_new_tasks()
+        for fd, _ in watch.poller.poll(0):
+            watch.task_died(fd)
+    assert asked == [os.getpid()]
+    assert emu.kthread_stop(t) == 2
+
 
 class SlotReusedMidway:
     """A task slot as the supervisor reads it, released by kthread_stop() and reused by
@@ -76,9 +171,7 @@ def test_the_death_watch_does_not_mistake_a_reused_slot_for_a_death(kernel, monk
     supervisor looks at its death: the new task must not be reported nor ended."""
     notified = []
     monkeypatch.setattr(supervisor, "exit_notify", lambda rec, result: notified.append(rec))
-    watch = supervisor.Supervisor.__new__(supervisor.Supervisor)
-    watch.hdr = kernel._img.img.hdr
-    watch.ask_to_reap = lambda: None
+    watch = death_watch(kernel, lambda ppid: None)
     for reads in range(1, 10):
         a = emu.kthread_run(lambda d: 1, None, "old")
         wait_state(a, "X")
