@@ -324,6 +324,7 @@ def _make_boot_task(img: image.SharedImage) -> None:
     task.set_current(me)
     irq.install_doorbell()
     sched.install_show_stack()
+    kthread.install_reaper()
 
 
 def _start_supervisor(img: image.SharedImage) -> int:

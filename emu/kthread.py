@@ -70,7 +70,12 @@ _IGNORED_SIGNALS = (
     "SIGCHLD", "SIGTSTP", "SIGTTIN", "SIGTTOU",
 )
 
-_children: set[int] = set()
+#: pid -> task slot of each kthread process this process forked and has not collected yet
+#: (booting process only: a kthread ignores SIGCHLD, so the host kernel collects its own).
+_children: dict[int, Any] = {}
+#: Sent by the supervisor to the booting process when a kthread it created exited, so that
+#: it collects the process at once, as the kernel reaps an exited kthread.
+SIG_REAP = _os_signal.SIGRTMIN + 3
 
 
 class KthreadExit(BaseException):
@@ -142,13 +147,14 @@ def _create(threadfn: Callable[[Any], int], data: Any, name: str, cpu: int | Non
     exited._owner = parked._owner = 0  # owned by the task slot, freed with it
     rec.exited, rec.parked = exited.index, parked.index
     task.threadfn, task.data = threadfn, data
-    pid = os.fork()
+    rec.ppid = os.getpid()  # before the pid: whoever sees the pid sees the parent
+    pid = _fork_named(task.comm)
     if pid == 0:
         _kthread(task)  # never returns
-    rec.pid = pid
-    rec.ppid = os.getpid()
     if img.is_boot_process:
-        _children.add(pid)
+        _children[pid] = rec  # before the pid too: the supervisor may ask us to reap it
+    rec.pid = pid
+    if img.is_boot_process:
         try:
             os.setpgid(pid, img.img.hdr.supervisor_pid)
         except OSError:
@@ -156,6 +162,20 @@ def _create(threadfn: Callable[[Any], int], data: Any, name: str, cpu: int | Non
     if bound:
         _wait_bound(task, parked)
     return task
+
+
+def _fork_named(comm: str) -> int:
+    """os.fork() a child whose comm is `comm` from birth, as kthread_create() returns a
+    task whose name is set. The creating thread wears the name during the fork only."""
+    own = _native.get_comm()
+    pid = -1
+    try:
+        _native.set_comm(comm)
+        pid = os.fork()
+    finally:
+        if pid != 0:
+            _native.set_comm(own)
+    return pid
 
 
 def _wait_bound(task: Task, pinned: Completion) -> None:
@@ -240,10 +260,6 @@ def _become_kthread(task: Task) -> None:
     set_current(task)
     irq.install_doorbell()
     install_show_stack()
-    try:
-        _native.set_comm(task.comm)
-    except OSError:
-        pass
 
 
 def _kthread(task: Task) -> None:
@@ -406,19 +422,32 @@ def release_task(k: Task) -> None:
         try:
             os.waitpid(pid, 0)
         except ChildProcessError:
-            pass
-        _children.discard(pid)
+            pass  # reap_children() was faster
+        _children.pop(pid, None)
 
 
 def reap_children() -> None:
-    """Collect exited kthread processes this process forked (no zombies accumulate)."""
-    for pid in list(_children):
+    """Collect the kthread processes this process forked that exited; never another child."""
+    for pid, rec in list(_children.items()):
+        if not rec.kflags & KTHREAD_EXITED:
+            continue  # running, or its slot was released: release_task() collects it
         try:
             done, _ = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             done = pid
         if done:
-            _children.discard(pid)
+            _children.pop(pid, None)
+
+
+def _reap_signal(signum: int, frame: Any) -> None:
+    # May run inside release_task() or shutdown: their waitpid() then finds no child.
+    reap_children()
+
+
+def install_reaper() -> None:
+    """Let the supervisor ask this process to reap its exited kthreads (boot; a kthread
+    inherits the handler and has nothing to reap)."""
+    _os_signal.signal(SIG_REAP, _reap_signal)
 
 
 # --- predicates and data ---------------------------------------------------------------------

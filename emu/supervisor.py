@@ -27,7 +27,7 @@ from .constants import (
 )
 from .errors import CapacityError
 from .irq import irq_inject_interrupt
-from .kthread import KTHREAD_EXITED, exit_notify
+from .kthread import KTHREAD_EXITED, SIG_REAP, exit_notify
 from .printk import log_store
 from .sched import SIG_SHOW_STACK
 
@@ -56,7 +56,9 @@ class Supervisor:
         self.poller = select.poll()
         self.watched: dict[int, tuple[int, int, int]] = {}  # fd -> (slot, generation, pid)
         self.by_slot: dict[int, int] = {}  # slot -> fd
+        self.dead: dict[int, int] = {}  # slot -> generation whose process was seen gone
         self.hung = HungTaskDetector(img)
+        self.boot_pidfd = os.pidfd_open(self.hdr.boot_pid)  # see ask_to_reap()
         # SIG_WAKE (e.g. from add_irq_source()) makes poll() return: CPython writes a
         # byte to the wakeup fd for every signal that has a Python handler.
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -83,7 +85,8 @@ class Supervisor:
             if fd is not None and (not rec.in_use or self.watched[fd][1] != rec.generation):
                 self.unwatch(fd)
                 fd = None
-            if fd is None and rec.in_use and rec.pid > 0 and slot != 0:
+            if (fd is None and rec.in_use and rec.pid > 0 and slot != 0
+                    and self.dead.get(slot) != rec.generation):
                 self.watch(slot, rec)
 
     def watch(self, slot: int, rec: Any) -> None:
@@ -114,8 +117,15 @@ class Supervisor:
 
     def reap(self, slot: int, generation: int, pid: int) -> None:
         """A task process is gone: if it did not exit through emu, report and clean up."""
+        self.dead[slot] = generation  # once: an exited task's slot lives on until released
         rec = self.img.img.tasks[slot]
-        if not rec.in_use or rec.generation != generation or rec.kflags & KTHREAD_EXITED:
+        # Read first, check after: a task that exited through emu may be released and its
+        # slot reused (reset) at any moment, one that died outside emu cannot.
+        kflags, ppid = rec.kflags, rec.ppid
+        if not rec.in_use or rec.generation != generation:
+            return  # kthread_stop() released it, and its creator collected the process
+        if kflags & KTHREAD_EXITED:
+            self.ask_to_reap(ppid)
             return
         comm = rec.comm.decode("utf-8", "replace")
         bug.oops(None, f"task {comm}:{pid} died outside emu (killed by a real signal?)",
@@ -124,6 +134,17 @@ class Supervisor:
             index = rec.wq_on - 1
             remove_waiter(_from_index(index, self.img.img.completions[index].generation), slot)
         exit_notify(rec, 0)  # kthread_stop() of a thread that died returns 0, as after an Oops
+        self.ask_to_reap(ppid)
+
+    def ask_to_reap(self, ppid: int) -> None:
+        """Have the booting process collect an exited kthread (KTHREAD_EXITED) it created;
+        a kthread is not asked: it ignores SIGCHLD, so the host kernel reaps its children."""
+        if ppid != self.hdr.boot_pid:
+            return
+        try:
+            _os_signal.pidfd_send_signal(self.boot_pidfd, SIG_REAP)
+        except OSError:
+            pass  # gone (and the kernel with it), or its signal queue is full
 
 
 def add_irq_source(irq_nr: int, delay: float, rate_hz: float, burst: int, count: int) -> int:

@@ -630,6 +630,16 @@ emu_set_comm(PyObject *self, PyObject *args)
 }
 
 static PyObject *
+emu_get_comm(PyObject *self, PyObject *noargs)
+{
+    char name[16] = {0};  /* TASK_COMM_LEN: PR_GET_NAME writes up to 16 bytes with the NUL */
+
+    if (prctl(PR_GET_NAME, (unsigned long)name, 0UL, 0UL, 0UL) == -1)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyBytes_FromString(name);
+}
+
+static PyObject *
 emu_set_pdeathsig(PyObject *self, PyObject *args)
 {
     int sig;
@@ -2074,6 +2084,9 @@ DOC(futex_wake, "(addr, n, /)", "FUTEX_WAKE (shared) up to n waiters on addr; re
 DOC(set_comm, "(name, /)",
     "Set this thread's comm (prctl PR_SET_NAME, truncated to 15 bytes); return None, "
     "OSError on failure.");
+DOC(get_comm, "()",
+    "Return this thread's comm as bytes (prctl PR_GET_NAME: at most 15 bytes, not "
+    "necessarily UTF-8); OSError on failure.");
 DOC(set_pdeathsig, "(sig, /)",
     "Set the parent-death signal (prctl PR_SET_PDEATHSIG); return None, OSError on failure.");
 DOC(pid_is_dead, "(pid, /)",
@@ -2104,6 +2117,7 @@ static PyMethodDef emu_native_methods[] = {
     METH(futex_wait),
     METH(futex_wake),
     METH(set_comm),
+    {"get_comm", emu_get_comm, METH_NOARGS, get_comm_doc},
     METH(set_pdeathsig),
     METH(pid_is_dead),
     {NULL, NULL, 0, NULL},
@@ -2127,7 +2141,7 @@ PyDoc_STRVAR(emu_native_doc,
 "  force_unlock(addr, expected_owner) -> bool.\n"
 "\n"
 "futex_wait(addr, expected, timeout_ns) -> 0 | -errno, futex_wake(addr, n) -> woken;\n"
-"set_comm(name), set_pdeathsig(sig), pid_is_dead(pid) -> bool.\n"
+"set_comm(name), get_comm() -> bytes, set_pdeathsig(sig), pid_is_dead(pid) -> bool.\n"
 "\n"
 "Addresses must be non-zero and aligned (4 bytes; 8 for the 64-bit atomics),\n"
 "otherwise ValueError is raised.");

@@ -148,7 +148,7 @@ def test_module_surface():
         *("load32", "store32", "add32", "xchg32", "cmpxchg32", "or32", "and32"),
         *("load64", "store64", "add64", "xchg64", "cmpxchg64", "or64", "and64"),
         *("lock", "trylock", "unlock", "lock_owner", "force_unlock"),
-        *("futex_wait", "futex_wake", "set_comm", "set_pdeathsig", "pid_is_dead"),
+        *("futex_wait", "futex_wake", "set_comm", "get_comm", "set_pdeathsig", "pid_is_dead"),
     ]
     assert _native.__doc__
     for name in names:
@@ -737,6 +737,19 @@ def test_set_comm():
     finally:
         _native.set_comm(original)
     assert _comm() == original
+
+
+def test_get_comm_reads_what_set_comm_wrote():
+    original = _native.get_comm()
+    assert original == _comm().encode()
+    try:
+        _native.set_comm("añandú-ñandú")  # 16 bytes: the kernel cuts inside the last ú
+        assert _native.get_comm() == "añandú-ñandú".encode()[:15]
+        _native.set_comm(b"\xff\xfe raw")
+        assert _native.get_comm() == b"\xff\xfe raw"
+    finally:
+        _native.set_comm(original)
+    assert _native.get_comm() == original
 
 
 def test_set_pdeathsig(children):
