@@ -14,7 +14,7 @@ from types import FrameType, TracebackType
 
 import _emu_native as _native
 
-from . import image
+from . import image, records
 from .constants import TAINT_DIE, TAINT_WARN
 from .errors import EmuError
 from .printk import log_store
@@ -156,6 +156,15 @@ def BUG(depth: int = 1) -> None:
         if _current is not None and _current.is_kthread:
             raise TaskKilled() from exc
         raise
+
+
+def report_dead_owner(what: str, pid: int, depth: int = 3) -> None:
+    """Report a `what` lock taken over from dead task `pid` with a WARN located `depth`
+    frames up (the hook of records' raw lock and of native/'s WaitCore)."""
+    warn(f"emu: {what} lock taken over from dead task (pid {pid})", depth=depth)
+
+
+records.set_dead_owner_hook(report_dead_owner)
 
 
 def _where(frame: FrameType) -> str:

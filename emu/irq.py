@@ -27,7 +27,7 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import bug, checks, image, locking, preempt
+from . import bug, checks, image, preempt, records
 from .callback import callback_free, callback_load, callback_store
 from .constants import EBUSY, EINVAL, ENOMEM, PF_IDLE, TASK_INTERRUPTIBLE, TASK_RUNNING
 from .printk import log_store
@@ -125,7 +125,7 @@ def _check_irq(irq: object) -> None:
 
 def _lock(desc: Any) -> int:
     addr = image.field_addr(desc, "lock")
-    locking.raw_spin_lock(addr, "irq descriptor")
+    records.raw_spin_lock(addr, "irq descriptor")
     return addr
 
 
@@ -343,7 +343,7 @@ def _unmask_oneshot(irq: int, desc: Any, action: Any) -> None:
         if replay:
             desc.status &= ~IRQS_PENDING
     finally:
-        locking.raw_spin_unlock(addr)
+        records.raw_spin_unlock(addr)
     if replay:
         irq_inject_interrupt(irq)
 
@@ -434,7 +434,7 @@ def _claim_action(irq: int, desc: Any, flags: int, name: str, ref: tuple[int, in
                 return index
         return -ENOMEM
     finally:
-        locking.raw_spin_unlock(addr)
+        records.raw_spin_unlock(addr)
 
 
 def free_irq(irq: int, dev: Any) -> str | None:
@@ -461,7 +461,7 @@ def free_irq(irq: int, dev: Any) -> str | None:
         action.in_use = 0
         name = action.name.decode("utf-8", "replace")
     finally:
-        locking.raw_spin_unlock(addr)
+        records.raw_spin_unlock(addr)
     synchronize_irq(irq)
     if action.thread_slot >= 0:
         from .kthread import kthread_stop
@@ -511,7 +511,7 @@ def disable_irq_nosync(irq: int) -> None:
     desc = _desc(irq)
     addr = _lock(desc)
     desc.depth += 1
-    locking.raw_spin_unlock(addr)
+    records.raw_spin_unlock(addr)
 
 
 def disable_irq(irq: int) -> None:
@@ -538,7 +538,7 @@ def enable_irq(irq: int) -> None:
             if replay:
                 desc.status &= ~IRQS_PENDING
     finally:
-        locking.raw_spin_unlock(addr)
+        records.raw_spin_unlock(addr)
     if unbalanced:
         bug.warn(f"Unbalanced enable for IRQ {irq}", depth=2)
     elif replay:

@@ -17,7 +17,7 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import heap, image, irq, kthread, locking, preempt, sched, supervisor, task
+from . import bug, heap, image, irq, kthread, preempt, sched, supervisor, task
 from .constants import PF_IDLE, PF_KTHREAD, TASK_RUNNING
 from .errors import AlreadyBootedError, EmuError, KernelDeadError, StaleObjectError
 from .kthread import KTHREAD_EXITED
@@ -277,7 +277,7 @@ def boot(
     hdr.hz = hz
     img.jiffy_ns = 1_000_000_000 // hz
     img.core.set_timebase(img.jiffy_ns, sched.FOREVER_NS)
-    img.core.set_dead_owner_hook(locking.report_dead_owner)
+    img.core.set_dead_owner_hook(bug.report_dead_owner)
     hdr.ncpus = len(cpu_map)
     hdr.max_tasks = max_tasks
     hdr.max_completions = max_completions + 2 * max_tasks

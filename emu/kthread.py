@@ -21,7 +21,6 @@ import _emu_native as _native
 from . import bug, checks, image, irq, preempt
 from .completion import (
     Completion,
-    _free,
     _from_index,
     complete,
     wait_for_completion,
@@ -416,7 +415,7 @@ def release_task(k: Task) -> None:
     for which in ("exited", "parked"):
         c = _task_completion(k, which)
         c._owner = 0
-        _free(c)
+        c._free()
     free_slot(k)
     if pid in _children:
         try:

@@ -1,11 +1,6 @@
-"""Locks and atomics in the shared image, over native/'s owner-aware lock.
+"""atomic_t and spinlock_t in the shared image, over native/'s owner-aware lock.
 
-The raw locks here protect the emulator's own shared structures (task table, record
-pools, the log, IRQ descriptors). They are always taken irqsave: an interrupt
-handler (a Python signal handler, which may run between any two bytecodes) that
-needed the same lock would otherwise deadlock on its own task. Each records its
-holder's pid, so a holder that dies is detected by the next acquirer, which takes
-the lock over; the takeover is reported once the lock is released again.
+The emulator's own raw lock is records.raw_spin_lock().
 """
 
 from __future__ import annotations
@@ -16,121 +11,24 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import bug, checks, image, preempt
-from .errors import StaleObjectError
-
-#: Busy-wait iterations before sleeping on the futex (the "spin briefly" part).
-SPINS = 200
+from . import bug, checks, image, preempt, records
+from .records import SPINS
 
 _pid = os.getpid()
-_recovered: list[tuple[str, int]] = []
-_irq_flags: list[int] = []  # saved interrupt states of the raw locks held, innermost last
 
 
 def _after_fork_in_child() -> None:
     global _pid
     _pid = os.getpid()
-    _recovered.clear()
-    _irq_flags.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def raw_spin_lock(addr: int, what: str = "raw") -> None:
-    """Take the raw lock at `addr`, taking it over if its holder died.
-
-    Interrupts are disabled until the matching raw_spin_unlock(). A takeover is
-    reported (a WARN naming `what` and the dead pid) when the lock is released.
-    """
-    _irq_flags.append(preempt.local_irq_save())
-    dead = _native.lock(addr, _pid, SPINS, -1)
-    if dead > 0:
-        _recovered.append((what, dead))
-
-
-def raw_spin_unlock(addr: int) -> None:
-    """Release the lock at `addr`, which this process must hold."""
-    if not _native.unlock(addr, _pid):
-        raise RuntimeError(
-            f"emu internal error: unlock of a raw lock held by pid {_native.lock_owner(addr)}"
-        )
-    preempt.local_irq_restore(_irq_flags.pop())
-    if _recovered:
-        _report_recovered()
-
-
-def _report_recovered() -> None:
-    events = _recovered[:]
-    _recovered.clear()
-    for what, dead in events:
-        report_dead_owner(what, dead, depth=4)
-
-
-def report_dead_owner(what: str, pid: int, depth: int = 3) -> None:
-    """Report a `what` lock taken over from dead task `pid` (also native/'s hook)."""
-    bug.warn(f"emu: {what} lock taken over from dead task (pid {pid})", depth=depth)
-
-
 # --- atomic_t / atomic64_t ---------------------------------------------------------------
 
 
-class _Shared:
-    """A record in one of the image's tables, freed with the handle that created it."""
-
-    TABLE = ""
-    __slots__ = ("index", "generation", "_img", "_rec", "_addr", "_owner", "__weakref__")
-
-    def __init__(self) -> None:
-
-
-        self.index, self.generation = image.alloc_record(self.TABLE)
-        self._attach()
-        self._owner = _pid
-
-    def _attach(self) -> None:
-
-
-        self._img = image.this()  # the kernel this handle belongs to
-        self._rec = getattr(self._img.img, self.TABLE)[self.index]
-        self._addr = image.field_addr(self._rec, self.FIELD)  # type: ignore[attr-defined]
-        self._owner = 0
-
-    @classmethod
-    def _from_index(cls, index: int, generation: int) -> _Shared:
-        obj = cls.__new__(cls)
-        obj.index, obj.generation = index, generation
-        obj._attach()
-        return obj
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self)._from_index, (self.index, self.generation))
-
-    def __eq__(self, other: object) -> bool:
-        """Handles are equal when they name the same object (in any process)."""
-        return (isinstance(other, _Shared) and type(other) is type(self)
-                and other.index == self.index and other.generation == self.generation)
-
-    def __hash__(self) -> int:
-        return hash((type(self), self.index, self.generation))
-
-    def __del__(self) -> None:
-
-
-        if getattr(self, "_owner", 0) == _pid and image._this is getattr(self, "_img", None):
-            image.free_record(self.TABLE, self.index, self.generation)
-
-    def addr(self) -> int:
-        """Address of the shared word; raises StaleObjectError once the object was freed."""
-        if self._rec.generation != self.generation:
-            raise StaleObjectError(
-                f"{type(self).__name__} #{self.index} was freed: its creating handle was "
-                "garbage-collected; keep it alive while other tasks use it"
-            )
-        return self._addr
-
-
-class Atomic(_Shared):
+class Atomic(records.Record):
     """atomic_t: a 32-bit counter in shared memory, lock-free from every task and context.
 
     Arithmetic wraps like a C int (atomic_inc() of INT_MAX gives INT_MIN); a value given
@@ -331,7 +229,7 @@ def ATOMIC_INIT(i: int) -> Atomic:
 SOFTLOCKUP_THRESH_DEFAULT = 20
 
 
-class Spinlock(_Shared):
+class Spinlock(records.Record):
     """spinlock_t in shared memory: a lock that records its holder.
 
     Holding it is atomic context (preemption disabled). A holder that dies is detected

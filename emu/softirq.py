@@ -19,7 +19,7 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import bug, checks, image, locking, preempt
+from . import bug, checks, image, preempt, records
 from .callback import callback_free, callback_load, callback_store
 from .irq import ring_doorbell, softirq_pending_addr, start_irq_layer
 
@@ -33,7 +33,7 @@ TASKLET_STATE_RUN = 0x2
 MAX_SOFTIRQ_RESTART = 10
 
 
-class Tasklet(locking._Shared):
+class Tasklet(records.Record):
     """struct tasklet_struct: `callback(tasklet)` run in softirq context after scheduling.
 
     `callback` may be any callable and `data` any object cloudpickle can carry; each
@@ -182,7 +182,7 @@ def _enqueue(cpu: int, nr: int, index: int) -> None:
     tasklets = image.this().img.tasklets
     which = _LIST[nr]
     addr = image.field_addr(pc, "lock")
-    locking.raw_spin_lock(addr, "tasklet list")
+    records.raw_spin_lock(addr, "tasklet list")
     try:
         tasklets[index].next = -1
         if pc.tasklet_tail[which] == -1:
@@ -191,7 +191,7 @@ def _enqueue(cpu: int, nr: int, index: int) -> None:
             tasklets[pc.tasklet_tail[which]].next = index
         pc.tasklet_tail[which] = index
     finally:
-        locking.raw_spin_unlock(addr)
+        records.raw_spin_unlock(addr)
 
 
 def _take_list(cpu: int, nr: int) -> list[int]:
@@ -200,7 +200,7 @@ def _take_list(cpu: int, nr: int) -> list[int]:
     which = _LIST[nr]
     addr = image.field_addr(pc, "lock")
     out = []
-    locking.raw_spin_lock(addr, "tasklet list")
+    records.raw_spin_lock(addr, "tasklet list")
     try:
         index = pc.tasklet_head[which]
         while index != -1:
@@ -208,7 +208,7 @@ def _take_list(cpu: int, nr: int) -> list[int]:
             index = tasklets[index].next
         pc.tasklet_head[which] = pc.tasklet_tail[which] = -1
     finally:
-        locking.raw_spin_unlock(addr)
+        records.raw_spin_unlock(addr)
     return out
 
 

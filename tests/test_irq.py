@@ -958,7 +958,7 @@ def test_a_failing_takeover_report_does_not_leave_the_line_in_progress(kernel):
     """If reporting the takeover raises, the interrupt is lost but the line is not wedged."""
     import signal
 
-    from emu import locking
+    from emu import bug
     from emu.image import field_addr
 
     class ReportFailed(Exception):
@@ -978,7 +978,7 @@ def test_a_failing_takeover_report_does_not_leave_the_line_in_progress(kernel):
         with pytest.raises(ReportFailed, match="irq descriptor"):
             emu.irq_inject_interrupt(IRQ)
     finally:
-        core.set_dead_owner_hook(locking.report_dead_owner)
+        core.set_dead_owner_hook(bug.report_dead_owner)
     assert emu.kthread_stop(t) == 0
     emu.irq_inject_interrupt(IRQ)
     assert read(count) == 1, "the line stayed in progress after the failed report"
