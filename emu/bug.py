@@ -14,8 +14,8 @@ from types import FrameType, TracebackType
 
 import _emu_native as _native
 
-from . import image, records
-from .constants import TAINT_DIE, TAINT_WARN
+from . import image, irqflags, records
+from .constants import PF_KTHREAD, TAINT_DIE, TAINT_WARN
 from .errors import EmuError
 from .printk import log_store
 
@@ -62,11 +62,10 @@ def _count(field: str) -> None:
 
 
 def _who() -> tuple[int, int, str]:
-    from .task import _current
-
-    if _current is None:
+    rec = irqflags.current_slot()
+    if rec is None:
         return -1, os.getpid(), "?"
-    return _current.cpu, _current.pid, _current.comm
+    return int(rec.cpu), int(rec.pid), rec.comm.decode("utf-8", "replace")
 
 
 def header_line(cpu: int | None = None, pid: int | None = None, comm: str | None = None) -> str:
@@ -141,8 +140,6 @@ def oops(exc: BaseException | None, title: str, cpu: int | None = None,
 
 def BUG(depth: int = 1) -> None:
     """BUG(): "kernel BUG at FILE:LINE!", an Oops, and the end of the calling task."""
-    from .task import _current
-
     frame = _caller(depth)
     where = _where(frame)
     _count("bugs")
@@ -153,7 +150,8 @@ def BUG(depth: int = 1) -> None:
         exc.__traceback__ = None
         oops(None, "invalid opcode: 0000")
         log_store(1, "\n".join(stack_lines(frame)))
-        if _current is not None and _current.is_kthread:
+        rec = irqflags.current_slot()
+        if rec is not None and rec.flags & PF_KTHREAD:
             raise TaskKilled() from exc
         raise
 

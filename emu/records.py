@@ -20,7 +20,7 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import image, preempt
+from . import image, irqflags
 from .errors import CapacityError, StaleObjectError
 
 #: Busy-wait iterations before sleeping on the futex (the "spin briefly" part).
@@ -59,7 +59,7 @@ def raw_spin_lock(addr: int, what: str = "raw") -> None:
     reported (a WARN naming `what` and the dead pid) when the lock is released.
     Callable from any context; spins, then sleeps on a futex, but never schedules.
     """
-    _irq_flags.append(preempt.local_irq_save())
+    _irq_flags.append(irqflags.local_irq_save())
     dead = _native.lock(addr, _pid, SPINS, -1)
     if dead > 0:
         _recovered.append((what, dead))
@@ -71,7 +71,7 @@ def raw_spin_unlock(addr: int) -> None:
         raise RuntimeError(
             f"emu internal error: unlock of a raw lock held by pid {_native.lock_owner(addr)}"
         )
-    preempt.local_irq_restore(_irq_flags.pop())
+    irqflags.local_irq_restore(_irq_flags.pop())
     if _recovered:
         _report_recovered()
 
