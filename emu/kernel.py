@@ -17,7 +17,7 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import bug, heap, image, irq, kthread, preempt, sched, supervisor, task
+from . import bug, heap, image, irq, irqchip, kthread, preempt, sched, supervisor, task
 from .constants import PF_IDLE, PF_KTHREAD, TASK_RUNNING
 from .errors import AlreadyBootedError, EmuError, KernelDeadError, StaleObjectError
 from .kthread import KTHREAD_EXITED
@@ -322,7 +322,7 @@ def _make_boot_task(img: image.SharedImage) -> None:
     me._rec.pid = os.getpid()
     me._rec.ppid = os.getppid()
     task.set_current(me)
-    irq.install_doorbell()
+    irqchip.install_doorbell()
     sched.install_show_stack()
     kthread.install_reaper()
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import bug, checks, image, irq, preempt
+from . import bug, checks, image, irqchip, preempt
 from .completion import (
     Completion,
     _from_index,
@@ -257,7 +257,7 @@ def _become_kthread(task: Task) -> None:
     if task._rec.flags & PF_NO_SETAFFINITY:
         complete(_task_completion(task, "parked"))  # the creator waits for this
     set_current(task)
-    irq.install_doorbell()
+    irqchip.install_doorbell()
     install_show_stack()
 
 
@@ -314,7 +314,7 @@ def exit_notify(rec: Any, result: int) -> None:
     _native.or32(image.field_addr(rec, "kflags"), KTHREAD_EXITED)
     exited = _from_index(rec.exited, image.this().img.completions[rec.exited].generation)
     _native.store32(image.field_addr(rec, "state"), TASK_DEAD)  # full barrier: not a target
-    irq.resend_pending(rec.cpu)  # what it was rung for and did not handle: to another task
+    irqchip.resend_pending(rec.cpu)  # what it was rung for and did not handle: to another task
     complete(exited)
 
 

@@ -21,7 +21,8 @@ import _emu_native as _native
 
 from . import bug, checks, image, preempt, records
 from .callback import callback_free, callback_load, callback_store
-from .irq import ring_doorbell, softirq_pending_addr, start_irq_layer
+from .idle import start_irq_layer
+from .irqchip import irq_exit_hooks, ring_doorbell, softirq_pending_addr
 
 HI_SOFTIRQ = 0
 TASKLET_SOFTIRQ = 6
@@ -285,3 +286,4 @@ def kick_pending_cpus() -> None:
 
 
 preempt.bh_enable_hooks.append(irq_exit_softirqs)
+irq_exit_hooks.append(irq_exit_softirqs)

@@ -26,7 +26,7 @@ from .constants import (
     TASK_WAKEKILL,
 )
 from .errors import CapacityError
-from .irq import irq_inject_interrupt
+from .irqchip import irq_inject_interrupt
 from .kthread import KTHREAD_EXITED, SIG_REAP, exit_notify
 from .printk import log_store
 from .sched import SIG_SHOW_STACK

@@ -20,7 +20,8 @@ import pytest
 
 import emu
 from emu import image
-from emu.irq import SIG_IRQ, irq_task
+from emu.irq import irq_task
+from emu.irqchip import SIG_IRQ
 
 from util import start_lock_holder, stop_after_exit, wait_state, wait_until
 
