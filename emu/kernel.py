@@ -21,8 +21,8 @@ from . import bug, heap, image, irq, irqchip, kthread, preempt, sched, superviso
 from .constants import PF_IDLE, PF_KTHREAD, TASK_RUNNING
 from .errors import AlreadyBootedError, EmuError, KernelDeadError, StaleObjectError
 from .kthread import KTHREAD_EXITED
-from .locking import SOFTLOCKUP_THRESH_DEFAULT
 from .printk import CONSOLE_LOGLEVEL_DEFAULT, dmesg, log_store
+from .spinlock import SOFTLOCKUP_THRESH_DEFAULT
 
 F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
 HZ_DEFAULT = 250
