@@ -12,8 +12,6 @@ import sys
 import traceback
 from types import FrameType, TracebackType
 
-import _emu_native as _native
-
 from . import image, irqflags, records
 from .constants import PF_KTHREAD, TAINT_DIE, TAINT_WARN
 from .errors import EmuError
@@ -37,7 +35,7 @@ class TaskKilled(BaseException):
 
 def add_taint(flag: int) -> None:
     hdr = image.this().img.hdr
-    _native.or32(image.field_addr(hdr, "taint"), 1 << flag)
+    records.field_or(hdr, "taint", 1 << flag)
 
 
 def tainted_str(taint: int | None = None) -> str:
@@ -58,7 +56,7 @@ def tainted_str(taint: int | None = None) -> str:
 
 def _count(field: str) -> None:
     hdr = image.this().img.hdr
-    _native.add32(image.field_addr(hdr, field), 1)
+    records.field_add(hdr, field, 1)
 
 
 def _who() -> tuple[int, int, str]:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import time
 
-import _emu_native as _native
-
-from . import image
+from . import image, records
 from .constants import PF_IDLE
 from .irqchip import resend_pending
 from .kthread import kthread_create_on_cpu, kthread_should_stop
@@ -31,15 +29,15 @@ def start_irq_layer() -> None:
     """Create the per-CPU idle tasks on the first request_irq() (idempotent, any task)."""
     img = image.this()
     hdr = img.img.hdr
-    ready = image.field_addr(hdr, "irq_ready")
-    if _native.cmpxchg32(ready, 0, IRQ_LAYER_STARTING) != 0:
-        while _native.load32(ready) != IRQ_LAYER_READY:  # another task is creating them
+    if records.field_cmpxchg(hdr, "irq_ready", 0, IRQ_LAYER_STARTING) != 0:
+        # another task is creating them
+        while records.field_load(hdr, "irq_ready") != IRQ_LAYER_READY:
             time.sleep(0.001)
         return
     for cpu in range(hdr.ncpus):
         t = kthread_create_on_cpu(_idle, cpu, cpu, "swapper/%u")
-        _native.or32(image.field_addr(t._rec, "flags"), PF_IDLE)
-        _native.store32(image.field_addr(img.img.percpu[cpu], "idle_slot"), t.slot)
+        records.field_or(t._rec, "flags", PF_IDLE)
+        records.field_store(img.img.percpu[cpu], "idle_slot", t.slot)
         wake_up_process(t)
         resend_pending(cpu)  # raised while `cpu` had no target: nobody was rung
-    _native.store32(ready, IRQ_LAYER_READY)
+    records.field_store(hdr, "irq_ready", IRQ_LAYER_READY)

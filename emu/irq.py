@@ -74,13 +74,13 @@ def _irq_thread(data: tuple[int, int, Callable[[int, Any], int], Any]) -> int:
         set_current_state(TASK_INTERRUPTIBLE)
         if _native.and32(flags, ~IRQTF_RUNTHREAD) & IRQTF_RUNTHREAD:
             set_current_state(TASK_RUNNING)
-            _native.add32(image.field_addr(desc, "threads_active"), 1)
+            records.field_add(desc, "threads_active", 1)
             try:
                 thread_fn(irq, dev)
             except Exception as exc:
                 bug.oops(exc, f"{type(exc).__name__} in threaded handler of irq {irq}: {exc}")
             finally:
-                _native.add32(image.field_addr(desc, "threads_active"), -1)
+                records.field_add(desc, "threads_active", -1)
                 _unmask_oneshot(irq, desc, action)
             continue
         schedule()

@@ -285,8 +285,8 @@ def _wake_thread(irq: int, index: int) -> None:
                          "but no thread function available.")
         return
     if action.flags & IRQF_ONESHOT:
-        _native.or32(image.field_addr(desc, "status"), IRQS_ONESHOT)  # the line is running
-    _native.or32(image.field_addr(action, "thread_flags"), IRQTF_RUNTHREAD)
+        records.field_or(desc, "status", IRQS_ONESHOT)  # the line is running
+    records.field_or(action, "thread_flags", IRQTF_RUNTHREAD)
     thread = task_from_slot(action.thread_slot, action.thread_generation)
     wake_up_process(thread)
 

@@ -213,3 +213,64 @@ class Record:
         if self._rec.generation != self.generation:
             self._stale()
         return self._addr
+
+
+# --- atomic access to a field of a record ---------------------------------------------------
+#
+# The fields of the image's records that several processes change at once are changed
+# with these, by name: the width (a 32- or 64-bit field) comes from the layout. Values
+# are the field's C type (signed). All are full barriers, callable from any context.
+
+_OPS = {
+    4: (_native.load32, _native.store32, _native.add32, _native.or32, _native.and32,
+        _native.xchg32, _native.cmpxchg32),
+    8: (_native.load64, _native.store64, _native.add64, _native.or64, _native.and64,
+        _native.xchg64, _native.cmpxchg64),
+}
+
+
+def _field(rec: Any, name: str) -> tuple[int, tuple[Any, ...]]:
+    desc = getattr(type(rec), name)
+    return ctypes.addressof(rec) + desc.offset, _OPS[desc.size]
+
+
+def field_load(rec: Any, name: str) -> int:
+    """The value of field `name` of record `rec` (READ_ONCE with a full barrier)."""
+    addr, ops = _field(rec, name)
+    return int(ops[0](addr))
+
+
+def field_store(rec: Any, name: str, value: int) -> None:
+    """Store `value` in field `name` of `rec` (WRITE_ONCE with a full barrier)."""
+    addr, ops = _field(rec, name)
+    ops[1](addr, value)
+
+
+def field_add(rec: Any, name: str, delta: int) -> int:
+    """Add `delta` to field `name` of `rec`; returns the new value."""
+    addr, ops = _field(rec, name)
+    return int(ops[2](addr, delta))
+
+
+def field_or(rec: Any, name: str, bits: int) -> int:
+    """Set `bits` in field `name` of `rec`; returns the old value."""
+    addr, ops = _field(rec, name)
+    return int(ops[3](addr, bits))
+
+
+def field_and(rec: Any, name: str, bits: int) -> int:
+    """Keep only `bits` in field `name` of `rec`; returns the old value."""
+    addr, ops = _field(rec, name)
+    return int(ops[4](addr, bits))
+
+
+def field_xchg(rec: Any, name: str, value: int) -> int:
+    """Store `value` in field `name` of `rec`; returns the old value."""
+    addr, ops = _field(rec, name)
+    return int(ops[5](addr, value))
+
+
+def field_cmpxchg(rec: Any, name: str, old: int, new: int) -> int:
+    """Store `new` in field `name` of `rec` if it holds `old`; returns the value found."""
+    addr, ops = _field(rec, name)
+    return int(ops[6](addr, old, new))

@@ -109,15 +109,16 @@ def _setup(t: Tasklet, ref: tuple[int, int], callback: Any, data: Any) -> None:
     rec.next = -1
 
 
-def _addr(t: Tasklet, field: str) -> int:
+def _live(t: Tasklet) -> Any:
+    """The record of tasklet `t`; TypeError if `t` is none, StaleObjectError once freed."""
     if type(t) is not Tasklet:
         _check_tasklet(t)
     t.addr()
-    return image.field_addr(t._rec, field)
+    return t._rec
 
 
 def _schedule(t: Tasklet, nr: int) -> None:
-    if _native.or32(_addr(t, "state"), TASKLET_STATE_SCHED) & TASKLET_STATE_SCHED:
+    if records.field_or(_live(t), "state", TASKLET_STATE_SCHED) & TASKLET_STATE_SCHED:
         return  # already scheduled and not yet started: it runs once
     cpu = max(preempt.this_cpu(), 0)
     _enqueue(cpu, nr, t.index)
@@ -136,24 +137,24 @@ def tasklet_hi_schedule(t: Tasklet) -> None:
 
 def tasklet_disable(t: Tasklet) -> None:
     """Keep `t` from running (nesting) and wait until it is not running. Sleeps."""
-    _native.add32(_addr(t, "count"), 1)
+    records.field_add(_live(t), "count", 1)
     tasklet_unlock_wait(t)
 
 
 def tasklet_disable_nosync(t: Tasklet) -> None:
-    _native.add32(_addr(t, "count"), 1)
+    records.field_add(_live(t), "count", 1)
 
 
 def tasklet_enable(t: Tasklet) -> None:
     """Undo one tasklet_disable(); a schedule that arrived meanwhile then runs."""
-    if _native.add32(_addr(t, "count"), -1) < 0:
-        _native.store32(_addr(t, "count"), 0)
+    if records.field_add(_live(t), "count", -1) < 0:
+        records.field_store(_live(t), "count", 0)
         bug.warn("tasklet_enable() without tasklet_disable()", depth=2)
     kick_pending_cpus()
 
 
 def tasklet_unlock_wait(t: Tasklet) -> None:
-    while _native.load32(_addr(t, "state")) & TASKLET_STATE_RUN:
+    while records.field_load(_live(t), "state") & TASKLET_STATE_RUN:
         _poll_softirqs()
 
 
@@ -163,7 +164,7 @@ def tasklet_kill(t: Tasklet) -> None:
     if preempt.in_interrupt():
         bug.warn("Attempt to kill tasklet from interrupt", depth=2)
     preempt.might_sleep()
-    while _native.load32(_addr(t, "state")) & (TASKLET_STATE_SCHED | TASKLET_STATE_RUN):
+    while records.field_load(_live(t), "state") & (TASKLET_STATE_SCHED | TASKLET_STATE_RUN):
         _poll_softirqs()
 
 
@@ -252,15 +253,14 @@ def _tasklet_action(cpu: int, nr: int) -> None:
     tasklets = image.this().img.tasklets
     for index in _take_list(cpu, nr):
         rec = tasklets[index]
-        state = image.field_addr(rec, "state")
-        if rec.count or _native.or32(state, TASKLET_STATE_RUN) & TASKLET_STATE_RUN:
+        if rec.count or records.field_or(rec, "state", TASKLET_STATE_RUN) & TASKLET_STATE_RUN:
             _requeue(cpu, nr, index)  # disabled, or running on another CPU: later
             continue
         if rec.count:  # disabled between the test and taking RUN
-            _native.and32(state, ~TASKLET_STATE_RUN)
+            records.field_and(rec, "state", ~TASKLET_STATE_RUN)
             _requeue(cpu, nr, index)
             continue
-        _native.and32(state, ~TASKLET_STATE_SCHED)
+        records.field_and(rec, "state", ~TASKLET_STATE_SCHED)
         try:
             callback, _data = callback_load(rec.ref, rec.ref_generation)
             callback(Tasklet._from_index(index, rec.generation))
@@ -269,7 +269,7 @@ def _tasklet_action(cpu: int, nr: int) -> None:
         except Exception as exc:
             bug.oops(exc, f"{type(exc).__name__} in tasklet: {exc}")
         finally:
-            _native.and32(state, ~TASKLET_STATE_RUN)
+            records.field_and(rec, "state", ~TASKLET_STATE_RUN)
 
 
 def _requeue(cpu: int, nr: int, index: int) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import bug, image
+from . import bug, image, records
 from .completion import _from_index, remove_waiter
 from .constants import (
     TAINT_DIE,
@@ -263,7 +263,7 @@ class HungTaskDetector:
             os.killpg(os.getpgrp(), _os_signal.SIGKILL)
 
     def report(self, rec: Any, blocked_secs: int) -> None:
-        _native.add32(image.field_addr(self.hdr, "hung_task_detect_count"), 1)
+        records.field_add(self.hdr, "hung_task_detect_count", 1)
         warnings = self.hdr.hung_task_warnings
         if not warnings:
             return
