@@ -126,6 +126,20 @@ class CallbackHdr(ctypes.Structure):
     ]
 
 
+#: Hung-task reports kept in the header for kernel.hung_tasks (the first ones made).
+HUNG_REPORTS_MAX = 64
+
+
+class HungReport(ctypes.Structure):
+    """One hung-task report (comm, pid, seconds blocked), kept apart from the log ring."""
+
+    _fields_ = [
+        ("pid", c_int32),
+        ("secs", c_int32),
+        ("comm", c_char * TASK_COMM_LEN),
+    ]
+
+
 class Header(ctypes.Structure):
     _fields_ = [
         ("magic", c_uint64),
@@ -163,6 +177,9 @@ class Header(ctypes.Structure):
         ("log_lock", LockWord),
         ("log_next_seq", c_uint64),
         ("log_first_seq", c_uint64),
+        ("hung_reports_n", c_int32),  # reports printed; the first HUNG_REPORTS_MAX are kept
+        ("hung_reports_pad", c_int32),
+        ("hung_reports", HungReport * HUNG_REPORTS_MAX),
     ]
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 import atexit
 import fcntl
 import os
-import re
 import signal as _os_signal
 import time
 from typing import Any
 
 import _emu_native as _native
 
-from . import bug, heap, image, irq, irqchip, kthread, preempt, sched, supervisor, task
+from . import bug, heap, image, irq, irqchip, kthread, preempt, records, sched, supervisor, task
 from .constants import PF_IDLE, PF_KTHREAD, TASK_RUNNING
 from .errors import AlreadyBootedError, EmuError, KernelDeadError, StaleObjectError
 from .kthread import KTHREAD_EXITED
@@ -28,7 +27,6 @@ F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
 HZ_DEFAULT = 250
 #: How long shutdown waits for kthreads to honour kthread_should_stop().
 SHUTDOWN_GRACE_SECS = 2.0
-_HUNG_RE = re.compile(r"INFO: task (.*):(\d+) blocked for more than (\d+) seconds\.")
 
 
 def _check_int(value: Any, name: str, low: int, high: int) -> int:
@@ -103,13 +101,15 @@ class Kernel:
 
     @property
     def hung_tasks(self) -> list[tuple[str, int, int]]:
-        """Hung-task reports so far: (comm, pid, seconds blocked)."""
-        out = []
-        for line in self.dmesg():
-            m = _HUNG_RE.search(line)
-            if m:
-                out.append((m.group(1), int(m.group(2)), int(m.group(3))))
-        return out
+        """Hung-task reports printed so far: (comm, pid, seconds blocked), oldest first.
+
+        Kept in the image apart from the log, so they outlive the ring's wrapping; the
+        first image.HUNG_REPORTS_MAX are listed. Any context; never sleeps.
+        """
+        hdr = self._img.img.hdr
+        n = min(records.field_load(hdr, "hung_reports_n"), image.HUNG_REPORTS_MAX)
+        return [(r.comm.decode("utf-8", "replace"), int(r.pid), int(r.secs))
+                for r in hdr.hung_reports[:n]]
 
     def dmesg(self) -> list[str]:
         """The kernel log, one line per entry, ``[seconds.micros] text``."""

@@ -262,6 +262,15 @@ class HungTaskDetector:
             log_store(0, "Kernel panic - not syncing: hung_task: blocked tasks")
             os.killpg(os.getpgrp(), _os_signal.SIGKILL)
 
+    def keep_report(self, rec: Any, blocked_secs: int) -> None:
+        """Keep the report for kernel.hung_tasks, which must not depend on the log ring
+        (it wraps). The entry is filled before the count makes it visible."""
+        n = self.hdr.hung_reports_n
+        if n < image.HUNG_REPORTS_MAX:
+            entry = self.hdr.hung_reports[n]
+            entry.pid, entry.secs, entry.comm = rec.pid, blocked_secs, rec.comm
+        records.field_add(self.hdr, "hung_reports_n", 1)
+
     def report(self, rec: Any, blocked_secs: int) -> None:
         records.field_add(self.hdr, "hung_task_detect_count", 1)
         warnings = self.hdr.hung_task_warnings
@@ -278,6 +287,7 @@ class HungTaskDetector:
             f"ppid:{rec.ppid} flags:0x{rec.flags:08x}",
         ]
         log_store(3, "\n".join(lines))
+        self.keep_report(rec, blocked_secs)
         try:
             os.kill(rec.pid, SIG_SHOW_STACK)  # the task prints its own "Call Trace:"
         except ProcessLookupError:
