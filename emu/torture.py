@@ -208,7 +208,7 @@ def _completion_completer(data: tuple[CompletionState, int]) -> int:
 
 
 def completion_irq_handler(irq_nr: int, dev: tuple[Completion, Atomic64, Atomic]) -> int:
-    """IRQ-side completer (module level: it runs in whichever task the interrupt hits)."""
+    """IRQ-side completer: it runs in whichever task the interrupt hits."""
     c, posted, stop = dev
     if not _stopped(stop):
         atomic64_add(1, posted)
@@ -299,7 +299,7 @@ def torture_tasklet(t: Tasklet) -> None:
 
 
 def irq_torture_handler(irq_nr: int, dev: tuple[IrqState, Atomic]) -> int:
-    """Hard-IRQ side of the irq torture (module level: stored by reference)."""
+    """Hard-IRQ side of the irq torture."""
     st, inside = dev  # `inside` belongs to this line: other lines may run meanwhile
     if atomic_inc_return(inside) != 1:
         atomic64_add(1, st.failures)
