@@ -499,10 +499,12 @@ def enable_irq(irq: int) -> None:
 def synchronize_irq(irq: int) -> None:
     """Wait until no hard or threaded handler of `irq` runs. Process context (sleeps)."""
     desc = _desc(irq)
+    img = image.this()
     preempt.might_sleep()
     while desc.status & IRQS_INPROGRESS or desc.threads_active or any(
         a.in_use and a.thread_flags & IRQTF_RUNTHREAD for a in desc.actions
     ):
+        img.core.raise_if_dead()
         time.sleep(0.0002)
 
 
@@ -542,6 +544,7 @@ def start_irq_layer() -> None:
     ready = image.field_addr(hdr, "irq_ready")
     if _native.cmpxchg32(ready, 0, IRQ_LAYER_STARTING) != 0:
         while _native.load32(ready) != IRQ_LAYER_READY:  # another task is creating them
+            img.core.raise_if_dead()
             time.sleep(0.001)
         return
     for cpu in range(hdr.ncpus):

@@ -4,7 +4,9 @@ It is forked at boot and leads the process group that every kthread joins. Two p
 tie the group's life to the booting process and to the supervisor: each has one
 writer (the booting process, the supervisor) and every task holds the read ends with
 O_ASYNC set to deliver SIGKILL to the group. When either writer dies, however it
-dies, the kernel closes its end and kills every task at once.
+dies, the kernel closes its end and kills every task at once. A third pipe, written
+only by the supervisor, tells the booting process that the kernel died (kernel.py):
+a panic writes its message there, then kills the group, the supervisor included.
 """
 
 from __future__ import annotations
@@ -37,26 +39,38 @@ POLL_INTERVAL = 0.05
 SIG_WAKE = _os_signal.SIGUSR2
 
 
-def main(img: image.SharedImage, ready_wfd: int) -> None:
-    """Run the supervisor loop until shutdown; never returns."""
+def main(img: image.SharedImage, ready_wfd: int, death_wfd: int) -> None:
+    """Run the supervisor loop until shutdown; never returns. `death_wfd`: the write end
+    of the death pipe (only the supervisor holds it)."""
     try:
         _native.set_comm("emu-supervisor")
         _os_signal.signal(_os_signal.SIGINT, _os_signal.SIG_IGN)
         os.write(ready_wfd, b"1")
         os.close(ready_wfd)
-        Supervisor(img).run()
+        Supervisor(img, death_wfd).run()
     finally:
         os._exit(0)
 
 
+def panic(death_wfd: int, reason: str) -> None:
+    """panic(): log it, tell the booting process why the kernel dies, kill every task
+    (the supervisor too). Never returns."""
+    log_store(0, f"Kernel panic - not syncing: {reason}")
+    try:
+        os.write(death_wfd, f"the kernel panicked: {reason}".encode())
+    finally:
+        os.killpg(os.getpgrp(), _os_signal.SIGKILL)
+
+
 class Supervisor:
-    def __init__(self, img: image.SharedImage) -> None:
+    def __init__(self, img: image.SharedImage, death_wfd: int) -> None:
         self.img = img
         self.hdr = img.img.hdr
+        self.death_wfd = death_wfd
         self.poller = select.poll()
         self.watched: dict[int, tuple[int, int, int]] = {}  # fd -> (slot, generation, pid)
         self.by_slot: dict[int, int] = {}  # slot -> fd
-        self.hung = HungTaskDetector(img)
+        self.hung = HungTaskDetector(img, death_wfd)
         # SIG_WAKE (e.g. from add_irq_source()) makes poll() return: CPython writes a
         # byte to the wakeup fd for every signal that has a Python handler.
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -189,9 +203,10 @@ def fire_irq_sources(img: image.SharedImage) -> int:
 class HungTaskDetector:
     """khungtaskd (kernel/hung_task.c): report tasks stuck in plain D sleep."""
 
-    def __init__(self, img: image.SharedImage) -> None:
+    def __init__(self, img: image.SharedImage, death_wfd: int) -> None:
         self.img = img
         self.hdr = img.img.hdr
+        self.death_wfd = death_wfd
         self.seen: dict[tuple[int, int], tuple[int, int]] = {}  # (slot, gen) -> (nvcsw, since)
         self.next_scan = time.monotonic_ns()
 
@@ -238,8 +253,7 @@ class HungTaskDetector:
         for key in set(self.seen) - live:
             del self.seen[key]
         if hung and self.hdr.hung_task_panic:
-            log_store(0, "Kernel panic - not syncing: hung_task: blocked tasks")
-            os.killpg(os.getpgrp(), _os_signal.SIGKILL)
+            panic(self.death_wfd, "hung_task: blocked tasks")
 
     def report(self, rec: Any, blocked_secs: int) -> None:
         _native.add32(image.field_addr(self.hdr, "hung_task_detect_count"), 1)
