@@ -30,7 +30,7 @@ from typing import Any
 import _emu_native as _native
 
 from . import bug, image, locking, preempt
-from .constants import EBUSY, EINVAL, ENOMEM, PF_IDLE, TASK_INTERRUPTIBLE, TASK_RUNNING
+from .constants import EBUSY, EINVAL, ENOMEM, PF_EXITING, PF_IDLE, TASK_INTERRUPTIBLE, TASK_RUNNING
 from .printk import log_store
 from .sched import schedule, schedule_timeout_idle
 from .task import Task, set_current_state, task_from_slot, wake_up_process
@@ -275,10 +275,12 @@ def _wake_thread(irq: int, index: int) -> None:
             log_store(4, f"IRQ {irq} device {action.name.decode()} returned IRQ_WAKE_THREAD "
                          "but no thread function available.")
         return
+    thread = task_from_slot(action.thread_slot, action.thread_generation)
+    if thread._rec.flags & PF_EXITING:
+        return  # it died: pretend it handled the interrupt (__irq_wake_thread())
     if action.flags & IRQF_ONESHOT:
         _native.or32(image.field_addr(desc, "status"), IRQS_ONESHOT)  # the line is running
     _native.or32(image.field_addr(action, "thread_flags"), IRQTF_RUNTHREAD)
-    thread = task_from_slot(action.thread_slot, action.thread_generation)
     wake_up_process(thread)
 
 

@@ -7,6 +7,10 @@ O_ASYNC set to deliver SIGKILL to the group. When either writer dies, however it
 dies, the kernel closes its end and kills every task at once. A third pipe, written
 only by the supervisor, tells the booting process that the kernel died (kernel.py):
 a panic writes its message there, then kills the group, the supervisor included.
+
+A task that dies outside emu is an Oops, and the other tasks go on, except where the
+kernel could not go on either: an idle task's death and a death in interrupt context
+(a handler, a softirq) panic, as in Linux.
 """
 
 from __future__ import annotations
@@ -22,14 +26,17 @@ import _emu_native as _native
 from . import bug, image
 from .completion import _from_index, remove_waiter
 from .constants import (
+    PF_EXITING,
+    PF_IDLE,
     TAINT_DIE,
     TASK_NOLOAD,
     TASK_UNINTERRUPTIBLE,
     TASK_WAKEKILL,
 )
 from .errors import CapacityError
-from .irq import irq_inject_interrupt
+from .irq import IRQS_ONESHOT, IRQTF_RUNTHREAD, irq_inject_interrupt
 from .kthread import KTHREAD_EXITED, exit_notify
+from .preempt import HARDIRQ_MASK, NMI_MASK, SOFTIRQ_OFFSET
 from .printk import log_store
 from .sched import SIG_SHOW_STACK
 
@@ -127,17 +134,47 @@ class Supervisor:
         self.reap(slot, generation, pid)
 
     def reap(self, slot: int, generation: int, pid: int) -> None:
-        """A task process is gone: if it did not exit through emu, report and clean up."""
+        """A task process is gone: if it did not exit through emu, report and clean up,
+        or panic where the kernel could not go on (make_task_dead(), do_exit())."""
         rec = self.img.img.tasks[slot]
         if not rec.in_use or rec.generation != generation or rec.kflags & KTHREAD_EXITED:
             return
         comm = rec.comm.decode("utf-8", "replace")
         bug.oops(None, f"task {comm}:{pid} died outside emu (killed by a real signal?)",
                  cpu=rec.cpu, pid=pid, comm=comm)
+        if rec.flags & PF_IDLE:
+            panic(self.death_wfd, "Attempted to kill the idle task!")
+        # Its interrupt's line stays in progress, its softirqs half run: no way back.
+        if rec.preempt_count & (HARDIRQ_MASK | NMI_MASK | SOFTIRQ_OFFSET):
+            panic(self.death_wfd, "Fatal exception in interrupt")
         if rec.wq_on:
             index = rec.wq_on - 1
             remove_waiter(_from_index(index, self.img.img.completions[index].generation), slot)
         exit_notify(rec, 0)  # kthread_stop() of a thread that died returns 0, as after an Oops
+        self.irq_thread_dtor(slot, generation, pid, comm)
+
+    def irq_thread_dtor(self, slot: int, generation: int, pid: int, comm: str) -> None:
+        """irq_thread_dtor(): if the dead task was an irq thread, its line must not wait
+        for it: its wake-up request is dropped and, when no other thread serves the line,
+        the count of running thread handlers is cleared and the line unmasked. New
+        interrupts do not wake it (PF_EXITING, set by exit_notify())."""
+        tasks = self.img.img.tasks
+        for irq in range(self.hdr.nr_irqs):
+            desc = self.img.img.irqs[irq]
+            actions = list(desc.actions)
+            mine = [a for a in actions
+                    if a.thread_slot == slot and a.thread_generation == generation]
+            if not mine:
+                continue
+            log_store(3, f'exiting task "{comm}" ({pid}) is an active IRQ thread (irq {irq})')
+            _native.and32(image.field_addr(mine[0], "thread_flags"), ~IRQTF_RUNTHREAD)
+            others = [a for a in actions if a.thread_slot >= 0 and a.thread_slot != slot
+                      and tasks[a.thread_slot].generation == a.thread_generation
+                      and not tasks[a.thread_slot].flags & PF_EXITING]
+            if not others:  # only the dead thread can have been running a handler
+                _native.store32(image.field_addr(desc, "threads_active"), 0)
+                _native.and32(image.field_addr(desc, "status"), ~IRQS_ONESHOT)
+            return
 
 
 def add_irq_source(irq_nr: int, delay: float, rate_hz: float, burst: int, count: int) -> int:
