@@ -13,11 +13,13 @@ Types:
 * ``kthread``: create/run/stop/park/unpark/bind churn. Checks: results (-EINTR only
   when threadfn never ran), states, placement (the OS affinity of every thread).
 * ``irq``: interrupt storms on every CPU whose handlers share data with kthreads under
-  spin_lock_irqsave and schedule tasklets. Checks: no update is lost, no handler or
-  tasklet runs re-entrantly.
+  spin_lock_irqsave and schedule tasklets, plus a threaded handler (an ``irq/N``
+  thread) doing the same. Checks: no update is lost, no handler or tasklet runs
+  re-entrantly.
 
 Each check that fails logs ``<type>-torture: FAILURE: <invariant>: <details>`` to the
-kernel log; any WARN, BUG, Oops or hung task also fails the run.
+kernel log; any WARN, BUG, Oops or hung task also fails the run, and so does the death
+of the kernel (its supervisor killed, a panic), which ends it at once.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from .completion import (
     wait_for_completion_timeout,
 )
 from .constants import EINTR, ERESTARTSYS
+from .errors import KernelDeadError
 from .kernel import Kernel, boot
 from .kthread import (
     kthread_bind,
@@ -276,6 +279,7 @@ class IrqState:
     tasklet_inside: Atomic
     tasklet_runs: Atomic64
     failures: Atomic64
+    threaded: Atomic64  # updates by the threaded handler
     tasklet: Tasklet | None = None
 
 
@@ -307,6 +311,15 @@ def irq_torture_handler(irq_nr: int, dev: tuple[IrqState, Atomic]) -> int:
 def _rmw(v: Atomic64) -> None:
     """A deliberately non-atomic read-modify-write: only the lock makes it safe."""
     atomic64_set(v, atomic64_read(v) + 1)
+
+
+def irq_torture_thread(irq_nr: int, st: IrqState) -> int:
+    """Threaded side of the irq torture: runs in the line's irq/N kthread."""
+    flags = spin_lock_irqsave(st.lock)
+    _rmw(st.shared)
+    spin_unlock_irqrestore(st.lock, flags)
+    atomic64_add(1, st.threaded)
+    return _irq.IRQ_HANDLED
 
 
 def _irq_worker(data: tuple[IrqState, Atomic, Counters]) -> int:
@@ -346,6 +359,10 @@ class Run:
     threads: list[Task] = field(default_factory=list)
     finish: list[Callable[[], list[str]]] = field(default_factory=list)
     cstate: CompletionState | None = None
+    problems: list[str] = field(default_factory=list)
+    started: float = 0.0  # when the torture loop began (0: not yet)
+    elapsed: float = 0.0  # how long it ran, once it ended
+    interrupted: bool = False  # by Ctrl-C
 
 
 def _start_completion(run: Run, rng: random.Random) -> None:
@@ -466,9 +483,14 @@ def _start_irq(run: Run, rng: random.Random) -> None:
     k, opts = run.kernel, run.opts
     counters = run.counters["irq"] = Counters(k.ncpus)
     st = IrqState(Spinlock(), Atomic64(), Atomic64(), Atomic64(), Atomic(), Atomic64(),
-                  counters.failures)
+                  counters.failures, Atomic64())
     st.tasklet = Tasklet(torture_tasklet, st)
     sources = []
+    _irq.request_threaded_irq(THREADED_LINE, None, irq_torture_thread, _irq.IRQF_ONESHOT,
+                              "torture-thread", st)
+    if opts.irq_rate > 0:
+        sources.append((THREADED_LINE,
+                        k.add_irq_source(THREADED_LINE, rate_hz=opts.irq_rate, count=-1)))
     devs = [(st, Atomic()) for _ in range(k.ncpus)]
     for cpu in range(k.ncpus):
         line = 8 + cpu
@@ -486,19 +508,23 @@ def _start_irq(run: Run, rng: random.Random) -> None:
             k.remove_irq_source(source)
         for cpu in range(k.ncpus):
             _irq.free_irq(8 + cpu, devs[cpu])
+        _irq.free_irq(THREADED_LINE, st)
         assert st.tasklet is not None
         tasklet_kill(st.tasklet)
         _wait_exited([t for t in run.threads if t.comm.startswith("irqwork")])
         shared = atomic64_read(st.shared)
-        expected = atomic64_read(st.worker_ops) + atomic64_read(st.handled)
-        if shared != expected:
+        parts = [atomic64_read(v) for v in (st.worker_ops, st.handled, st.threaded)]
+        if shared != sum(parts):
             return [f"irq: lost update: shared counter {shared} != worker updates "
-                    f"{atomic64_read(st.worker_ops)} + handler updates "
-                    f"{atomic64_read(st.handled)}"]
+                    f"{parts[0]} + handler updates {parts[1]} + threaded handler "
+                    f"updates {parts[2]}"]
         return []
 
     run.finish.append(finish)
 
+
+#: The irq torture's threaded line (1 is the completion torture's, 8+ the hard ones).
+THREADED_LINE = 2
 
 STARTERS = {"completion": _start_completion, "kthread": _start_kthread, "irq": _start_irq}
 
@@ -518,63 +544,102 @@ def _inject_signals(run: Run, rng: random.Random, budget: float) -> None:
             send_sig(SIGNAL, rng.choice(waiters), 0)
 
 
+def _run_loop(run: Run, rng: random.Random, out: Any) -> None:
+    """Let the torture run for its duration, reporting at intervals, or until Ctrl-C."""
+    opts = run.opts
+    start = run.started = time.monotonic()
+    next_stat = start + opts.stat_interval
+    tty = hasattr(out, "isatty") and out.isatty()
+    try:
+        while (now := time.monotonic()) < start + opts.duration:
+            time.sleep(0.05)
+            if "completion" in opts.types:
+                _inject_signals(run, rng, opts.signal_rate * 0.05)
+            if tty:
+                out.write(f"\r[{now - start:6.1f}/{opts.duration:.0f}s] running...")
+                out.flush()
+            if now >= next_stat:
+                next_stat += opts.stat_interval
+                if "completion" in opts.types:
+                    _fifo_probe(run)
+                    _check_lost_wakeup(run)
+                for kind, counters in run.counters.items():
+                    print(("\r" if tty else "") + _stat_line(kind, counters, now - start),
+                          file=out, flush=True)
+    except KeyboardInterrupt:
+        run.interrupted = True
+    run.elapsed = time.monotonic() - start
+
+
+def _torture(run: Run, rng: random.Random, out: Any) -> None:
+    """Start every type, run, then stop everything and check what can only be checked
+    at rest (the problems found go to run.problems)."""
+    for kind in run.opts.types:
+        STARTERS[kind](run, rng)
+    _run_loop(run, rng, out)
+    if "completion" in run.opts.types:
+        _check_lost_wakeup(run)
+    atomic_set(run.stop, 1)
+    for finish in run.finish:
+        run.problems += finish()
+    for t in run.threads:
+        kthread_stop(t)
+
+
+def _report(run: Run) -> dict[str, Any]:
+    """The statistics and the verdict of a run that ended (its kernel still booted)."""
+    kernel = run.kernel
+    if not run.elapsed and run.started:  # the kernel died while it ran
+        run.elapsed = time.monotonic() - run.started
+    elapsed = max(run.elapsed, 1e-9)
+    types = {}
+    for kind, counters in run.counters.items():
+        per_cpu = counters.per_cpu()
+        types[kind] = {"ops": sum(per_cpu), "ops_per_s": sum(per_cpu) / elapsed,
+                       "per_cpu": per_cpu, "failures": atomic64_read(counters.failures)}
+    log = kernel.dmesg()
+    problems = list(run.problems)
+    if not kernel.alive:
+        problems.append(f"kernel died: {kernel.death_cause}")
+    problems += [line[15:] for line in log if "-torture: FAILURE:" in line]
+    oopses = [line.split("] Oops: ", 1)[1].split(" [#", 1)[0]
+              for line in log if "] Oops: " in line]
+    hung = [line for line in log if "blocked for more than" in line]
+    for name, count in (("WARN", kernel.warnings), ("BUG", kernel.bugs),
+                        ("Oops", kernel.oopses), ("hung task", len(hung))):
+        if count:
+            first = f": {oopses[0]}" if name == "Oops" and oopses else ""
+            problems.append(f"kernel: {count} {name} report(s){first}")
+    result: dict[str, Any] = {
+        "types": types, "duration": run.elapsed, "cpus": kernel.ncpus,
+        "interrupted": run.interrupted, "kernel_died": kernel.death_cause or None,
+        "problems": problems, "verdict": "FAILURE" if problems else "SUCCESS",
+    }
+    if problems:
+        result["log_tail"] = log[-40:]
+    return result
+
+
 def run_torture(opts: Options, out: Any = sys.stdout) -> dict[str, Any]:
-    """Run a torture test; returns the statistics (``verdict`` is SUCCESS or FAILURE)."""
+    """Run a torture test; returns the statistics (``verdict`` is SUCCESS or FAILURE).
+
+    If the kernel dies meanwhile (KernelDeadError), the run ends at once with FAILURE
+    and the problem ``kernel died: <cause>``.
+    """
     rng = random.Random(opts.seed)
-    result: dict[str, Any] = {"seed": opts.seed, "types": {}}
-    interrupted = False
+    result: dict[str, Any] = {"seed": opts.seed}
     with boot(cpus=opts.cpus, hz=1000, max_tasks=max(256, 64 + 8 * opts.threads_per_cpu),
               hung_task_timeout_secs=max(5, int(opts.duration) + 5)) as kernel:
         run = Run(kernel, opts, Atomic())
-        for kind in opts.types:
-            STARTERS[kind](run, rng)
-        start = time.monotonic()
-        next_stat = start + opts.stat_interval
-        tty = hasattr(out, "isatty") and out.isatty()
         try:
-            while (now := time.monotonic()) < start + opts.duration:
-                time.sleep(0.05)
-                if "completion" in opts.types:
-                    _inject_signals(run, rng, opts.signal_rate * 0.05)
-                if tty:
-                    out.write(f"\r[{now - start:6.1f}/{opts.duration:.0f}s] running...")
-                    out.flush()
-                if now >= next_stat:
-                    next_stat += opts.stat_interval
-                    if "completion" in opts.types:
-                        _fifo_probe(run)
-                        _check_lost_wakeup(run)
-                    for kind, counters in run.counters.items():
-                        print(("\r" if tty else "") + _stat_line(kind, counters, now - start),
-                              file=out, flush=True)
-        except KeyboardInterrupt:
-            interrupted = True
-        elapsed = time.monotonic() - start
-        if "completion" in opts.types:
-            _check_lost_wakeup(run)
-        atomic_set(run.stop, 1)
-        problems: list[str] = []
-        for finish in run.finish:
-            problems += finish()
-        for t in run.threads:
-            kthread_stop(t)
-        for kind, counters in run.counters.items():
-            per_cpu = counters.per_cpu()
-            result["types"][kind] = {
-                "ops": sum(per_cpu), "ops_per_s": sum(per_cpu) / elapsed,
-                "per_cpu": per_cpu, "failures": atomic64_read(counters.failures),
-            }
-        log = kernel.dmesg()
-        problems += [line[15:] for line in log if "-torture: FAILURE:" in line]
-        for name, count in (("WARN", kernel.warnings), ("BUG", kernel.bugs),
-                            ("Oops", kernel.oopses), ("hung task", len(kernel.hung_tasks))):
-            if count:
-                problems.append(f"kernel: {count} {name} report(s)")
-        result.update(duration=elapsed, cpus=kernel.ncpus, interrupted=interrupted,
-                      problems=problems, verdict="FAILURE" if problems else "SUCCESS")
-        if problems:
-            result["log_tail"] = log[-40:]
-    if "completion" in opts.types and not interrupted:
+            _torture(run, rng, out)
+        except KernelDeadError:
+            pass  # _report() names the cause
+        try:
+            result.update(_report(run))
+        except KernelDeadError:  # it died just now: it interrupts only once
+            result.update(_report(run))
+    if "completion" in opts.types and not run.interrupted and not result["kernel_died"]:
         rate = posix_ipc_baseline(result["cpus"], opts.threads_per_cpu,
                                   min(opts.duration, 3.0), opts.cpus)
         ours = result["types"]["completion"]["ops_per_s"]
