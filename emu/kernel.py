@@ -175,17 +175,18 @@ class Kernel:
 
     def _death_cause(self) -> str:
         """Why the kernel died, or "" while it lives. Takes no lock: signal-handler safe."""
-        said = b""
-        if self._img.is_boot_process and self._death_rfd >= 0:
-            try:
-                said = os.read(self._death_rfd, 512)  # a panic message, or b"" at EOF
-            except OSError:  # BlockingIOError: nothing written, the supervisor lives
-                pass
+        if not self._img.is_boot_process or self._death_rfd < 0:
+            if not _native.pid_is_dead(self.supervisor_pid):
+                return ""
+            return _exit_cause("the supervisor", self.supervisor_pid)
+        try:
+            said = os.read(self._death_rfd, 512)  # a panic message, or b"" at EOF
+        except BlockingIOError:
+            return ""  # nothing said, and the supervisor holds its end: it lives
         if said:
             return said.decode("utf-8", "replace").strip()
-        if not _native.pid_is_dead(self.supervisor_pid):
-            return ""
-        return _exit_cause("the supervisor", self.supervisor_pid)
+        # EOF: the supervisor is exiting (it may not be a zombie yet).
+        return _exit_cause("the supervisor", self.supervisor_pid, wait=0.5)
 
     def _died(self, cause: str) -> None:
         """Mark the kernel dead: from now on every sleep raises KernelDeadError."""
@@ -364,12 +365,18 @@ def _dead_message(cause: str) -> str:
             "`with emu.boot()` block (or call kernel.shutdown()) and boot a new kernel")
 
 
-def _exit_cause(who: str, pid: int) -> str:
-    """How child process `pid` ended, without reaping it."""
-    try:
-        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        info = None
+def _exit_cause(who: str, pid: int, wait: float = 0.0) -> str:
+    """How child process `pid` ended (waiting up to `wait` seconds for it to finish
+    exiting), without reaping it."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return f"{who} (pid {pid}) is gone"
+        if info is not None or time.monotonic() >= deadline:
+            break
+        time.sleep(0.001)
     if info is None:
         return f"{who} (pid {pid}) is gone"
     if info.si_code == os.CLD_EXITED:
