@@ -242,9 +242,9 @@ class Kernel:
     def _teardown(self) -> None:
         global _booted
         img = self._img
-        img.img.hdr.shutting_down = 1
-        _disarm_death_pipe(self._death_rfd)  # this death is no news
+        _disarm_death_pipe(self._death_rfd)  # the supervisor's end is no news now
         self._death_rfd = -1
+        img.img.hdr.shutting_down = 1
         try:
             os.killpg(self.supervisor_pid, _os_signal.SIGKILL)
         except ProcessLookupError:
@@ -394,7 +394,8 @@ def _kernel_died(signum: int, frame: Any) -> None:
     Marks the kernel dead and raises KernelDeadError to interrupt what the booting
     process does (a sleep, a polling wait, any code), like KeyboardInterrupt. Not inside
     emu's own critical sections (raw locks are held with interrupts off, handlers run in
-    interrupt context): raising there would leave them half done; the next sleep raises.
+    interrupt context, spinlocks in atomic context): raising there would leave them half
+    done; the next sleep raises instead.
     """
     kernel = _booted
     if kernel is None or kernel._down or kernel._cause:

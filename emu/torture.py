@@ -38,6 +38,7 @@ from typing import Any
 
 import posix_ipc
 
+from . import image
 from . import irq as _irq
 from .completion import (
     Completion,
@@ -391,10 +392,17 @@ def _start_completion(run: Run, rng: random.Random) -> None:
     run.finish.append(lambda: _drain_completion(run))
 
 
+def _pause(seconds: float) -> None:
+    """time.sleep() for the torture's polling loops, which are no emu calls: raises
+    KernelDeadError once the kernel died (its news may have come while it could not)."""
+    image.this().core.raise_if_dead()
+    time.sleep(seconds)
+
+
 def _wait_exited(threads: list[Task], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while any(task_state_to_char(t) != "X" for t in threads) and time.monotonic() < deadline:
-        time.sleep(0.001)
+        _pause(0.001)
 
 
 def _drain_completion(run: Run) -> list[str]:
@@ -409,7 +417,7 @@ def _drain_completion(run: Run) -> list[str]:
     while any(task_state_to_char(t) != "X" for t in waiters) and time.monotonic() < deadline:
         atomic64_add(1, st.posted)
         complete(st.c)
-        time.sleep(0.001)
+        _pause(0.001)
     posted, consumed, done = atomic64_read(st.posted), atomic64_read(st.consumed), st.c.done
     problems = []
     diff = posted - consumed - done
@@ -433,7 +441,7 @@ def _check_lost_wakeup(run: Run) -> None:
     tasks = run.kernel._img.img.tasks
     switches = tasks[head].nvcsw
     for _ in range(4):
-        time.sleep(0.05)
+        _pause(0.05)
         if rec.head != head or not rec.done or tasks[head].nvcsw != switches:
             return  # progress: it was woken (or is no longer first)
     atomic64_add(1, st.counters.failures)
@@ -454,13 +462,13 @@ def _fifo_probe(run: Run) -> None:
         t = kthread_run(_fifo_waiter, c, "fifo/%d", i)
         deadline = time.monotonic() + 5
         while not t._rec.wq_on and time.monotonic() < deadline:
-            time.sleep(0.0005)
+            _pause(0.0005)
         ts.append(t)
     for i, t in enumerate(ts):
         complete(c)
         deadline = time.monotonic() + 5
         while task_state_to_char(t) != "X" and time.monotonic() < deadline:
-            time.sleep(0.0005)
+            _pause(0.0005)
         later = [u for u in ts[i + 1:] if task_state_to_char(u) == "X"]
         if task_state_to_char(t) != "X" or later:
             fail("completion", "FIFO", f"complete() #{i + 1} did not wake waiter #{i + 1} first")
@@ -552,7 +560,7 @@ def _run_loop(run: Run, rng: random.Random, out: Any) -> None:
     tty = hasattr(out, "isatty") and out.isatty()
     try:
         while (now := time.monotonic()) < start + opts.duration:
-            time.sleep(0.05)
+            _pause(0.05)
             if "completion" in opts.types:
                 _inject_signals(run, rng, opts.signal_rate * 0.05)
             if tty:
@@ -614,6 +622,7 @@ def _report(run: Run) -> dict[str, Any]:
         "types": types, "duration": run.elapsed, "cpus": kernel.ncpus,
         "interrupted": run.interrupted, "kernel_died": kernel.death_cause or None,
         "problems": problems, "verdict": "FAILURE" if problems else "SUCCESS",
+        "started_at": run.started,  # time.monotonic(): to match with outside events
     }
     if problems:
         result["log_tail"] = log[-40:]
