@@ -32,6 +32,7 @@ def start_irq_layer() -> None:
     if records.field_cmpxchg(hdr, "irq_ready", 0, IRQ_LAYER_STARTING) != 0:
         # another task is creating them
         while records.field_load(hdr, "irq_ready") != IRQ_LAYER_READY:
+            img.core.raise_if_dead()
             time.sleep(0.001)
         return
     for cpu in range(hdr.ncpus):

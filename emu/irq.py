@@ -299,10 +299,12 @@ def enable_irq(irq: int) -> None:
 def synchronize_irq(irq: int) -> None:
     """Wait until no hard or threaded handler of `irq` runs. Process context (sleeps)."""
     desc = _desc(irq)
+    img = image.this()
     preempt.might_sleep()
     while desc.status & IRQS_INPROGRESS or desc.threads_active or any(
         a.in_use and a.thread_flags & IRQTF_RUNTHREAD for a in desc.actions
     ):
+        img.core.raise_if_dead()
         time.sleep(0.0002)
 
 

@@ -23,6 +23,7 @@ import _emu_native as _native
 
 from . import bug, checks, image, preempt, records
 from .callback import callback_load
+from .constants import PF_EXITING
 from .printk import log_store
 from .task import task_from_slot, wake_up_process
 
@@ -284,10 +285,12 @@ def _wake_thread(irq: int, index: int) -> None:
             log_store(4, f"IRQ {irq} device {action.name.decode()} returned IRQ_WAKE_THREAD "
                          "but no thread function available.")
         return
+    thread = task_from_slot(action.thread_slot, action.thread_generation)
+    if thread._rec.flags & PF_EXITING:
+        return  # it died: pretend it handled the interrupt (__irq_wake_thread())
     if action.flags & IRQF_ONESHOT:
         records.field_or(desc, "status", IRQS_ONESHOT)  # the line is running
     records.field_or(action, "thread_flags", IRQTF_RUNTHREAD)
-    thread = task_from_slot(action.thread_slot, action.thread_generation)
     wake_up_process(thread)
 
 
