@@ -271,6 +271,8 @@ class ErrPtr:
 
 
 def ERR_PTR(errno: int) -> ErrPtr:
+    """A kernel function's error `errno` (negative, e.g. -EINTR) in place of an object:
+    IS_ERR() is true for it and PTR_ERR() gives `errno` back. Any context."""
     return ErrPtr(_checks.check_int(errno, "errno", "long"))
 
 

@@ -34,6 +34,9 @@ class TaskKilled(BaseException):
 
 
 def add_taint(flag: int) -> None:
+    """Set taint flag `flag` (TAINT_*) in the kernel's taint mask. Any context; never
+    sleeps.
+    """
     hdr = image.this().img.hdr
     records.field_or(hdr, "taint", 1 << flag)
 

@@ -66,6 +66,7 @@ def _who() -> tuple[int, str]:
 
 
 def preempt_count() -> int:
+    """This task's preempt_count. Any context."""
     return _count
 
 
@@ -84,6 +85,7 @@ def __preempt_count_sub(n: int) -> None:
 
 
 def in_nmi() -> bool:
+    """True in NMI context. Any context."""
     return bool(_count & NMI_MASK)
 
 
@@ -96,6 +98,7 @@ in_irq = in_hardirq
 
 
 def in_serving_softirq() -> bool:
+    """True while a softirq or tasklet runs (not merely with BH disabled). Any context."""
     return bool(_count & SOFTIRQ_OFFSET)
 
 
@@ -115,14 +118,17 @@ def in_task() -> bool:
 
 
 def in_atomic() -> bool:
+    """True if preempt_count is non-zero: sleeping here is a bug. Any context."""
     return _count != 0
 
 
 def irqs_disabled() -> bool:
+    """True if interrupts are disabled on this CPU. Any context."""
     return _irqs_off
 
 
 def preemptible() -> bool:
+    """True if preempt_count is 0 and interrupts are on. Any context."""
     return _count == 0 and not _irqs_off
 
 

@@ -77,10 +77,12 @@ def preempt_count_sub(n: int) -> None:
 
 
 def preempt_disable() -> None:
+    """Make this task atomic until the matching preempt_enable() (nests). Any context."""
     preempt_count_add(PREEMPT_OFFSET)
 
 
 def preempt_enable() -> None:
+    """Undo one preempt_disable(); an unbalanced one is a WARN. Any context."""
     preempt_count_sub(PREEMPT_OFFSET)
 
 

@@ -142,6 +142,7 @@ def tasklet_disable(t: Tasklet) -> None:
 
 
 def tasklet_disable_nosync(t: Tasklet) -> None:
+    """Keep `t` from running (nesting) without waiting for a running instance. Any context."""
     records.field_add(_live(t), "count", 1)
 
 
@@ -154,6 +155,7 @@ def tasklet_enable(t: Tasklet) -> None:
 
 
 def tasklet_unlock_wait(t: Tasklet) -> None:
+    """Wait until `t` is not running. Process context (polls)."""
     while records.field_load(_live(t), "state") & TASKLET_STATE_RUN:
         _poll_softirqs()
 

@@ -124,6 +124,7 @@ def spin_lock(lock: Spinlock) -> None:
 
 
 def spin_unlock(lock: Spinlock) -> None:
+    """Release `lock`, held by this task, and enable preemption. Any context."""
     _release(lock)
     preempt.preempt_enable()
 
@@ -176,9 +177,11 @@ def spin_lock_bh(lock: Spinlock) -> None:
 
 
 def spin_unlock_bh(lock: Spinlock) -> None:
+    """spin_unlock(), then enable bottom halves (pending softirqs run). Any context."""
     spin_unlock(lock)
     preempt.local_bh_enable()
 
 
 def spin_is_locked(lock: Spinlock) -> bool:
+    """True if some task holds `lock`. Any context; never sleeps."""
     return _native.lock_owner(_check_lock(lock)) != 0

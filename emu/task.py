@@ -290,6 +290,7 @@ def __set_current_state(state: int) -> None:
 
 
 def current_state() -> int:
+    """The current task's state (TASK_*). Any context."""
     return _native.load32(_state_addr)
 
 
