@@ -24,7 +24,7 @@ from typing import Any
 import _emu_native as _native
 
 from . import bug, image
-from .completion import _from_index, remove_waiter
+from .completion import _from_index, complete_all, remove_waiter
 from .constants import (
     PF_EXITING,
     PF_IDLE,
@@ -151,6 +151,8 @@ class Supervisor:
             index = rec.wq_on - 1
             remove_waiter(_from_index(index, self.img.img.completions[index].generation), slot)
         exit_notify(rec, 0)  # kthread_stop() of a thread that died returns 0, as after an Oops
+        # Nor may a kthread_park() wait for it: it will never park.
+        complete_all(_from_index(rec.parked, self.img.img.completions[rec.parked].generation))
         self.irq_thread_dtor(slot, generation, pid, comm)
 
     def irq_thread_dtor(self, slot: int, generation: int, pid: int, comm: str) -> None:

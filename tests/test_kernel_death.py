@@ -199,6 +199,32 @@ def test_a_killed_irq_thread_is_not_waited_for(kernel):
     assert kernel.alive
 
 
+def _never_parks(_: object) -> int:
+    while not emu.kthread_should_stop():
+        emu.schedule_timeout_interruptible(emu.MAX_SCHEDULE_TIMEOUT)
+    return 0
+
+
+def _kill_once_asleep(data: tuple[emu.Task, emu.Task]) -> int:
+    """A kthread that SIGKILLs `victim` once `sleeper` sleeps in D."""
+    sleeper, victim = data
+    while emu.task_state_to_char(sleeper) != "D":
+        emu.usleep_range(500, 1000)
+    os.kill(victim.pid, signal.SIGKILL)
+    return 0
+
+
+@pytest.mark.emu_expect(oopses=1)
+def test_kthread_park_of_a_thread_killed_meanwhile_returns(kernel):
+    """The parking thread died (an Oops): kthread_park() does not wait for it forever."""
+    t = emu.kthread_run(_never_parks, None, "unparkable")
+    killer = emu.kthread_run(_kill_once_asleep, (emu.current(), t), "killer")
+    emu.kthread_park(t)
+    assert emu.task_state_to_char(t) == "X"
+    assert emu.kthread_stop(t) == 0
+    assert emu.kthread_stop(killer) == 0
+
+
 def test_a_kernel_that_died_before_any_signal_is_noticed_by_alive(kernel):
     """kernel.alive looks for itself: it does not depend on the signal's handler."""
     old = signal.signal(SIG_KERNEL_DEAD, signal.SIG_IGN)
