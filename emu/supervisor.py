@@ -104,7 +104,10 @@ class Supervisor:
             if fd is not None and (not rec.in_use or self.watched[fd][1] != rec.generation):
                 self.unwatch(fd)
                 fd = None
-            if fd is None and rec.in_use and rec.pid > 0 and slot != 0:
+            # A task that exited (a zombie until released) is not watched again: its
+            # pidfd would always be readable, and the loop would spin.
+            if (fd is None and rec.in_use and rec.pid > 0 and slot != 0
+                    and not rec.kflags & KTHREAD_EXITED):
                 self.watch(slot, rec)
 
     def watch(self, slot: int, rec: Any) -> None:
@@ -137,7 +140,7 @@ class Supervisor:
         """A task process is gone: if it did not exit through emu, report and clean up,
         or panic where the kernel could not go on (make_task_dead(), do_exit())."""
         rec = self.img.img.tasks[slot]
-        if not rec.in_use or rec.generation != generation or rec.kflags & KTHREAD_EXITED:
+        if not died_outside_emu(rec, generation):
             return
         comm = rec.comm.decode("utf-8", "replace")
         bug.oops(None, f"task {comm}:{pid} died outside emu (killed by a real signal?)",
@@ -177,6 +180,17 @@ class Supervisor:
                 _native.store32(image.field_addr(desc, "threads_active"), 0)
                 _native.and32(image.field_addr(desc, "status"), ~IRQS_ONESHOT)
             return
+
+
+def died_outside_emu(rec: Any, generation: int) -> bool:
+    """Whether task slot `rec` still holds generation `generation` and its task did not
+    exit through emu. Its creator may free and reuse the slot meanwhile: freeing clears
+    in_use; reuse resets the other fields (kflags too), bumps the generation, then sets
+    in_use. Reading in the reverse order (kflags, in_use, generation) never takes the
+    new task's reset flags for the old task's."""
+    if rec.kflags & KTHREAD_EXITED:
+        return False
+    return bool(rec.in_use) and rec.generation == generation
 
 
 def add_irq_source(irq_nr: int, delay: float, rate_hz: float, burst: int, count: int) -> int:

@@ -23,6 +23,8 @@ from emu import image
 from emu.image import own_ipc_names
 from emu.irq import irq_task
 from emu.kernel import SIG_KERNEL_DEAD
+from emu.kthread import KTHREAD_EXITED
+from emu.supervisor import died_outside_emu
 
 from util import wait_until
 
@@ -237,6 +239,55 @@ def test_a_kernel_that_died_before_any_signal_is_noticed_by_alive(kernel):
             emu.msleep(1)
     finally:
         signal.signal(SIG_KERNEL_DEAD, old)
+
+
+# --- the supervisor's death watch ---------------------------------------------------------------
+
+class _SlotBeingReused:
+    """A task slot whose task exited through emu while its creator frees and reuses it:
+    each field read by the supervisor lets the creator take one more step."""
+
+    STEPS = ({"in_use": 1, "kflags": KTHREAD_EXITED, "generation": 7},  # exited
+             {"in_use": 0},  # kthread_stop() freed it; alloc_slot() then:
+             {"kflags": 0},  # resets the other fields,
+             {"generation": 8},  # bumps the generation,
+             {"in_use": 1})  # and takes it
+
+    def __init__(self, start: int) -> None:
+        self.step = 0
+        self.fields: dict[str, int] = {}
+        for _ in range(start + 1):
+            self._advance()
+
+    def _advance(self) -> None:
+        if self.step < len(self.STEPS):
+            self.fields.update(self.STEPS[self.step])
+            self.step += 1
+
+    def __getattr__(self, name: str) -> int:
+        value = self.fields[name]
+        self._advance()
+        return value
+
+
+@pytest.mark.parametrize("start", range(len(_SlotBeingReused.STEPS)))
+def test_a_slot_reused_while_the_supervisor_looks_is_not_a_death(start):
+    """However the creator's steps interleave with its reads, the supervisor never takes
+    the new task's reset flags for a death of the old one (that posted the exit of a
+    live task, whose slot was then used twice)."""
+    assert not died_outside_emu(_SlotBeingReused(start), 7)
+
+
+def test_an_exited_kthread_not_yet_stopped_does_not_keep_the_supervisor_busy(kernel):
+    """Its process is a zombie until kthread_stop(): the supervisor must not watch it
+    again and again (its pidfd is always readable, and the death watch would spin)."""
+    t = emu.kthread_run(lambda _: 0, None, "returned")
+    wait_until(lambda: emu.task_state_to_char(t) == "X", what="the thread to exit")
+    supervisor = psutil.Process(kernel.supervisor_pid)
+    before = sum(supervisor.cpu_times()[:2])
+    emu.msleep(1000)
+    assert sum(supervisor.cpu_times()[:2]) - before < 0.3  # spinning takes the whole second
+    assert emu.kthread_stop(t) == 0
 
 
 # --- the kill matrix: one run per kind of process, at a random moment -------------------------
