@@ -19,6 +19,7 @@ import os
 import select
 import signal as _os_signal
 import time
+import traceback
 from typing import Any
 
 import _emu_native as _native
@@ -49,14 +50,23 @@ SIG_WAKE = _os_signal.SIGUSR2
 def main(img: image.SharedImage, ready_wfd: int, death_wfd: int) -> None:
     """Run the supervisor loop until shutdown; never returns. `death_wfd`: the write end
     of the death pipe (only the supervisor holds it)."""
+    status = 1
     try:
         _native.set_comm("emu-supervisor")
         _os_signal.signal(_os_signal.SIGINT, _os_signal.SIG_IGN)
         os.write(ready_wfd, b"1")
         os.close(ready_wfd)
         Supervisor(img, death_wfd).run()
+        status = 0
+    except BaseException as exc:  # a bug of emu's: the kernel dies, say why
+        try:
+            log_store(0, "".join(["emu: the supervisor crashed\n",
+                                  *traceback.format_exception(type(exc), exc, exc.__traceback__)]))
+            os.write(death_wfd, f"the supervisor crashed: {type(exc).__name__}: {exc}".encode())
+        except BaseException:
+            pass
     finally:
-        os._exit(0)
+        os._exit(status)
 
 
 def panic(death_wfd: int, reason: str) -> None:

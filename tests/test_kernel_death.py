@@ -19,7 +19,7 @@ from killing import KINDS, expected, kill_run
 
 import _emu_native as _native
 import emu
-from emu import image
+from emu import image, supervisor
 from emu.image import own_ipc_names
 from emu.irq import irq_task
 from emu.kernel import SIG_KERNEL_DEAD
@@ -288,6 +288,21 @@ def test_an_exited_kthread_not_yet_stopped_does_not_keep_the_supervisor_busy(ker
     emu.msleep(1000)
     assert sum(supervisor.cpu_times()[:2]) - before < 0.3  # spinning takes the whole second
     assert emu.kthread_stop(t) == 0
+
+
+def test_a_supervisor_that_crashes_takes_the_kernel_down_and_says_why(monkeypatch, capfd):
+    def broken(self: supervisor.Supervisor) -> None:
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(supervisor.Supervisor, "watch_new_tasks", broken)  # before the fork
+    k = emu.boot()
+    try:
+        with pytest.raises(emu.KernelDeadError,
+                           match="the supervisor crashed: RuntimeError: broken on purpose"):
+            emu.msleep(10_000)
+        assert "emu: the supervisor crashed" in capfd.readouterr().err
+    finally:
+        k.shutdown()
 
 
 # --- the kill matrix: one run per kind of process, at a random moment -------------------------
