@@ -30,7 +30,7 @@ SECS = float(os.environ.get("EMU_KILL_SECS", "3"))
 #: as a process of the kind exists, in the start-up); "end" is the checks at rest, the
 #: stopping of every task and the shutdown.
 PHASES = (("start-up", None, None), ("early", 0.0, SECS / 2), ("late", SECS / 2, SECS),
-          ("end", SECS, SECS + 0.5))
+          ("end", SECS, SECS + 0.25))
 pytestmark = pytest.mark.timeout(SEEDS * 4 * (SECS + 70) + 60)
 
 _rows: list[tuple[str, str, list[Outcome]]] = []
