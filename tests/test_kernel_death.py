@@ -87,6 +87,8 @@ def test_after_the_death_every_call_that_would_block_raises(kernel):
         emu.schedule_timeout_interruptible(emu.MAX_SCHEDULE_TIMEOUT)
     with pytest.raises(emu.KernelDeadError):
         emu.msleep(1)
+    with pytest.raises(emu.KernelDeadError):
+        emu.kthread_run(lambda _: 0, None, "too late")
     # What does not block still works on the image, which stays mapped until shutdown.
     emu.complete(c)
     assert emu.wait_for_completion_timeout(c, 1) == 1
