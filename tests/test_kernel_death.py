@@ -203,7 +203,8 @@ def test_a_killed_irq_thread_is_not_waited_for(kernel):
     assert kernel.alive
 
 
-def _never_parks(_: object) -> int:
+def _never_parks(started: emu.Completion) -> int:
+    emu.complete(started)
     while not emu.kthread_should_stop():
         emu.schedule_timeout_interruptible(emu.MAX_SCHEDULE_TIMEOUT)
     return 0
@@ -221,7 +222,9 @@ def _kill_once_asleep(data: tuple[emu.Task, emu.Task]) -> int:
 @pytest.mark.emu_expect(oopses=1)
 def test_kthread_park_of_a_thread_killed_meanwhile_returns(kernel):
     """The parking thread died (an Oops): kthread_park() does not wait for it forever."""
-    t = emu.kthread_run(_never_parks, None, "unparkable")
+    started = emu.Completion()
+    t = emu.kthread_run(_never_parks, started, "unparkable")
+    emu.wait_for_completion(started)  # in threadfn: a park no longer happens by itself
     killer = emu.kthread_run(_kill_once_asleep, (emu.current(), t), "killer")
     emu.kthread_park(t)
     assert emu.task_state_to_char(t) == "X"
