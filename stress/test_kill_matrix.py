@@ -97,8 +97,9 @@ def test_kill_matrix(kind: str, phase: str) -> None:
     _rows.append((kind, phase, outs))
     for o in outs:
         if expected(o):
-            print(f"\n--- {kind} {phase}: killed {o.victim} at {o.moment:.2f} s: "
-                  f"{expected(o)}\n{o.output}")
+            when = "start-up" if o.moment is None else f"{o.moment:.2f} s into the loop"
+            print(f"\n--- {kind} {phase}: killed {o.victim} at {when}: {expected(o)}\n"
+                  f"{o.output}")
     wrong = [(o.victim, o.moment, expected(o), o.output[-2000:]) for o in outs if expected(o)]
     assert not wrong, wrong
 
