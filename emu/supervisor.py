@@ -36,7 +36,7 @@ from .constants import (
 )
 from .errors import CapacityError
 from .irq import IRQS_ONESHOT, IRQTF_RUNTHREAD, irq_inject_interrupt
-from .kthread import KTHREAD_EXITED, exit_notify
+from .kthread import KTHREAD_EXITED, KTHREAD_PINNED, exit_notify
 from .preempt import HARDIRQ_MASK, NMI_MASK, SOFTIRQ_OFFSET
 from .printk import log_store
 from .sched import SIG_SHOW_STACK
@@ -164,8 +164,10 @@ class Supervisor:
             index = rec.wq_on - 1
             remove_waiter(_from_index(index, self.img.img.completions[index].generation), slot)
         exit_notify(rec, 0)  # kthread_stop() of a thread that died returns 0, as after an Oops
-        # Nor may a kthread_park() wait for it: it will never park.
-        complete_all(_from_index(rec.parked, self.img.img.completions[rec.parked].generation))
+        # Nor may a kthread_park() wait for it: it will never park. (Before it pinned
+        # itself, its creator may be waiting for that completion, and handles the death.)
+        if rec.kflags & KTHREAD_PINNED:
+            complete_all(_from_index(rec.parked, self.img.img.completions[rec.parked].generation))
         self.irq_thread_dtor(slot, generation, pid, comm)
 
     def irq_thread_dtor(self, slot: int, generation: int, pid: int, comm: str) -> None:
