@@ -72,11 +72,13 @@ def main(img: image.SharedImage, ready_wfd: int, death_wfd: int) -> None:
 def panic(death_wfd: int, reason: str) -> None:
     """panic(): log it, tell the booting process why the kernel dies, kill every task
     (the supervisor too). Never returns."""
-    log_store(0, f"Kernel panic - not syncing: {reason}")
     try:
-        os.write(death_wfd, f"the kernel panicked: {reason}".encode())
-    finally:
-        os.killpg(os.getpgrp(), _os_signal.SIGKILL)
+        log_store(0, f"Kernel panic - not syncing: {reason}")
+    finally:  # whatever happens, the booting process learns why, and everything dies
+        try:
+            os.write(death_wfd, f"the kernel panicked: {reason}".encode())
+        finally:
+            os.killpg(os.getpgrp(), _os_signal.SIGKILL)
 
 
 class Supervisor:
