@@ -134,6 +134,7 @@ def _create(threadfn: Callable[[Any], int], data: Any, name: str, cpu: int | Non
     img = image.this()
     current()
     preempt.might_sleep(depth=3)
+    img.core.raise_if_dead()  # no new task for a dead kernel: it would join no group
     reap_children()
     bound = cpu is not None
     flags = PF_KTHREAD | (PF_NO_SETAFFINITY if bound else 0)
