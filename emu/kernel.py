@@ -252,12 +252,14 @@ class Kernel:
         except ProcessLookupError:
             pass
         # Our own children too: one forked after the kernel died never joined the group.
-        for pid in kthread._children:
+        # One snapshot: SIG_REAP's handler may remove entries while we loop.
+        children = list(kthread._children)
+        for pid in children:
             try:
                 os.kill(pid, _os_signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for pid in [self.supervisor_pid, *kthread._children]:
+        for pid in [self.supervisor_pid, *children]:
             try:
                 os.waitpid(pid, 0)
             except ChildProcessError:

@@ -133,6 +133,7 @@ def _create(threadfn: Callable[[Any], int], data: Any, name: str, cpu: int | Non
     img = image.this()
     current()
     preempt.might_sleep(depth=3)
+    img.core.raise_if_dead()  # no new task for a dead kernel: it would join no group
     reap_children()
     bound = cpu is not None
     flags = PF_KTHREAD | (PF_NO_SETAFFINITY if bound else 0)
@@ -421,8 +422,31 @@ def release_task(k: Task) -> None:
         _children.pop(pid, None)
 
 
+_reaping = False  # reap_children() is running in this process
+_reap_again = False  # SIG_REAP arrived meanwhile: look once more
+
+
 def reap_children() -> None:
-    """Collect the kthread processes this process forked that exited; never another child."""
+    """Collect the kthread processes this process forked that exited; never another child.
+
+    SIG_REAP's handler may call it while it runs (between any two bytecodes, also
+    while it copies _children): the inner call only asks the outer one to look again.
+    """
+    global _reaping, _reap_again
+    if _reaping:
+        _reap_again = True
+        return
+    _reaping = True
+    try:
+        _reap_again = True
+        while _reap_again:
+            _reap_again = False
+            _reap_exited()
+    finally:
+        _reaping = False
+
+
+def _reap_exited() -> None:
     for pid, rec in list(_children.items()):
         if not rec.kflags & KTHREAD_EXITED:
             continue  # running, or its slot was released: release_task() collects it

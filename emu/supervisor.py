@@ -19,12 +19,13 @@ import os
 import select
 import signal as _os_signal
 import time
+import traceback
 from typing import Any
 
 import _emu_native as _native
 
 from . import bug, image, records
-from .completion import _from_index, remove_waiter
+from .completion import _from_index, complete_all, remove_waiter
 from .constants import (
     PF_EXITING,
     PF_IDLE,
@@ -35,7 +36,7 @@ from .constants import (
 )
 from .errors import CapacityError
 from .irqchip import IRQS_ONESHOT, IRQTF_RUNTHREAD, irq_inject_interrupt
-from .kthread import KTHREAD_EXITED, SIG_REAP, exit_notify
+from .kthread import KTHREAD_EXITED, KTHREAD_PINNED, SIG_REAP, exit_notify
 from .preempt import HARDIRQ_MASK, NMI_MASK, SOFTIRQ_OFFSET
 from .printk import log_store
 from .sched import SIG_SHOW_STACK
@@ -49,24 +50,35 @@ SIG_WAKE = _os_signal.SIGUSR2
 def main(img: image.SharedImage, ready_wfd: int, death_wfd: int) -> None:
     """Run the supervisor loop until shutdown; never returns. `death_wfd`: the write end
     of the death pipe (only the supervisor holds it)."""
+    status = 1
     try:
         _native.set_comm("emu-supervisor")
         _os_signal.signal(_os_signal.SIGINT, _os_signal.SIG_IGN)
         os.write(ready_wfd, b"1")
         os.close(ready_wfd)
         Supervisor(img, death_wfd).run()
+        status = 0
+    except BaseException as exc:  # a bug of emu's: the kernel dies, say why
+        try:
+            log_store(0, "".join(["emu: the supervisor crashed\n",
+                                  *traceback.format_exception(type(exc), exc, exc.__traceback__)]))
+            os.write(death_wfd, f"the supervisor crashed: {type(exc).__name__}: {exc}".encode())
+        except BaseException:
+            pass
     finally:
-        os._exit(0)
+        os._exit(status)
 
 
 def panic(death_wfd: int, reason: str) -> None:
     """panic(): log it, tell the booting process why the kernel dies, kill every task
     (the supervisor too). Never returns."""
-    log_store(0, f"Kernel panic - not syncing: {reason}")
     try:
-        os.write(death_wfd, f"the kernel panicked: {reason}".encode())
-    finally:
-        os.killpg(os.getpgrp(), _os_signal.SIGKILL)
+        log_store(0, f"Kernel panic - not syncing: {reason}")
+    finally:  # whatever happens, the booting process learns why, and everything dies
+        try:
+            os.write(death_wfd, f"the kernel panicked: {reason}".encode())
+        finally:
+            os.killpg(os.getpgrp(), _os_signal.SIGKILL)
 
 
 class Supervisor:
@@ -141,12 +153,9 @@ class Supervisor:
         or panic where the kernel could not go on (make_task_dead(), do_exit())."""
         self.dead[slot] = generation  # once: an exited task's slot lives on until released
         rec = self.img.img.tasks[slot]
-        # Read first, check after: a task that exited through emu may be released and its
-        # slot reused (reset) at any moment, one that died outside emu cannot.
-        kflags, ppid = rec.kflags, rec.ppid
-        if not rec.in_use or rec.generation != generation:
-            return  # kthread_stop() released it, and its creator collected the process
-        if kflags & KTHREAD_EXITED:
+        ppid = rec.ppid  # before the check: a released slot may be reused at any moment
+        if not died_outside_emu(rec, generation):
+            # It exited through emu (a spare request, if its slot was reused, is harmless).
             self.ask_to_reap(ppid)
             return
         comm = rec.comm.decode("utf-8", "replace")
@@ -161,6 +170,10 @@ class Supervisor:
             index = rec.wq_on - 1
             remove_waiter(_from_index(index, self.img.img.completions[index].generation), slot)
         exit_notify(rec, 0)  # kthread_stop() of a thread that died returns 0, as after an Oops
+        # Nor may a kthread_park() wait for it: it will never park. (Before it pinned
+        # itself, its creator may be waiting for that completion, and handles the death.)
+        if rec.kflags & KTHREAD_PINNED:
+            complete_all(_from_index(rec.parked, self.img.img.completions[rec.parked].generation))
         self.irq_thread_dtor(slot, generation, pid, comm)
         self.ask_to_reap(ppid)
 
@@ -196,6 +209,17 @@ class Supervisor:
                 records.field_store(desc, "threads_active", 0)
                 records.field_and(desc, "status", ~IRQS_ONESHOT)
             return
+
+
+def died_outside_emu(rec: Any, generation: int) -> bool:
+    """Whether task slot `rec` still holds generation `generation` and its task did not
+    exit through emu. Its creator may free and reuse the slot meanwhile: freeing clears
+    in_use; reuse resets the other fields (kflags too), bumps the generation, then sets
+    in_use. Reading in the reverse order (kflags, in_use, generation) never takes the
+    new task's reset flags for the old task's."""
+    if rec.kflags & KTHREAD_EXITED:
+        return False
+    return bool(rec.in_use) and rec.generation == generation
 
 
 def add_irq_source(irq_nr: int, delay: float, rate_hz: float, burst: int, count: int) -> int:

@@ -53,7 +53,7 @@ class Outcome:
 def _ppid(p: psutil.Process) -> int:
     try:
         return p.ppid()
-    except psutil.Error:
+    except psutil.Error:  # gone already
         return 0
 
 
@@ -75,7 +75,7 @@ def _candidates(kind: str, boot_pid: int) -> list[tuple[str, int]]:
     names = {p.pid: p.info["name"] or "" for p in session}
     # A child just forked still has its parent's name: it is not what the name says yet.
     procs = [(names[p.pid], p.pid) for p in session
-             if p.pid == boot_pid or names[p.pid] != names.get(_ppid(p))]
+             if p.pid == boot_pid or names.get(_ppid(p), "") not in ("", names[p.pid])]
     if kind == "booting":
         return [(n, pid) for n, pid in procs if pid == boot_pid]
     if kind == "supervisor":

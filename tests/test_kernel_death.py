@@ -19,10 +19,12 @@ from killing import KINDS, expected, kill_run
 
 import _emu_native as _native
 import emu
-from emu import image
+from emu import image, supervisor
 from emu.image import own_ipc_names
 from emu.irq import irq_task
 from emu.kernel import SIG_KERNEL_DEAD
+from emu.kthread import KTHREAD_EXITED
+from emu.supervisor import died_outside_emu
 
 from util import wait_until
 
@@ -85,6 +87,8 @@ def test_after_the_death_every_call_that_would_block_raises(kernel):
         emu.schedule_timeout_interruptible(emu.MAX_SCHEDULE_TIMEOUT)
     with pytest.raises(emu.KernelDeadError):
         emu.msleep(1)
+    with pytest.raises(emu.KernelDeadError):
+        emu.kthread_run(lambda _: 0, None, "too late")
     # What does not block still works on the image, which stays mapped until shutdown.
     emu.complete(c)
     assert emu.wait_for_completion_timeout(c, 1) == 1
@@ -199,6 +203,35 @@ def test_a_killed_irq_thread_is_not_waited_for(kernel):
     assert kernel.alive
 
 
+def _never_parks(started: emu.Completion) -> int:
+    emu.complete(started)
+    while not emu.kthread_should_stop():
+        emu.schedule_timeout_interruptible(emu.MAX_SCHEDULE_TIMEOUT)
+    return 0
+
+
+def _kill_once_asleep(data: tuple[emu.Task, emu.Task]) -> int:
+    """A kthread that SIGKILLs `victim` once `sleeper` sleeps in D."""
+    sleeper, victim = data
+    while emu.task_state_to_char(sleeper) != "D":
+        emu.usleep_range(500, 1000)
+    os.kill(victim.pid, signal.SIGKILL)
+    return 0
+
+
+@pytest.mark.emu_expect(oopses=1)
+def test_kthread_park_of_a_thread_killed_meanwhile_returns(kernel):
+    """The parking thread died (an Oops): kthread_park() does not wait for it forever."""
+    started = emu.Completion()
+    t = emu.kthread_run(_never_parks, started, "unparkable")
+    emu.wait_for_completion(started)  # in threadfn: a park no longer happens by itself
+    killer = emu.kthread_run(_kill_once_asleep, (emu.current(), t), "killer")
+    emu.kthread_park(t)
+    assert emu.task_state_to_char(t) == "X"
+    assert emu.kthread_stop(t) == 0
+    assert emu.kthread_stop(killer) == 0
+
+
 def test_a_kernel_that_died_before_any_signal_is_noticed_by_alive(kernel):
     """kernel.alive looks for itself: it does not depend on the signal's handler."""
     old = signal.signal(SIG_KERNEL_DEAD, signal.SIG_IGN)
@@ -211,6 +244,70 @@ def test_a_kernel_that_died_before_any_signal_is_noticed_by_alive(kernel):
             emu.msleep(1)
     finally:
         signal.signal(SIG_KERNEL_DEAD, old)
+
+
+# --- the supervisor's death watch ---------------------------------------------------------------
+
+class _SlotBeingReused:
+    """A task slot whose task exited through emu while its creator frees and reuses it:
+    each field read by the supervisor lets the creator take one more step."""
+
+    STEPS = ({"in_use": 1, "kflags": KTHREAD_EXITED, "generation": 7},  # exited
+             {"in_use": 0},  # kthread_stop() freed it; alloc_slot() then:
+             {"kflags": 0},  # resets the other fields,
+             {"generation": 8},  # bumps the generation,
+             {"in_use": 1})  # and takes it
+
+    def __init__(self, start: int) -> None:
+        self.step = 0
+        self.fields: dict[str, int] = {}
+        for _ in range(start + 1):
+            self._advance()
+
+    def _advance(self) -> None:
+        if self.step < len(self.STEPS):
+            self.fields.update(self.STEPS[self.step])
+            self.step += 1
+
+    def __getattr__(self, name: str) -> int:
+        value = self.fields[name]
+        self._advance()
+        return value
+
+
+@pytest.mark.parametrize("start", range(len(_SlotBeingReused.STEPS)))
+def test_a_slot_reused_while_the_supervisor_looks_is_not_a_death(start):
+    """However the creator's steps interleave with its reads, the supervisor never takes
+    the new task's reset flags for a death of the old one (that posted the exit of a
+    live task, whose slot was then used twice)."""
+    assert not died_outside_emu(_SlotBeingReused(start), 7)
+
+
+def test_an_exited_kthread_not_yet_stopped_does_not_keep_the_supervisor_busy(kernel):
+    """Its process is a zombie until kthread_stop(): the supervisor must not watch it
+    again and again (its pidfd is always readable, and the death watch would spin)."""
+    t = emu.kthread_run(lambda _: 0, None, "returned")
+    wait_until(lambda: emu.task_state_to_char(t) == "X", what="the thread to exit")
+    supervisor = psutil.Process(kernel.supervisor_pid)
+    before = sum(supervisor.cpu_times()[:2])
+    emu.msleep(1000)
+    assert sum(supervisor.cpu_times()[:2]) - before < 0.3  # spinning takes the whole second
+    assert emu.kthread_stop(t) == 0
+
+
+def test_a_supervisor_that_crashes_takes_the_kernel_down_and_says_why(monkeypatch, capfd):
+    def broken(self: supervisor.Supervisor) -> None:
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(supervisor.Supervisor, "watch_new_tasks", broken)  # before the fork
+    k = emu.boot()
+    try:
+        with pytest.raises(emu.KernelDeadError,
+                           match="the supervisor crashed: RuntimeError: broken on purpose"):
+            emu.msleep(10_000)
+        assert "emu: the supervisor crashed" in capfd.readouterr().err
+    finally:
+        k.shutdown()
 
 
 # --- the kill matrix: one run per kind of process, at a random moment -------------------------
