@@ -29,6 +29,39 @@ except ImportError as exc:
     ) from exc
 
 from . import checks as _checks
+from .atomic import (
+    ATOMIC_INIT,
+    Atomic,
+    Atomic64,
+    atomic64_add,
+    atomic64_add_return,
+    atomic64_cmpxchg,
+    atomic64_dec,
+    atomic64_dec_and_test,
+    atomic64_dec_return,
+    atomic64_inc,
+    atomic64_inc_and_test,
+    atomic64_inc_return,
+    atomic64_read,
+    atomic64_set,
+    atomic64_sub,
+    atomic64_sub_return,
+    atomic64_xchg,
+    atomic_add,
+    atomic_add_return,
+    atomic_cmpxchg,
+    atomic_dec,
+    atomic_dec_and_test,
+    atomic_dec_return,
+    atomic_inc,
+    atomic_inc_and_test,
+    atomic_inc_return,
+    atomic_read,
+    atomic_set,
+    atomic_sub,
+    atomic_sub_return,
+    atomic_xchg,
+)
 from .bug import KernelBug
 from .completion import (
     DECLARE_COMPLETION,
@@ -119,52 +152,6 @@ from .kthread import (
     kthread_stop,
     kthread_unpark,
 )
-from .locking import (
-    ATOMIC_INIT,
-    DEFINE_SPINLOCK,
-    Atomic,
-    Atomic64,
-    Spinlock,
-    atomic64_add,
-    atomic64_add_return,
-    atomic64_cmpxchg,
-    atomic64_dec,
-    atomic64_dec_and_test,
-    atomic64_dec_return,
-    atomic64_inc,
-    atomic64_inc_and_test,
-    atomic64_inc_return,
-    atomic64_read,
-    atomic64_set,
-    atomic64_sub,
-    atomic64_sub_return,
-    atomic64_xchg,
-    atomic_add,
-    atomic_add_return,
-    atomic_cmpxchg,
-    atomic_dec,
-    atomic_dec_and_test,
-    atomic_dec_return,
-    atomic_inc,
-    atomic_inc_and_test,
-    atomic_inc_return,
-    atomic_read,
-    atomic_set,
-    atomic_sub,
-    atomic_sub_return,
-    atomic_xchg,
-    spin_is_locked,
-    spin_lock,
-    spin_lock_bh,
-    spin_lock_init,
-    spin_lock_irq,
-    spin_lock_irqsave,
-    spin_trylock,
-    spin_unlock,
-    spin_unlock_bh,
-    spin_unlock_irq,
-    spin_unlock_irqrestore,
-)
 from .preempt import (
     in_atomic,
     in_hardirq,
@@ -246,6 +233,21 @@ from .softirq import (
     tasklet_schedule,
     tasklet_setup,
 )
+from .spinlock import (
+    DEFINE_SPINLOCK,
+    Spinlock,
+    spin_is_locked,
+    spin_lock,
+    spin_lock_bh,
+    spin_lock_init,
+    spin_lock_irq,
+    spin_lock_irqsave,
+    spin_trylock,
+    spin_unlock,
+    spin_unlock_bh,
+    spin_unlock_irq,
+    spin_unlock_irqrestore,
+)
 from .task import (
     Task,
     current,
@@ -269,6 +271,8 @@ class ErrPtr:
 
 
 def ERR_PTR(errno: int) -> ErrPtr:
+    """A kernel function's error `errno` (negative, e.g. -EINTR) in place of an object:
+    IS_ERR() is true for it and PTR_ERR() gives `errno` back. Any context."""
     return ErrPtr(_checks.check_int(errno, "errno", "long"))
 
 

@@ -12,10 +12,8 @@ import sys
 import traceback
 from types import FrameType, TracebackType
 
-import _emu_native as _native
-
-from . import image
-from .constants import TAINT_DIE, TAINT_WARN
+from . import image, irqflags, records
+from .constants import PF_KTHREAD, TAINT_DIE, TAINT_WARN
 from .errors import EmuError
 from .printk import log_store
 
@@ -36,8 +34,11 @@ class TaskKilled(BaseException):
 
 
 def add_taint(flag: int) -> None:
+    """Set taint flag `flag` (TAINT_*) in the kernel's taint mask. Any context; never
+    sleeps.
+    """
     hdr = image.this().img.hdr
-    _native.or32(image.field_addr(hdr, "taint"), 1 << flag)
+    records.field_or(hdr, "taint", 1 << flag)
 
 
 def tainted_str(taint: int | None = None) -> str:
@@ -58,15 +59,14 @@ def tainted_str(taint: int | None = None) -> str:
 
 def _count(field: str) -> None:
     hdr = image.this().img.hdr
-    _native.add32(image.field_addr(hdr, field), 1)
+    records.field_add(hdr, field, 1)
 
 
 def _who() -> tuple[int, int, str]:
-    from .task import _current
-
-    if _current is None:
+    rec = irqflags.current_slot()
+    if rec is None:
         return -1, os.getpid(), "?"
-    return _current.cpu, _current.pid, _current.comm
+    return int(rec.cpu), int(rec.pid), rec.comm.decode("utf-8", "replace")
 
 
 def header_line(cpu: int | None = None, pid: int | None = None, comm: str | None = None) -> str:
@@ -141,8 +141,6 @@ def oops(exc: BaseException | None, title: str, cpu: int | None = None,
 
 def BUG(depth: int = 1) -> None:
     """BUG(): "kernel BUG at FILE:LINE!", an Oops, and the end of the calling task."""
-    from .task import _current
-
     frame = _caller(depth)
     where = _where(frame)
     _count("bugs")
@@ -153,9 +151,19 @@ def BUG(depth: int = 1) -> None:
         exc.__traceback__ = None
         oops(None, "invalid opcode: 0000")
         log_store(1, "\n".join(stack_lines(frame)))
-        if _current is not None and _current.is_kthread:
+        rec = irqflags.current_slot()
+        if rec is not None and rec.flags & PF_KTHREAD:
             raise TaskKilled() from exc
         raise
+
+
+def report_dead_owner(what: str, pid: int, depth: int = 3) -> None:
+    """Report a `what` lock taken over from dead task `pid` with a WARN located `depth`
+    frames up (the hook of records' raw lock and of native/'s WaitCore)."""
+    warn(f"emu: {what} lock taken over from dead task (pid {pid})", depth=depth)
+
+
+records.set_dead_owner_hook(report_dead_owner)
 
 
 def _where(frame: FrameType) -> str:

@@ -34,7 +34,7 @@ import cloudpickle
 
 import _emu_native as _native
 
-from . import heap, image
+from . import heap, image, records
 from .errors import CapacityError, StaleObjectError
 
 #: How deep the search for the object at fault goes into what a callback captures.
@@ -73,7 +73,7 @@ def callback_store(fn: Any, data: Any, fn_arg: str, data_arg: str) -> tuple[int,
     img = image.this()
     seq = 0
     while seq == 0:  # 0 marks a freed callback
-        seq = _native.add32(image.field_addr(img.img.hdr, "callback_seq"), 1)
+        seq = records.field_add(img.img.hdr, "callback_seq", 1)
     addr = heap.heap_addr(offset)
     ctypes.memmove(addr + hdr_len, blob, len(blob))
     head = image.CallbackHdr.from_address(addr)

@@ -9,11 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 import emu
+from emu.examples import hello_kthread
+from emu.torture import TYPES, Options, run_torture
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from emu.examples import hello_kthread
-
     with emu.boot(cpus=args.cpus) as kernel:
         hello_kthread.hello_init(period_ms=args.period_ms)
         deadline = time.monotonic() + args.seconds
@@ -40,8 +40,6 @@ def _cpus(text: str) -> int | list[int]:
 
 
 def _torture(args: argparse.Namespace) -> int:
-    from emu.torture import TYPES, Options, run_torture
-
     types = TYPES if args.type == "all" else (args.type,)
     opts = Options(types=types, cpus=args.cpus, threads_per_cpu=args.threads_per_cpu,
                    duration=args.duration, irq_rate=args.irq_rate,

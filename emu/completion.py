@@ -18,10 +18,9 @@ not block).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from . import bug, checks, image, preempt
+from . import bug, checks, preempt, records
 from .constants import (
     ERESTARTSYS,
     MAX_SCHEDULE_TIMEOUT,
@@ -33,18 +32,8 @@ from .constants import (
 from .errors import StaleObjectError
 from .task import current
 
-_pid = os.getpid()
 
-
-def _after_fork_in_child() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class Completion:
+class Completion(records.Record):
     """``struct completion`` in shared memory, usable from every task.
 
     Created initialised (``done == 0``, no waiters). The handle may be inherited by
@@ -53,39 +42,25 @@ class Completion:
     afterwards raises :class:`emu.StaleObjectError` (the kernel's use-after-free).
     """
 
-    __slots__ = ("index", "generation", "_img", "_rec", "_core", "_owner", "__weakref__")
+    TABLE = "completions"
+    __slots__ = ("_core",)
 
-    def __init__(self) -> None:
-        self.index, self.generation = _alloc()
-        self._attach()
-        self._owner = _pid
+    def _init_record(self, rec: Any) -> None:
+        rec.head = rec.tail = -1
 
     def _attach(self) -> None:
-        img = image.this()
-        self._img = img  # the kernel this handle belongs to
-        self._rec: Any = img.img.completions[self.index]
-        self._core: Any = img.core
-        self._owner = 0
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_from_index, (self.index, self.generation))
-
-    def __eq__(self, other: object) -> bool:
-        """Handles are equal when they name the same completion (in any process)."""
-        return (isinstance(other, Completion) and other.index == self.index
-                and other.generation == self.generation)
-
-    def __hash__(self) -> int:
-        return hash((Completion, self.index, self.generation))
+        super()._attach()
+        self._core: Any = self._img.core
 
     def __repr__(self) -> str:
         return f"<Completion #{self.index} done={self._rec.done}>"
 
-    def __del__(self) -> None:
-        # Only while its own kernel runs: a handle that outlived its kernel must not
-        # free the record of the same index in the next one.
-        if getattr(self, "_owner", 0) == _pid and image._this is getattr(self, "_img", None):
-            _free(self)
+    def _free(self) -> None:
+        rec = self._rec
+        if rec.generation == self.generation and rec.head != -1:
+            bug.warn(f"completion #{self.index} freed while tasks wait on it", depth=3)
+            return
+        super()._free()
 
     @property
     def rec(self) -> Any:
@@ -119,27 +94,7 @@ def DECLARE_COMPLETION() -> Completion:
     return Completion()
 
 
-def _from_index(index: int, generation: int) -> Completion:
-    c = Completion.__new__(Completion)
-    c.index = index
-    c.generation = generation
-    c._attach()
-    return c
-
-
-def _alloc() -> tuple[int, int]:
-    index, generation = image.alloc_record("completions")
-    rec = image.this().img.completions[index]
-    rec.head = rec.tail = -1
-    return index, generation
-
-
-def _free(c: Completion) -> None:
-    rec = c._rec
-    if rec.generation == c.generation and rec.head != -1:
-        bug.warn(f"completion #{c.index} freed while tasks wait on it", depth=3)
-        return
-    image.free_record("completions", c.index, c.generation)
+_from_index = Completion._from_index
 
 
 # --- the wait queue and the common case of every call live in native/'s WaitCore -----------

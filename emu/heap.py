@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Iterator
 
-from . import image, locking
+from . import image, records
 from .image import HEAP_BLOCK_HDR, HeapBlock
 
 #: emu.boot(heap_size=...): pages of the heap are touched only once used, and this fits
@@ -69,7 +69,7 @@ def heap_alloc(size: int) -> int | None:
     need = max(MIN_BLOCK, -(-(size + HEAP_BLOCK_HDR) // HEAP_ALIGN) * HEAP_ALIGN)
     hdr, base = _hdr(), _base()
     lock = image.field_addr(hdr, "lock")
-    locking.raw_spin_lock(lock, "heap")
+    records.raw_spin_lock(lock, "heap")
     try:
         off = hdr.free_head
         while off != NIL:
@@ -93,7 +93,7 @@ def heap_alloc(size: int) -> int | None:
         hdr.used += need
         return int(off + HEAP_BLOCK_HDR)
     finally:
-        locking.raw_spin_unlock(lock)
+        records.raw_spin_unlock(lock)
 
 
 def heap_free(offset: int) -> bool:
@@ -104,7 +104,7 @@ def heap_free(offset: int) -> bool:
     if off < hdr.start or off >= hdr.end or off % HEAP_ALIGN != hdr.start % HEAP_ALIGN:
         return False
     lock = image.field_addr(hdr, "lock")
-    locking.raw_spin_lock(lock, "heap")
+    records.raw_spin_lock(lock, "heap")
     try:
         block = _block(base, off)
         if not _is_allocated_block(hdr, base, off, block):
@@ -132,7 +132,7 @@ def heap_free(offset: int) -> bool:
         hdr.free_head = off
         return True
     finally:
-        locking.raw_spin_unlock(lock)
+        records.raw_spin_unlock(lock)
 
 
 def heap_used() -> int:

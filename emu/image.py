@@ -24,7 +24,7 @@ import posix_ipc
 import _emu_native as _native
 
 from .constants import KTHREAD_NAME_LEN, TASK_COMM_LEN
-from .errors import CapacityError, NotBootedError
+from .errors import NotBootedError
 
 IMAGE_MAGIC = 0x454D55494D414745  # "EMUIMAGE"
 #: Emulated CPUs and IRQ lines are bits of 64-bit masks.
@@ -126,6 +126,20 @@ class CallbackHdr(ctypes.Structure):
     ]
 
 
+#: Hung-task reports kept in the header for kernel.hung_tasks (the first ones made).
+HUNG_REPORTS_MAX = 64
+
+
+class HungReport(ctypes.Structure):
+    """One hung-task report (comm, pid, seconds blocked), kept apart from the log ring."""
+
+    _fields_ = [
+        ("pid", c_int32),
+        ("secs", c_int32),
+        ("comm", c_char * TASK_COMM_LEN),
+    ]
+
+
 class Header(ctypes.Structure):
     _fields_ = [
         ("magic", c_uint64),
@@ -163,6 +177,9 @@ class Header(ctypes.Structure):
         ("log_lock", LockWord),
         ("log_next_seq", c_uint64),
         ("log_first_seq", c_uint64),
+        ("hung_reports_n", c_int32),  # reports printed; the first HUNG_REPORTS_MAX are kept
+        ("hung_reports_pad", c_int32),
+        ("hung_reports", HungReport * HUNG_REPORTS_MAX),
     ]
 
 
@@ -453,66 +470,6 @@ class SharedImage:
             except BufferError:
                 pass  # views into the image still exist; the mapping goes with them
             self.mm = None  # type: ignore[assignment]
-
-
-def alloc_record(table: str) -> tuple[int, int]:
-    """Reserve a free record of `table` ("completions", "atomics", "spinlocks").
-
-    Returns (index, generation). The record is zeroed but for its bookkeeping fields.
-    Raises CapacityError naming the boot parameter when the table is full.
-    """
-    from . import locking
-
-    img = this()
-    pool = getattr(img.img.hdr, f"{table}_pool")
-    records = getattr(img.img, table)
-    lock = field_addr(pool, "lock")
-    locking.raw_spin_lock(lock, f"{table} table")
-    try:
-        if pool.free:
-            index = pool.free - 1
-            rec = records[index]
-            pool.free = rec.free_next
-        elif pool.high < len(records):
-            index = pool.high
-            pool.high += 1
-            rec = records[index]
-        else:
-            raise CapacityError(
-                f"all {len(records)} {table} are in use: free unused ones or boot with a "
-                f"larger max_{table}="
-            )
-        generation = rec.generation + 1
-        ctypes.memset(ctypes.addressof(rec), 0, ctypes.sizeof(rec))
-        rec.generation = generation
-        rec.in_use = 1
-        return index, generation
-    finally:
-        locking.raw_spin_unlock(lock)
-
-
-def free_record(table: str, index: int, generation: int) -> bool:
-    """Return record `index` of `table` to its pool; False if it was already freed.
-
-    Freeing bumps the generation, so handles on the record become stale at once.
-    """
-    from . import locking
-
-    img = this()
-    pool = getattr(img.img.hdr, f"{table}_pool")
-    rec = getattr(img.img, table)[index]
-    lock = field_addr(pool, "lock")
-    locking.raw_spin_lock(lock, f"{table} table")
-    try:
-        if rec.generation != generation or not rec.in_use:
-            return False
-        rec.in_use = 0
-        rec.generation += 1
-        rec.free_next = pool.free
-        pool.free = index + 1
-        return True
-    finally:
-        locking.raw_spin_unlock(lock)
 
 
 _this: SharedImage | None = None

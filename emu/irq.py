@@ -1,4 +1,5 @@
-"""Hard interrupts (kernel/irq/manage.c, handle.c, chip.c, spurious.c, proc.c).
+"""Hard interrupts: requesting and freeing handlers, line control (kernel/irq/manage.c,
+proc.c); delivery (do_IRQ(), the flow handler) is irqchip.py, below kthread.py.
 
 An interrupt is real: irq_inject_interrupt() marks the IRQ pending for its target CPU
 in shared memory and rings that CPU's doorbell, a real-time signal to a task running
@@ -20,298 +21,50 @@ the requesting task, on the objects themselves as they were at the fork.
 
 from __future__ import annotations
 
-import signal as _os_signal
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import _emu_native as _native
 
-from . import bug, checks, image, locking, preempt
+from . import bug, checks, image, preempt, records
 from .callback import callback_free, callback_load, callback_store
-from .constants import EBUSY, EINVAL, ENOMEM, PF_EXITING, PF_IDLE, TASK_INTERRUPTIBLE, TASK_RUNNING
+from .constants import EBUSY, EINVAL, ENOMEM, TASK_INTERRUPTIBLE, TASK_RUNNING
+from .idle import start_irq_layer
+from .irqchip import (
+    ACTION_LIVE,
+    ACTION_RESERVED,
+    IRQ_HANDLED,
+    IRQ_NONE,
+    IRQ_WAKE_THREAD,
+    IRQF_ONESHOT,
+    IRQF_SHARED,
+    IRQS_INPROGRESS,
+    IRQS_ONESHOT,
+    IRQS_PENDING,
+    IRQS_SPURIOUS_DISABLED,
+    IRQTF_RUNTHREAD,
+    _desc,
+    _lock,
+    _views,
+    irq_inject_interrupt,
+)
+from .kthread import kthread_run, kthread_should_stop, kthread_stop
 from .printk import log_store
-from .sched import schedule, schedule_timeout_idle
-from .task import Task, set_current_state, task_from_slot, wake_up_process
+from .sched import schedule
+from .task import Task, set_current_state, task_from_slot
 
-IRQ_NONE = 0
-IRQ_HANDLED = 1
-IRQ_WAKE_THREAD = 2
-
-IRQF_SHARED = 0x00000080
-IRQF_ONESHOT = 0x00002000
-
-# desc->istate bits (kernel/irq/internals.h), as far as emu needs them: defined by
-# native/'s IrqCore, which changes them on the interrupt path.
-IRQS_INPROGRESS = _native.IRQS_INPROGRESS  # a CPU is running the handlers
-IRQS_REPLAY = _native.IRQS_REPLAY  # arrived while another CPU ran them: run once more
-IRQS_PENDING = _native.IRQS_PENDING  # arrived while disabled or masked: replay on enable
-IRQS_ONESHOT = _native.IRQS_ONESHOT  # masked until the threaded handler returns
-IRQS_SPURIOUS_DISABLED = _native.IRQS_SPURIOUS_DISABLED  # "nobody cared"
-
-IRQTF_RUNTHREAD = 0x1
-
-# IrqAction.warned: one-time messages already printed
-WARNED_NO_THREAD = 0x1
-WARNED_IRQS_ON = 0x2
-
-ACTION_LIVE = _native.ACTION_LIVE  # IrqAction.in_use: handlers run
-ACTION_RESERVED = 2  # claimed by a request_irq() that has not finished
-
-#: The doorbell: interrupt delivery to a task process.
-SIG_IRQ = _os_signal.SIGRTMIN + 1
-
-# --- delivery -------------------------------------------------------------------------------
-#
-# The pending bits, the doorbell and the descriptor's state changes on the interrupt path
-# are native/'s IrqCore; this code runs the handlers and reports.
-
-class _Views:
-    """ctypes views and addresses the slower paths need, built once per kernel (a
-    ctypes structure access builds new objects every time), and this process's
-    requests."""
-
-    def __init__(self, img: image.SharedImage) -> None:
-        self.descs = [img.img.irqs[i] for i in range(img.img.hdr.nr_irqs)]
-        self.actions = [[d.actions[j] for j in range(image.MAX_IRQ_ACTIONS)]
-                        for d in self.descs]
-        self.softirq_pending = [image.field_addr(img.img.percpu[c], "softirq_pending")
-                                for c in range(image.MAX_CPUS)]
-        #: (irq, action index) -> (callback ref, handler, dev) as given to request_irq()
-        #: in this process (or inherited by fork): free_irq() finds `dev` by identity,
-        #: and what they capture stays alive until then.
-        self.requested: dict[tuple[int, int], tuple[tuple[int, int], Any, Any]] = {}
-        self.irq_pending = [image.field_addr(img.img.percpu[c], "irq_pending")
-                            for c in range(image.MAX_CPUS)]
-
-
-def _views() -> _Views:
-    img = image.this()
-    views = img.irq_views
-    if views is None:
-        views = img.irq_views = _Views(img)
-    return views
-
-
-def softirq_pending_addr(cpu: int) -> int:
-    """Address of `cpu`'s softirq pending bits (cached per kernel)."""
-    return int(_views().softirq_pending[cpu])
-
-
-def _core() -> Any:
-    """This process's IrqCore over the kernel's image, made on first use."""
-    img = image.this()
-    core = img.irq_core
-    if core is None:
-        core = img.irq_core = _native.IrqCore(img.core, *img.irq_layout(), SIG_IRQ)
-    return core
-
-
-def _desc(irq: int) -> Any:
-    descs = _views().descs
-    if type(irq) is not int or not 0 <= irq < len(descs):
-        _check_irq(irq)
-    return descs[irq]
-
-
-def _check_irq(irq: object) -> None:
-    """TypeError unless `irq` is an int, ValueError unless it names a line."""
-    if type(irq) is not int:
-        raise checks.not_a("irq", "an int IRQ number", irq) from None
-    nr_irqs = len(_views().descs)
-    if not 0 <= irq < nr_irqs:
-        raise ValueError(f"irq must be an IRQ number from 0 to {nr_irqs - 1}, got {irq}") from None
-
-
-def _lock(desc: Any) -> int:
-    addr = image.field_addr(desc, "lock")
-    locking.raw_spin_lock(addr, "irq descriptor")
-    return addr
-
-
-def irq_inject_interrupt(irq: int) -> None:
-    """Raise IRQ `irq` now on its target CPU (irq_set_affinity()). Any context, any process."""
-    try:
-        ours = _core().raise_irq(irq)
-    except ValueError:
-        _check_irq(irq)  # the TypeError of a wrong type
-        raise
-    if ours:
-        do_IRQ()  # our own CPU: take it now (or leave it pending if IRQs are off)
-
-
-def ring_doorbell(cpu: int) -> None:
-    """Make `cpu` look at its pending interrupts and softirqs.
-
-    The task running there, or else the CPU's idle task, gets the doorbell signal and a
-    post of its semaphore (no state change: a sleeper re-checks and sleeps again, but
-    a doorbell that raced with the start of its sleep is not lost). On our own CPU the
-    interrupts are taken at once.
-    """
-    if _core().kick(cpu):
-        do_IRQ()
-
-
-def resend_pending(cpu: int) -> None:
-    """Ring `cpu`'s doorbell again if it has interrupts or softirqs pending, whoever
-    it reaches (the task running there, else the CPU's idle task; the caller too).
-
-    For a moment when the CPU's doorbell target changes: a task that starts or ends
-    for good on `cpu` may have taken doorbells while it could not run handlers (before
-    set_current(), after its exit began), and a raiser that found no target at all
-    rang nobody. Their interrupts stay pending and nothing else would ring again. A
-    task that stops being a target makes that visible (TASK_DEAD) with a full barrier
-    first: a raiser sets the pending bit, then looks for the target, so either it finds
-    another task or this call sees the bit.
-    """
-    views = _views()
-    if _native.load64(views.irq_pending[cpu]) or _native.load32(views.softirq_pending[cpu]):
-        _core().ring(cpu)
-
-
-def _doorbell(signum: int, frame: Any) -> None:
-    do_IRQ()
-
-
-def install_doorbell() -> None:
-    """Take interrupts in this task process (boot and kthread start-up), once it is its
-    task (set_current()), and those its CPU has pending.
-
-    A new kthread is a doorbell target as soon as it is in the task table (woken, it
-    runs on its CPU; an idle task is its CPU's fallback at once). A doorbell that
-    reached it before set_current() found no CPU to take interrupts on (do_IRQ()
-    returned) and left them pending, as a new task in the kernel takes what is pending
-    when it enables interrupts in schedule_tail(): ring for them again.
-    """
-    _os_signal.signal(SIG_IRQ, _doorbell)
-    resend_pending(preempt.this_cpu())
-
-
-def do_IRQ() -> None:
-    """Handle every IRQ pending for this task's CPU, unless interrupts are disabled here.
-
-    Like a CPU taking an interrupt, it runs with interrupts off until every pending
-    line was handled; softirqs run afterwards with interrupts on. In a process that is
-    not (or no longer) a task it does nothing: see install_doorbell(), resend_pending().
-    """
-    if preempt.irqs_disabled() or preempt.in_hardirq():
-        return
-    cpu = preempt.this_cpu()
-    if cpu < 0:
-        return
-    core = _core()
-    views = _views()
-    # Loop until nothing is pending: an interrupt raised meanwhile (on this CPU, or to
-    # our task from elsewhere) only left its bit, even one whose doorbell came after the
-    # last look but before interrupts were on again (that doorbell's do_IRQ() returned).
-    while _native.load64(views.irq_pending[cpu]):
-        preempt.irqs_off_raw(True)
-        try:
-            while pending := core.take_pending(cpu):
-                while pending:
-                    low = pending & -pending
-                    pending ^= low
-                    handle_irq(core, low.bit_length() - 1, cpu)
-        finally:
-            preempt.irqs_off_raw(False)
-    if _native.load32(views.softirq_pending[cpu]):
-        softirq.irq_exit_softirqs()
-
-
-preempt.irq_enable_hooks.append(do_IRQ)
-
-
-def handle_irq(core: Any, irq: int, cpu: int) -> None:
-    """handle_edge_irq(): run the line's handlers on `cpu` unless it is disabled, masked
-    or in progress elsewhere (then IrqCore marks it pending, or for one replay here)."""
-    live = core.claim(irq, cpu)
-    while live is not None:
-        try:
-            ret = _run_actions(irq, live)
-        except BaseException:
-            core.abort(irq)  # even a KeyboardInterrupt must not leave it "in progress"
-            raise
-        end = core.end(irq, ret)
-        if end & _native.IRQ_END_NOBODY_CARED:
-            _report_nobody_cared(irq)
-        live = core.actions(irq) if end & _native.IRQ_END_REPLAY else None
-
-
-def _run_actions(irq: int, live: tuple[tuple[int, int, int], ...]) -> int:
-    """handle_irq_event(): every live action's handler in hardirq context; returns
-    their IRQ_* results or-ed together."""
-    saved = preempt.irq_enter()
-    ret = IRQ_NONE
-    try:
-        for index, ref, generation in live:
-            res = _call_handler(irq, ref, generation)
-            ret |= res
-            if res & IRQ_WAKE_THREAD:
-                _wake_thread(irq, index)
-            if not preempt.irqs_disabled():
-                _handler_enabled_irqs(irq, index)
-    finally:
-        preempt.irq_exit(saved)
-    return ret
-
-
-def _call_handler(irq: int, ref: int, generation: int) -> int:
-    try:
-        handler, dev = callback_load(ref, generation)
-        res = handler(irq, dev)
-    except bug.TaskKilled:
-        return IRQ_HANDLED  # BUG() in the handler, already reported
-    except KeyboardInterrupt:
-        raise  # Ctrl-C in the booting process: the user wants out
-    except BaseException as exc:  # an Oops in interrupt context; the kernel goes on
-        bug.oops(exc, f"{type(exc).__name__} in interrupt handler of irq {irq}: {exc}")
-        return IRQ_HANDLED
-    if not isinstance(res, int) or res & ~(IRQ_HANDLED | IRQ_WAKE_THREAD):
-        log_store(3, f"irq event {irq}: bogus return value {res!r}")
-        return IRQ_NONE
-    return res
-
-
-def _handler_enabled_irqs(irq: int, index: int) -> None:
-    action = _views().actions[irq][index]
-    if not action.warned & WARNED_IRQS_ON:  # WARN_ONCE
-        action.warned |= WARNED_IRQS_ON
-        bug.warn(f"irq {irq} handler {action.name.decode()} enabled interrupts", depth=3)
-    preempt.irqs_off_raw(True)
-
-
-def _wake_thread(irq: int, index: int) -> None:
-    desc, action = _views().descs[irq], _views().actions[irq][index]
-    if action.thread_slot < 0:
-        if not action.warned & WARNED_NO_THREAD:
-            action.warned |= WARNED_NO_THREAD
-            log_store(4, f"IRQ {irq} device {action.name.decode()} returned IRQ_WAKE_THREAD "
-                         "but no thread function available.")
-        return
-    thread = task_from_slot(action.thread_slot, action.thread_generation)
-    if thread._rec.flags & PF_EXITING:
-        return  # it died: pretend it handled the interrupt (__irq_wake_thread())
-    if action.flags & IRQF_ONESHOT:
-        _native.or32(image.field_addr(desc, "status"), IRQS_ONESHOT)  # the line is running
-    _native.or32(image.field_addr(action, "thread_flags"), IRQTF_RUNTHREAD)
-    wake_up_process(thread)
-
-
-def _report_nobody_cared(irq: int) -> None:
-    """note_interrupt() shut the line off: nearly all of its last interrupts were unhandled."""
-    names = [a.name.decode() for a in _views().actions[irq] if a.in_use]
-    log_store(0, "\n".join([
-        f'irq {irq}: nobody cared (try booting with the "irqpoll" option)',
-        "handlers:", *[f"[<0>] {n}" for n in names], f"Disabling IRQ #{irq}",
-    ]))
-
+__all__ = [  # with what irqchip.py provides of the API
+    "IRQ_HANDLED", "IRQ_NONE", "IRQ_WAKE_THREAD", "IRQF_ONESHOT", "IRQF_SHARED",
+    "disable_irq", "disable_irq_nosync", "enable_irq", "free_irq",
+    "irq_default_primary_handler", "irq_inject_interrupt", "irq_set_affinity", "irq_task",
+    "proc_interrupts", "request_irq", "request_threaded_irq", "synchronize_irq",
+]
 
 # --- threaded handlers ----------------------------------------------------------------------
 
 def _irq_thread(data: tuple[int, int, Callable[[int, Any], int], Any]) -> int:
     """irq_thread(): run thread_fn each time the primary handler asks for it."""
-    from .kthread import kthread_should_stop
-
     irq, index, thread_fn, dev = data
     desc = image.this().img.irqs[irq]
     action = desc.actions[index]
@@ -321,13 +74,13 @@ def _irq_thread(data: tuple[int, int, Callable[[int, Any], int], Any]) -> int:
         set_current_state(TASK_INTERRUPTIBLE)
         if _native.and32(flags, ~IRQTF_RUNTHREAD) & IRQTF_RUNTHREAD:
             set_current_state(TASK_RUNNING)
-            _native.add32(image.field_addr(desc, "threads_active"), 1)
+            records.field_add(desc, "threads_active", 1)
             try:
                 thread_fn(irq, dev)
             except Exception as exc:
                 bug.oops(exc, f"{type(exc).__name__} in threaded handler of irq {irq}: {exc}")
             finally:
-                _native.add32(image.field_addr(desc, "threads_active"), -1)
+                records.field_add(desc, "threads_active", -1)
                 _unmask_oneshot(irq, desc, action)
             continue
         schedule()
@@ -345,7 +98,7 @@ def _unmask_oneshot(irq: int, desc: Any, action: Any) -> None:
         if replay:
             desc.status &= ~IRQS_PENDING
     finally:
-        locking.raw_spin_unlock(addr)
+        records.raw_spin_unlock(addr)
     if replay:
         irq_inject_interrupt(irq)
 
@@ -404,8 +157,6 @@ def request_threaded_irq(irq: int, handler: Callable[[int, Any], int] | None,
         return index
     _views().requested[irq, index] = (ref, handler, dev)
     if thread_fn is not None:
-        from .kthread import kthread_run
-
         t = kthread_run(_irq_thread, (irq, index, thread_fn, dev), "irq/%d-%s", irq, name)
         action = desc.actions[index]
         action.thread_generation = t.generation
@@ -436,7 +187,7 @@ def _claim_action(irq: int, desc: Any, flags: int, name: str, ref: tuple[int, in
                 return index
         return -ENOMEM
     finally:
-        locking.raw_spin_unlock(addr)
+        records.raw_spin_unlock(addr)
 
 
 def free_irq(irq: int, dev: Any) -> str | None:
@@ -463,11 +214,9 @@ def free_irq(irq: int, dev: Any) -> str | None:
         action.in_use = 0
         name = action.name.decode("utf-8", "replace")
     finally:
-        locking.raw_spin_unlock(addr)
+        records.raw_spin_unlock(addr)
     synchronize_irq(irq)
     if action.thread_slot >= 0:
-        from .kthread import kthread_stop
-
         kthread_stop(task_from_slot(action.thread_slot, action.thread_generation))
         action.thread_slot = -1
     callback_free(action.ref, action.ref_generation)
@@ -513,7 +262,7 @@ def disable_irq_nosync(irq: int) -> None:
     desc = _desc(irq)
     addr = _lock(desc)
     desc.depth += 1
-    locking.raw_spin_unlock(addr)
+    records.raw_spin_unlock(addr)
 
 
 def disable_irq(irq: int) -> None:
@@ -540,7 +289,7 @@ def enable_irq(irq: int) -> None:
             if replay:
                 desc.status &= ~IRQS_PENDING
     finally:
-        locking.raw_spin_unlock(addr)
+        records.raw_spin_unlock(addr)
     if unbalanced:
         bug.warn(f"Unbalanced enable for IRQ {irq}", depth=2)
     elif replay:
@@ -586,42 +335,6 @@ def irq_set_affinity(irq: int, cpus: Any) -> int:
     return 0
 
 
-# --- the idle tasks ---------------------------------------------------------------------------
-
-def _idle(cpu: int) -> int:
-    """A CPU's idle task: it takes the CPU's interrupts while no task runs there."""
-    from .kthread import kthread_should_stop
-
-    while not kthread_should_stop():
-        schedule_timeout_idle(1 << 40)
-    return 0
-
-
-IRQ_LAYER_STARTING = 1
-IRQ_LAYER_READY = 2
-
-
-def start_irq_layer() -> None:
-    """Create the per-CPU idle tasks on the first request_irq() (idempotent, any task)."""
-    from .kthread import kthread_create_on_cpu
-
-    img = image.this()
-    hdr = img.img.hdr
-    ready = image.field_addr(hdr, "irq_ready")
-    if _native.cmpxchg32(ready, 0, IRQ_LAYER_STARTING) != 0:
-        while _native.load32(ready) != IRQ_LAYER_READY:  # another task is creating them
-            img.core.raise_if_dead()
-            time.sleep(0.001)
-        return
-    for cpu in range(hdr.ncpus):
-        t = kthread_create_on_cpu(_idle, cpu, cpu, "swapper/%u")
-        _native.or32(image.field_addr(t._rec, "flags"), PF_IDLE)
-        _native.store32(image.field_addr(img.img.percpu[cpu], "idle_slot"), t.slot)
-        wake_up_process(t)
-        resend_pending(cpu)  # raised while `cpu` had no target: nobody was rung
-    _native.store32(ready, IRQ_LAYER_READY)
-
-
 # --- /proc/interrupts ---------------------------------------------------------------------------
 
 def proc_interrupts() -> str:
@@ -652,5 +365,3 @@ def irq_task(irq: int) -> Task | None:
             return task_from_slot(action.thread_slot, action.thread_generation)
     return None
 
-
-from . import softirq  # noqa: E402  (softirq builds on the names above)

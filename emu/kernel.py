@@ -16,7 +16,6 @@ from __future__ import annotations
 import atexit
 import fcntl
 import os
-import re
 import signal as _os_signal
 import sys
 import time
@@ -24,18 +23,17 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import heap, image, irq, kthread, locking, preempt, sched, supervisor, task
+from . import bug, heap, image, irq, irqchip, kthread, preempt, records, sched, supervisor, task
 from .constants import PF_IDLE, PF_KTHREAD, TASK_RUNNING
 from .errors import AlreadyBootedError, EmuError, KernelDeadError, StaleObjectError
 from .kthread import KTHREAD_EXITED
-from .locking import SOFTLOCKUP_THRESH_DEFAULT
 from .printk import CONSOLE_LOGLEVEL_DEFAULT, dmesg, log_store
+from .spinlock import SOFTLOCKUP_THRESH_DEFAULT
 
 F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
 HZ_DEFAULT = 250
 #: How long shutdown waits for kthreads to honour kthread_should_stop().
 SHUTDOWN_GRACE_SECS = 2.0
-_HUNG_RE = re.compile(r"INFO: task (.*):(\d+) blocked for more than (\d+) seconds\.")
 #: Sent to the booting process when the kernel dies (the supervisor panicked or is gone).
 SIG_KERNEL_DEAD = _os_signal.SIGRTMIN + 4
 
@@ -117,13 +115,15 @@ class Kernel:
 
     @property
     def hung_tasks(self) -> list[tuple[str, int, int]]:
-        """Hung-task reports so far: (comm, pid, seconds blocked)."""
-        out = []
-        for line in self.dmesg():
-            m = _HUNG_RE.search(line)
-            if m:
-                out.append((m.group(1), int(m.group(2)), int(m.group(3))))
-        return out
+        """Hung-task reports printed so far: (comm, pid, seconds blocked), oldest first.
+
+        Kept in the image apart from the log, so they outlive the ring's wrapping; the
+        first image.HUNG_REPORTS_MAX are listed. Any context; never sleeps.
+        """
+        hdr = self._img.img.hdr
+        n = min(records.field_load(hdr, "hung_reports_n"), image.HUNG_REPORTS_MAX)
+        return [(r.comm.decode("utf-8", "replace"), int(r.pid), int(r.secs))
+                for r in hdr.hung_reports[:n]]
 
     def dmesg(self) -> list[str]:
         """The kernel log, one line per entry, ``[seconds.micros] text``."""
@@ -343,7 +343,7 @@ def boot(
     hdr.hz = hz
     img.jiffy_ns = 1_000_000_000 // hz
     img.core.set_timebase(img.jiffy_ns, sched.FOREVER_NS)
-    img.core.set_dead_owner_hook(locking.report_dead_owner)
+    img.core.set_dead_owner_hook(bug.report_dead_owner)
     hdr.ncpus = len(cpu_map)
     hdr.max_tasks = max_tasks
     hdr.max_completions = max_completions + 2 * max_tasks
@@ -459,7 +459,7 @@ def _make_boot_task(img: image.SharedImage) -> None:
     me._rec.pid = os.getpid()
     me._rec.ppid = os.getppid()
     task.set_current(me)
-    irq.install_doorbell()
+    irqchip.install_doorbell()
     sched.install_show_stack()
     kthread.install_reaper()
 

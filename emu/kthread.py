@@ -18,10 +18,9 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import bug, checks, image, irq, preempt
+from . import bug, checks, image, irqchip, preempt, records
 from .completion import (
     Completion,
-    _free,
     _from_index,
     complete,
     wait_for_completion,
@@ -120,7 +119,7 @@ def check_cpu(cpu: Any, name: str = "cpu") -> int:
 def _place() -> int:
     """CPU for an unbound kthread: round robin over the emulated CPUs."""
     hdr = image.this().img.hdr
-    n = _native.add32(image.field_addr(hdr, "cpu_rotor"), 1) - 1
+    n = records.field_add(hdr, "cpu_rotor", 1) - 1
     return n % hdr.ncpus
 
 
@@ -238,7 +237,7 @@ def _pin_self(task: Task) -> None:
         cpu = task._rec.cpu
         os.sched_setaffinity(0, {real_cpu(cpu)})
         if task._rec.cpu == cpu:
-            _native.or32(image.field_addr(task._rec, "kflags"), KTHREAD_PINNED)
+            records.field_or(task._rec, "kflags", KTHREAD_PINNED)
             return
 
 
@@ -259,7 +258,7 @@ def _become_kthread(task: Task) -> None:
     if task._rec.flags & PF_NO_SETAFFINITY:
         complete(_task_completion(task, "parked"))  # the creator waits for this
     set_current(task)
-    irq.install_doorbell()
+    irqchip.install_doorbell()
     install_show_stack()
 
 
@@ -270,7 +269,7 @@ def _kthread(task: Task) -> None:
         _become_kthread(task)
         rec = task._rec
         schedule()  # created in TASK_UNINTERRUPTIBLE: wait for the first wake-up
-        _native.or32(image.field_addr(rec, "kflags"), KTHREAD_STARTED)
+        records.field_or(rec, "kflags", KTHREAD_STARTED)
         if rec.kflags & KTHREAD_SHOULD_STOP:
             result = -EINTR
         else:
@@ -312,11 +311,11 @@ def exit_notify(rec: Any, result: int) -> None:
     kthread->exited once. Nothing may touch the slot afterwards: the stopper frees it.
     Used by the exiting thread itself, and by the supervisor for one that died."""
     rec.result = result
-    _native.or32(image.field_addr(rec, "flags"), PF_EXITING)
-    _native.or32(image.field_addr(rec, "kflags"), KTHREAD_EXITED)
+    records.field_or(rec, "flags", PF_EXITING)
+    records.field_or(rec, "kflags", KTHREAD_EXITED)
     exited = _from_index(rec.exited, image.this().img.completions[rec.exited].generation)
-    _native.store32(image.field_addr(rec, "state"), TASK_DEAD)  # full barrier: not a target
-    irq.resend_pending(rec.cpu)  # what it was rung for and did not handle: to another task
+    records.field_store(rec, "state", TASK_DEAD)  # full barrier: not a target
+    irqchip.resend_pending(rec.cpu)  # what it was rung for and did not handle: to another task
     complete(exited)
 
 
@@ -353,10 +352,6 @@ def kthread_complete_and_exit(comp: Completion | None, code: int) -> None:
 
 
 # --- stop ------------------------------------------------------------------------------------
-
-def _kflags_addr(task: Task) -> int:
-    return image.field_addr(task.rec, "kflags")
-
 
 def _stopped_twice(task: Task) -> bool:
     rec = task._rec
@@ -398,7 +393,7 @@ def kthread_stop(k: Task) -> int:
 def request_stop(k: Task) -> bool:
     """The asking half of kthread_stop(): KTHREAD_SHOULD_STOP, unpark, the persistent
     TIF_NOTIFY_SIGNAL, and a wake-up. False if a stop had already been requested."""
-    if _native.or32(_kflags_addr(k), KTHREAD_SHOULD_STOP) & KTHREAD_SHOULD_STOP:
+    if records.field_or(k.rec, "kflags", KTHREAD_SHOULD_STOP) & KTHREAD_SHOULD_STOP:
         return False
     kthread_unpark(k)
     k._rec.notify_signal = 1
@@ -417,7 +412,7 @@ def release_task(k: Task) -> None:
     for which in ("exited", "parked"):
         c = _task_completion(k, which)
         c._owner = 0
-        _free(c)
+        c._free()
     free_slot(k)
     if pid in _children:
         try:
@@ -524,7 +519,7 @@ def _bind(k: Task, cpu: int) -> None:
         return
     rec.cpu = cpu  # before the affinity: a starting thread re-checks it after pinning
     os.sched_setaffinity(k.pid, {real_cpu(cpu)})
-    _native.or32(image.field_addr(rec, "flags"), PF_NO_SETAFFINITY)
+    records.field_or(rec, "flags", PF_NO_SETAFFINITY)
     while not rec.kflags & KTHREAD_PINNED:  # a starting thread may still be pinning itself
         if _native.pid_is_dead(k.pid):
             break
@@ -557,9 +552,8 @@ def kthread_bind_mask(k: Task, cpus: Iterable[int]) -> None:
 
 def _kthread_parkme(me: Task) -> None:
     rec = me._rec
-    state_addr = image.field_addr(rec, "state")
     while True:
-        _native.xchg32(state_addr, TASK_PARKED)  # set_special_state()
+        records.field_xchg(rec, "state", TASK_PARKED)  # set_special_state()
         if not rec.kflags & KTHREAD_SHOULD_PARK:
             break
         complete(_task_completion(me, "parked"))
@@ -590,7 +584,7 @@ def kthread_park(k: Task) -> int:
     if rec.flags & PF_EXITING:
         bug.warn(f"kthread_park() on exiting task {k.comm}/{k.pid}", depth=2)
         return -ENOSYS
-    old = _native.or32(_kflags_addr(k), KTHREAD_SHOULD_PARK)
+    old = records.field_or(k.rec, "kflags", KTHREAD_SHOULD_PARK)
     if old & KTHREAD_SHOULD_PARK:
         bug.warn(f"kthread_park() on {k.comm}/{k.pid}, which is already asked to park", depth=2)
         return -EBUSY
@@ -606,6 +600,6 @@ def kthread_park(k: Task) -> int:
 def kthread_unpark(k: Task) -> None:
     """Clear a pending park request and wake `k` from TASK_PARKED. Does not wait."""
     check_task(k, "k")
-    old = _native.and32(_kflags_addr(k), ~KTHREAD_SHOULD_PARK)
+    old = records.field_and(k.rec, "kflags", ~KTHREAD_SHOULD_PARK)
     if old & KTHREAD_SHOULD_PARK:
         wake_up_state(k, TASK_PARKED)

@@ -1,10 +1,9 @@
 """Execution contexts: preempt_count, IRQ and BH disabling, might_sleep (include/linux/preempt.h).
 
-Each task keeps its preempt_count and its interrupts-disabled flag in process memory
-(the hot path) and mirrors them into its task-table slot, so other processes and tools
-see them. Interrupts are masked by that flag, not by a syscall: delivery code checks it
-and replays what arrived meanwhile when interrupts are enabled again (the User-Mode
-Linux approach).
+The context word itself (preempt_count, interrupts on/off, mirrored into the task slot)
+is irqflags.py, below the locks; this module adds what checks and reports on it: the
+preempt_count underflow WARN, bottom halves, might_sleep() and "scheduling while atomic".
+Its names are the ones the rest of emu uses.
 """
 
 from __future__ import annotations
@@ -12,165 +11,79 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import Any
 
-import _emu_native as _native
+from . import bug, irqflags
+from .irqflags import (
+    HARDIRQ_MASK,
+    HARDIRQ_OFFSET,
+    NMI_MASK,
+    NMI_OFFSET,
+    PREEMPT_MASK,
+    PREEMPT_OFFSET,
+    SOFTIRQ_DISABLE_OFFSET,
+    SOFTIRQ_MASK,
+    SOFTIRQ_OFFSET,
+    IrqSaved,
+    _who,
+    attach,
+    in_atomic,
+    in_hardirq,
+    in_interrupt,
+    in_irq,
+    in_nmi,
+    in_serving_softirq,
+    in_softirq,
+    in_task,
+    irq_enable_hooks,
+    irq_enter,
+    irq_exit,
+    irqs_disabled,
+    irqs_off_raw,
+    local_irq_disable,
+    local_irq_enable,
+    local_irq_restore,
+    local_irq_save,
+    preempt_count,
+    preemptible,
+    softirq_enter,
+    this_cpu,
+)
+from .irqflags import __preempt_count_add as preempt_count_add
 
-from . import bug, checks, image
+__all__ = [
+    "HARDIRQ_MASK", "HARDIRQ_OFFSET", "NMI_MASK", "NMI_OFFSET", "PREEMPT_MASK",
+    "PREEMPT_OFFSET", "SOFTIRQ_DISABLE_OFFSET", "SOFTIRQ_MASK", "SOFTIRQ_OFFSET",
+    "IrqSaved", "attach", "bh_enable_hooks", "in_atomic", "in_hardirq", "in_interrupt",
+    "in_irq", "in_nmi", "in_serving_softirq", "in_softirq", "in_task", "irq_enable_hooks",
+    "irq_enter", "irq_exit", "irqs_disabled", "irqs_off_raw", "local_bh_disable",
+    "local_bh_enable", "local_irq_disable", "local_irq_enable", "local_irq_restore",
+    "local_irq_save", "might_sleep", "preempt_count", "preempt_count_add",
+    "preempt_count_sub", "preempt_disable", "preempt_enable", "preemptible", "reset",
+    "schedule_debug", "softirq_enter", "this_cpu",
+]
 
-PREEMPT_OFFSET = 0x1
-SOFTIRQ_OFFSET = 0x100
-SOFTIRQ_DISABLE_OFFSET = 0x200
-HARDIRQ_OFFSET = 0x10000
-NMI_OFFSET = 0x100000
-PREEMPT_MASK = 0xFF
-SOFTIRQ_MASK = 0xFF00
-HARDIRQ_MASK = 0xF0000
-NMI_MASK = 0xF00000
-
-_count = 0
-_irqs_off = False
 _last_resched_splat = 0
-_rec: Any = None  # this task's slot, where the state is mirrored
-#: Called when interrupts become enabled again (IRQ replay hooks in later layers).
-irq_enable_hooks: list[Callable[[], None]] = []
 #: Called by local_bh_enable() (pending softirqs run there).
 bh_enable_hooks: list[Callable[[], None]] = []
 
 
-def attach(rec: Any) -> None:
-    """Mirror this process's context state into task slot `rec` (None: not a task)."""
-    global _rec
-    _rec = rec
-    _mirror()
-
-
-def _mirror() -> None:
-    if _rec is not None:
-        _rec.preempt_count = _count
-        _rec.irqs_disabled = int(_irqs_off)
-
-
-def this_cpu() -> int:
-    """smp_processor_id(): the emulated CPU this task runs on."""
-    return -1 if _rec is None else int(_rec.cpu)
-
-
-def _who() -> tuple[int, str]:
-    if _rec is None:
-        return os.getpid(), "?"
-    return int(_rec.pid), _rec.comm.decode("utf-8", "replace")
-
-
-def preempt_count() -> int:
-    return _count
-
-
-def preempt_count_add(n: int) -> None:
-    global _count
-    _count += n
-    _mirror()
-
-
 def preempt_count_sub(n: int) -> None:
-    global _count
-    if _count < n:
-        bug.warn(f"preempt_count underflow: {_count:#x} - {n:#x}", depth=2)
-        n = _count
-    _count -= n
-    _mirror()
-
-
-def in_nmi() -> bool:
-    return bool(_count & NMI_MASK)
-
-
-def in_hardirq() -> bool:
-    """True inside a hard interrupt handler."""
-    return bool(_count & HARDIRQ_MASK)
-
-
-in_irq = in_hardirq
-
-
-def in_serving_softirq() -> bool:
-    return bool(_count & SOFTIRQ_OFFSET)
-
-
-def in_softirq() -> bool:
-    """Serving a softirq or with bottom halves disabled."""
-    return bool(_count & SOFTIRQ_MASK)
-
-
-def in_interrupt() -> bool:
-    """NMI, hardirq, or softirq count non-zero (also true with BH disabled)."""
-    return bool(_count & (NMI_MASK | HARDIRQ_MASK | SOFTIRQ_MASK))
-
-
-def in_task() -> bool:
-    """Not NMI, not hardirq, not serving a softirq."""
-    return not _count & (NMI_MASK | HARDIRQ_MASK | SOFTIRQ_OFFSET)
-
-
-def in_atomic() -> bool:
-    return _count != 0
-
-
-def irqs_disabled() -> bool:
-    return _irqs_off
-
-
-def preemptible() -> bool:
-    return _count == 0 and not _irqs_off
+    """Subtract `n` from preempt_count; an underflow is a WARN and stops at 0."""
+    count = irqflags._count
+    if count < n:
+        bug.warn(f"preempt_count underflow: {count:#x} - {n:#x}", depth=2)
+        n = count
+    irqflags.__preempt_count_sub(n)
 
 
 def preempt_disable() -> None:
+    """Make this task atomic until the matching preempt_enable() (nests). Any context."""
     preempt_count_add(PREEMPT_OFFSET)
 
 
 def preempt_enable() -> None:
+    """Undo one preempt_disable(); an unbalanced one is a WARN. Any context."""
     preempt_count_sub(PREEMPT_OFFSET)
-
-
-def local_irq_disable() -> None:
-    """Disable interrupts on this CPU (does not nest)."""
-    global _irqs_off
-    _irqs_off = True
-    _mirror()
-
-
-def local_irq_enable() -> None:
-    """Enable interrupts on this CPU and deliver those that arrived meanwhile."""
-    global _irqs_off
-    _irqs_off = False
-    _mirror()
-    for hook in irq_enable_hooks:
-        hook()
-
-
-def irqs_off_raw(off: bool) -> None:
-    """Set the interrupts-disabled flag without replaying anything (interrupt entry)."""
-    global _irqs_off
-    _irqs_off = off
-    _mirror()
-
-
-def local_irq_save() -> int:
-    """Disable interrupts; returns the flags to give to local_irq_restore()."""
-    flags = 0 if _irqs_off else 0x200  # X86_EFLAGS_IF
-    if not _irqs_off:
-        local_irq_disable()
-    return flags
-
-
-def local_irq_restore(flags: int) -> None:
-    """Restore the interrupt state saved by local_irq_save()."""
-    if type(flags) is not int or not 0 <= flags <= checks.ULONG_MAX:
-        checks.check_int(flags, "flags", "unsigned long")
-    if flags & 0x200:
-        local_irq_enable()
-    else:
-        local_irq_disable()
 
 
 def local_bh_disable() -> None:
@@ -185,46 +98,6 @@ def local_bh_enable() -> None:
         hook()
 
 
-IrqSaved = tuple[int, bool, int]
-
-
-def _task_state() -> int:
-    return -1 if _rec is None else int(_rec.state)
-
-
-def _enter(offset: int, irqs_off: bool) -> IrqSaved:
-    global _count, _irqs_off
-    saved = (_count, _irqs_off, _task_state())
-    _count += offset
-    _irqs_off = irqs_off
-    _mirror()
-    return saved
-
-
-def irq_enter() -> IrqSaved:
-    """Enter hardirq context (interrupts off); returns what irq_exit() restores."""
-    return _enter(HARDIRQ_OFFSET, True)
-
-
-def irq_exit(saved: IrqSaved) -> None:
-    """Leave hardirq (or softirq) context, restoring the interrupted context exactly,
-    even if the handler leaked preemption or interrupt state, or died. A task state the
-    handler set (a sleeping call it was stopped in) is undone; a wake-up of the
-    interrupted task (state now TASK_RUNNING) is kept."""
-    global _count, _irqs_off
-    _count, _irqs_off, state = saved
-    _mirror()
-    if _rec is not None and state >= 0:
-        now = int(_rec.state)
-        if now != state and now != 0:  # 0: TASK_RUNNING, a wake-up
-            _native.cmpxchg32(image.field_addr(_rec, "state"), now, state)
-
-
-def softirq_enter() -> IrqSaved:
-    """Serve softirqs: BH disabled, in_serving_softirq(), interrupts on; irq_exit() undoes it."""
-    return _enter(SOFTIRQ_OFFSET, False)
-
-
 def might_sleep(depth: int = 1) -> None:
     """__might_sleep(): report a sleeping call from atomic or IRQs-off context.
 
@@ -232,7 +105,8 @@ def might_sleep(depth: int = 1) -> None:
     Reports are rate-limited to one per second per task, like __might_resched().
     """
     global _last_resched_splat
-    if _count == 0 and not _irqs_off:
+    count, irqs_off = irqflags._count, irqflags._irqs_off
+    if count == 0 and not irqs_off:
         return
     now = time.monotonic_ns()
     if _last_resched_splat and now - _last_resched_splat < 1_000_000_000:
@@ -243,9 +117,9 @@ def might_sleep(depth: int = 1) -> None:
     bug.bug_splat(
         f"BUG: sleeping function called from invalid context at {bug._where(frame)}",
         [
-            f"in_atomic(): {int(_count != 0)}, irqs_disabled(): {int(_irqs_off)}, "
+            f"in_atomic(): {int(count != 0)}, irqs_disabled(): {int(irqs_off)}, "
             f"non_block: 0, pid: {pid}, name: {name}",
-            f"preempt_count: {_count:x}, expected: 0",
+            f"preempt_count: {count:x}, expected: 0",
         ],
         depth=depth + 1,
     )
@@ -253,11 +127,12 @@ def might_sleep(depth: int = 1) -> None:
 
 def schedule_debug() -> None:
     """__schedule_bug(): "scheduling while atomic" when a task really blocks in atomic context."""
-    if _count == 0:
+    count = irqflags._count
+    if count == 0:
         return
     pid, comm = _who()
     bug.bug_splat(
-        f"BUG: scheduling while atomic: {comm}/{pid}/0x{_count + PREEMPT_OFFSET:08x}", [],
+        f"BUG: scheduling while atomic: {comm}/{pid}/0x{count + PREEMPT_OFFSET:08x}", [],
         depth=2,
     )
     if in_interrupt():
@@ -268,14 +143,14 @@ def schedule_debug() -> None:
 
 def reset() -> None:
     """A fresh task context: preemptible, interrupts on, not attached to a slot."""
-    global _count, _irqs_off, _last_resched_splat, _rec
-    _count = 0
-    _irqs_off = False
+    global _last_resched_splat
+    irqflags.reset()
     _last_resched_splat = 0
-    _rec = None
 
 
-_after_fork_in_child = reset
+def _after_fork_in_child() -> None:
+    global _last_resched_splat
+    _last_resched_splat = 0
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

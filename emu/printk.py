@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Callable
 
-from . import checks, image, locking
+from . import checks, image, records
 
 KERN_SOH = "\x01"
 KERN_EMERG = KERN_SOH + "0"
@@ -80,7 +80,7 @@ def log_store(level: int, text: str) -> int:
     lines = text.rstrip("\n").split("\n") if text else [""]
     raw = [line.encode("utf-8", "replace") for line in lines]
     lock = image.field_addr(hdr, "log_lock")
-    locking.raw_spin_lock(lock)
+    records.raw_spin_lock(lock)
     try:
         for i, data in enumerate(raw):
             first_chunk = True
@@ -90,7 +90,7 @@ def log_store(level: int, text: str) -> int:
                 first_chunk = False
         console_level = hdr.console_loglevel
     finally:
-        locking.raw_spin_unlock(lock)
+        records.raw_spin_unlock(lock)
     if not cont and level < console_level:
         stamp = _stamp(now)
         os.write(2, "".join(f"{stamp}{line}\n" for line in lines).encode("utf-8", "replace"))
@@ -127,7 +127,7 @@ def dmesg(img: image.SharedImage | None = None) -> list[str]:
     hdr = img.img.hdr
     lock = image.field_addr(hdr, "log_lock")
     out: list[str] = []
-    locking.raw_spin_lock(lock)
+    records.raw_spin_lock(lock)
     try:
         n = hdr.log_records
         for seq in range(hdr.log_first_seq, hdr.log_next_seq):
@@ -138,7 +138,7 @@ def dmesg(img: image.SharedImage | None = None) -> list[str]:
             else:
                 out.append(_stamp(rec.ts_ns) + text)
     finally:
-        locking.raw_spin_unlock(lock)
+        records.raw_spin_unlock(lock)
     return out
 
 

@@ -56,6 +56,8 @@ def _alive(pid: int) -> bool:
 @pytest.fixture
 def kernel(request: pytest.FixtureRequest) -> Iterator[Any]:
     """A booted emu kernel, shut down and checked for reports and leftovers after the test."""
+    # Imported here, not at the top: pytest loads this plugin (an entry point) in every
+    # run in an environment where emu is installed, and that must not import emu.
     import emu
 
     boot_marker = request.node.get_closest_marker("emu_boot")
@@ -89,7 +91,7 @@ def kernel(request: pytest.FixtureRequest) -> Iterator[Any]:
         leftover = {p for p in leftover if _alive(p)}
     if leftover:
         problems.append(f"task processes left running after shutdown: {sorted(leftover)}")
-    from emu.image import own_ipc_names
+    from emu.image import own_ipc_names  # lazily, as `import emu` above
 
     shm_left = own_ipc_names(os.getpid())
     if shm_left:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import signal as _os_signal
 
-import _emu_native as _native
-
-from . import checks, image
+from . import checks, records
 from .constants import EINVAL, ESRCH, PF_EXITING, TASK_DEAD, TASK_INTERRUPTIBLE, TASK_WAKEKILL
 from .task import Task, check_task, current, wake_up_state
 
@@ -60,7 +58,7 @@ def send_sig(sig: int, task: Task, priv: int) -> int:
         accepted = rec.sigallowed | (rec.sigkernel if priv else 0)
         if not accepted & _bit(sig):
             return 0
-    _native.or64(image.field_addr(rec, "sigpending"), _as_i64(_bit(sig)))
+    records.field_or(rec, "sigpending", _as_i64(_bit(sig)))
     mask = TASK_INTERRUPTIBLE | (TASK_WAKEKILL if sig == SIGKILL else 0)
     wake_up_state(task, mask)
     return 0
@@ -70,14 +68,14 @@ def allow_signal(sig: int) -> None:
     """Let the current kthread receive `sig` (SIG_KTHREAD); it must consume it itself."""
     _check_sig(sig)
     rec = current().rec
-    _native.or64(image.field_addr(rec, "sigallowed"), _as_i64(_bit(sig)))
+    records.field_or(rec, "sigallowed", _as_i64(_bit(sig)))
 
 
 def allow_kernel_signal(sig: int) -> None:
     """Let the current kthread receive `sig` only when the kernel sends it (priv != 0)."""
     _check_sig(sig)
     rec = current().rec
-    _native.or64(image.field_addr(rec, "sigkernel"), _as_i64(_bit(sig)))
+    records.field_or(rec, "sigkernel", _as_i64(_bit(sig)))
 
 
 def disallow_signal(sig: int) -> None:
@@ -85,9 +83,9 @@ def disallow_signal(sig: int) -> None:
     _check_sig(sig)
     rec = current().rec
     keep = _as_i64(~_bit(sig) & ((1 << 64) - 1))
-    _native.and64(image.field_addr(rec, "sigallowed"), keep)
-    _native.and64(image.field_addr(rec, "sigkernel"), keep)
-    _native.and64(image.field_addr(rec, "sigpending"), keep)
+    records.field_and(rec, "sigallowed", keep)
+    records.field_and(rec, "sigkernel", keep)
+    records.field_and(rec, "sigpending", keep)
 
 
 def signal_pending(task: Task) -> bool:
@@ -120,17 +118,17 @@ def signal_pending_state(state: int, task: Task) -> bool:
 
 def flush_signals(task: Task) -> None:
     """Discard every pending signal of `task` (TIF_NOTIFY_SIGNAL stays)."""
-    _native.store64(image.field_addr(check_task(task).rec, "sigpending"), 0)
+    records.field_store(check_task(task).rec, "sigpending", 0)
 
 
 def kernel_dequeue_signal() -> int:
     """Dequeue the lowest-numbered pending signal of the current task; 0 if none."""
     rec = current().rec
-    addr = image.field_addr(rec, "sigpending")
     while True:
-        bits = _native.load64(addr) & ((1 << 64) - 1)
+        bits = records.field_load(rec, "sigpending") & ((1 << 64) - 1)
         if not bits:
             return 0
         low = bits & -bits
-        if _native.cmpxchg64(addr, _as_i64(bits), _as_i64(bits & ~low)) == _as_i64(bits):
+        old = _as_i64(bits)
+        if records.field_cmpxchg(rec, "sigpending", old, _as_i64(bits & ~low)) == old:
             return low.bit_length()

@@ -19,9 +19,10 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import bug, checks, image, locking, preempt
+from . import bug, checks, image, preempt, records
 from .callback import callback_free, callback_load, callback_store
-from .irq import ring_doorbell, softirq_pending_addr, start_irq_layer
+from .idle import start_irq_layer
+from .irqchip import irq_exit_hooks, ring_doorbell, softirq_pending_addr
 
 HI_SOFTIRQ = 0
 TASKLET_SOFTIRQ = 6
@@ -33,7 +34,7 @@ TASKLET_STATE_RUN = 0x2
 MAX_SOFTIRQ_RESTART = 10
 
 
-class Tasklet(locking._Shared):
+class Tasklet(records.Record):
     """struct tasklet_struct: `callback(tasklet)` run in softirq context after scheduling.
 
     `callback` may be any callable and `data` any object cloudpickle can carry; each
@@ -108,15 +109,16 @@ def _setup(t: Tasklet, ref: tuple[int, int], callback: Any, data: Any) -> None:
     rec.next = -1
 
 
-def _addr(t: Tasklet, field: str) -> int:
+def _live(t: Tasklet) -> Any:
+    """The record of tasklet `t`; TypeError if `t` is none, StaleObjectError once freed."""
     if type(t) is not Tasklet:
         _check_tasklet(t)
     t.addr()
-    return image.field_addr(t._rec, field)
+    return t._rec
 
 
 def _schedule(t: Tasklet, nr: int) -> None:
-    if _native.or32(_addr(t, "state"), TASKLET_STATE_SCHED) & TASKLET_STATE_SCHED:
+    if records.field_or(_live(t), "state", TASKLET_STATE_SCHED) & TASKLET_STATE_SCHED:
         return  # already scheduled and not yet started: it runs once
     cpu = max(preempt.this_cpu(), 0)
     _enqueue(cpu, nr, t.index)
@@ -135,24 +137,26 @@ def tasklet_hi_schedule(t: Tasklet) -> None:
 
 def tasklet_disable(t: Tasklet) -> None:
     """Keep `t` from running (nesting) and wait until it is not running. Sleeps."""
-    _native.add32(_addr(t, "count"), 1)
+    records.field_add(_live(t), "count", 1)
     tasklet_unlock_wait(t)
 
 
 def tasklet_disable_nosync(t: Tasklet) -> None:
-    _native.add32(_addr(t, "count"), 1)
+    """Keep `t` from running (nesting) without waiting for a running instance. Any context."""
+    records.field_add(_live(t), "count", 1)
 
 
 def tasklet_enable(t: Tasklet) -> None:
     """Undo one tasklet_disable(); a schedule that arrived meanwhile then runs."""
-    if _native.add32(_addr(t, "count"), -1) < 0:
-        _native.store32(_addr(t, "count"), 0)
+    if records.field_add(_live(t), "count", -1) < 0:
+        records.field_store(_live(t), "count", 0)
         bug.warn("tasklet_enable() without tasklet_disable()", depth=2)
     kick_pending_cpus()
 
 
 def tasklet_unlock_wait(t: Tasklet) -> None:
-    while _native.load32(_addr(t, "state")) & TASKLET_STATE_RUN:
+    """Wait until `t` is not running. Process context (polls)."""
+    while records.field_load(_live(t), "state") & TASKLET_STATE_RUN:
         _poll_softirqs()
 
 
@@ -162,7 +166,7 @@ def tasklet_kill(t: Tasklet) -> None:
     if preempt.in_interrupt():
         bug.warn("Attempt to kill tasklet from interrupt", depth=2)
     preempt.might_sleep()
-    while _native.load32(_addr(t, "state")) & (TASKLET_STATE_SCHED | TASKLET_STATE_RUN):
+    while records.field_load(_live(t), "state") & (TASKLET_STATE_SCHED | TASKLET_STATE_RUN):
         _poll_softirqs()
 
 
@@ -183,7 +187,7 @@ def _enqueue(cpu: int, nr: int, index: int) -> None:
     tasklets = image.this().img.tasklets
     which = _LIST[nr]
     addr = image.field_addr(pc, "lock")
-    locking.raw_spin_lock(addr, "tasklet list")
+    records.raw_spin_lock(addr, "tasklet list")
     try:
         tasklets[index].next = -1
         if pc.tasklet_tail[which] == -1:
@@ -192,7 +196,7 @@ def _enqueue(cpu: int, nr: int, index: int) -> None:
             tasklets[pc.tasklet_tail[which]].next = index
         pc.tasklet_tail[which] = index
     finally:
-        locking.raw_spin_unlock(addr)
+        records.raw_spin_unlock(addr)
 
 
 def _take_list(cpu: int, nr: int) -> list[int]:
@@ -201,7 +205,7 @@ def _take_list(cpu: int, nr: int) -> list[int]:
     which = _LIST[nr]
     addr = image.field_addr(pc, "lock")
     out = []
-    locking.raw_spin_lock(addr, "tasklet list")
+    records.raw_spin_lock(addr, "tasklet list")
     try:
         index = pc.tasklet_head[which]
         while index != -1:
@@ -209,7 +213,7 @@ def _take_list(cpu: int, nr: int) -> list[int]:
             index = tasklets[index].next
         pc.tasklet_head[which] = pc.tasklet_tail[which] = -1
     finally:
-        locking.raw_spin_unlock(addr)
+        records.raw_spin_unlock(addr)
     return out
 
 
@@ -252,15 +256,14 @@ def _tasklet_action(cpu: int, nr: int) -> None:
     tasklets = image.this().img.tasklets
     for index in _take_list(cpu, nr):
         rec = tasklets[index]
-        state = image.field_addr(rec, "state")
-        if rec.count or _native.or32(state, TASKLET_STATE_RUN) & TASKLET_STATE_RUN:
+        if rec.count or records.field_or(rec, "state", TASKLET_STATE_RUN) & TASKLET_STATE_RUN:
             _requeue(cpu, nr, index)  # disabled, or running on another CPU: later
             continue
         if rec.count:  # disabled between the test and taking RUN
-            _native.and32(state, ~TASKLET_STATE_RUN)
+            records.field_and(rec, "state", ~TASKLET_STATE_RUN)
             _requeue(cpu, nr, index)
             continue
-        _native.and32(state, ~TASKLET_STATE_SCHED)
+        records.field_and(rec, "state", ~TASKLET_STATE_SCHED)
         try:
             callback, _data = callback_load(rec.ref, rec.ref_generation)
             callback(Tasklet._from_index(index, rec.generation))
@@ -269,7 +272,7 @@ def _tasklet_action(cpu: int, nr: int) -> None:
         except Exception as exc:
             bug.oops(exc, f"{type(exc).__name__} in tasklet: {exc}")
         finally:
-            _native.and32(state, ~TASKLET_STATE_RUN)
+            records.field_and(rec, "state", ~TASKLET_STATE_RUN)
 
 
 def _requeue(cpu: int, nr: int, index: int) -> None:
@@ -286,3 +289,4 @@ def kick_pending_cpus() -> None:
 
 
 preempt.bh_enable_hooks.append(irq_exit_softirqs)
+irq_exit_hooks.append(irq_exit_softirqs)

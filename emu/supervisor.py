@@ -24,7 +24,7 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import bug, image
+from . import bug, image, records
 from .completion import _from_index, complete_all, remove_waiter
 from .constants import (
     PF_EXITING,
@@ -35,7 +35,7 @@ from .constants import (
     TASK_WAKEKILL,
 )
 from .errors import CapacityError
-from .irq import IRQS_ONESHOT, IRQTF_RUNTHREAD, irq_inject_interrupt
+from .irqchip import IRQS_ONESHOT, IRQTF_RUNTHREAD, irq_inject_interrupt
 from .kthread import KTHREAD_EXITED, KTHREAD_PINNED, SIG_REAP, exit_notify
 from .preempt import HARDIRQ_MASK, NMI_MASK, SOFTIRQ_OFFSET
 from .printk import log_store
@@ -201,13 +201,13 @@ class Supervisor:
             if not mine:
                 continue
             log_store(3, f'exiting task "{comm}" ({pid}) is an active IRQ thread (irq {irq})')
-            _native.and32(image.field_addr(mine[0], "thread_flags"), ~IRQTF_RUNTHREAD)
+            records.field_and(mine[0], "thread_flags", ~IRQTF_RUNTHREAD)
             others = [a for a in actions if a.thread_slot >= 0 and a.thread_slot != slot
                       and tasks[a.thread_slot].generation == a.thread_generation
                       and not tasks[a.thread_slot].flags & PF_EXITING]
             if not others:  # only the dead thread can have been running a handler
-                _native.store32(image.field_addr(desc, "threads_active"), 0)
-                _native.and32(image.field_addr(desc, "status"), ~IRQS_ONESHOT)
+                records.field_store(desc, "threads_active", 0)
+                records.field_and(desc, "status", ~IRQS_ONESHOT)
             return
 
 
@@ -337,8 +337,17 @@ class HungTaskDetector:
         if hung and self.hdr.hung_task_panic:
             panic(self.death_wfd, "hung_task: blocked tasks")
 
+    def keep_report(self, rec: Any, blocked_secs: int) -> None:
+        """Keep the report for kernel.hung_tasks, which must not depend on the log ring
+        (it wraps). The entry is filled before the count makes it visible."""
+        n = self.hdr.hung_reports_n
+        if n < image.HUNG_REPORTS_MAX:
+            entry = self.hdr.hung_reports[n]
+            entry.pid, entry.secs, entry.comm = rec.pid, blocked_secs, rec.comm
+        records.field_add(self.hdr, "hung_reports_n", 1)
+
     def report(self, rec: Any, blocked_secs: int) -> None:
-        _native.add32(image.field_addr(self.hdr, "hung_task_detect_count"), 1)
+        records.field_add(self.hdr, "hung_task_detect_count", 1)
         warnings = self.hdr.hung_task_warnings
         if not warnings:
             return
@@ -353,6 +362,7 @@ class HungTaskDetector:
             f"ppid:{rec.ppid} flags:0x{rec.flags:08x}",
         ]
         log_store(3, "\n".join(lines))
+        self.keep_report(rec, blocked_secs)
         try:
             os.kill(rec.pid, SIG_SHOW_STACK)  # the task prints its own "Call Trace:"
         except ProcessLookupError:

@@ -23,7 +23,7 @@ import posix_ipc
 
 import _emu_native as _native
 
-from . import checks, image, locking, preempt
+from . import checks, image, preempt, records
 from .constants import (
     EXIT_DEAD,
     EXIT_ZOMBIE,
@@ -170,7 +170,7 @@ def alloc_slot(name: str, flags: int, cpu: int, state: int) -> Task:
     img = image.this()
     hdr = img.img.hdr
     lock = image.field_addr(hdr, "task_lock")
-    locking.raw_spin_lock(lock)
+    records.raw_spin_lock(lock)
     try:
         for i in range(hdr.max_tasks):
             rec = img.img.tasks[i]
@@ -187,7 +187,7 @@ def alloc_slot(name: str, flags: int, cpu: int, state: int) -> Task:
         rec.generation = gen
         rec.in_use = 1
     finally:
-        locking.raw_spin_unlock(lock)
+        records.raw_spin_unlock(lock)
     _drain(img.sems[i])
     rec.flags = flags
     rec.cpu = cpu
@@ -290,6 +290,7 @@ def __set_current_state(state: int) -> None:
 
 
 def current_state() -> int:
+    """The current task's state (TASK_*). Any context."""
     return _native.load32(_state_addr)
 
 

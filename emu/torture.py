@@ -40,6 +40,17 @@ import posix_ipc
 
 from . import image
 from . import irq as _irq
+from .atomic import (
+    Atomic,
+    Atomic64,
+    atomic64_add,
+    atomic64_read,
+    atomic64_set,
+    atomic_dec,
+    atomic_inc_return,
+    atomic_read,
+    atomic_set,
+)
 from .completion import (
     Completion,
     complete,
@@ -68,22 +79,6 @@ from .kthread import (
     kthread_unpark,
     real_cpu,
 )
-from .locking import (
-    Atomic,
-    Atomic64,
-    Spinlock,
-    atomic64_add,
-    atomic64_read,
-    atomic64_set,
-    atomic_dec,
-    atomic_inc_return,
-    atomic_read,
-    atomic_set,
-    spin_lock,
-    spin_lock_irqsave,
-    spin_unlock,
-    spin_unlock_irqrestore,
-)
 from .printk import pr_err
 from .sched import (
     jiffies_to_msecs,
@@ -93,6 +88,13 @@ from .sched import (
 )
 from .signal import allow_signal, flush_signals, send_sig
 from .softirq import Tasklet, tasklet_kill, tasklet_schedule
+from .spinlock import (
+    Spinlock,
+    spin_lock,
+    spin_lock_irqsave,
+    spin_unlock,
+    spin_unlock_irqrestore,
+)
 from .task import Task, current, task_state_to_char
 
 TYPES = ("completion", "kthread", "irq")

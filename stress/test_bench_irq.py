@@ -527,7 +527,7 @@ def profile_inject(n: int = 2000) -> None:
     tasks and the busy kthread) stamps the signal's arrival: the latency splits into the
     injector's part, the kernel's signal delivery and emu's dispatch to the IRQ handler.
     """
-    from emu import irq as irq_mod
+    from emu import irqchip as irq_mod
 
     real = bl.real_cpus()
     cpu_map = real[:2] if len(real) > 1 else [real[0], real[0]]

@@ -44,7 +44,7 @@ from emu import image
 from emu.callback import callback_load
 from emu.heap import heap_used
 from emu.image import own_ipc_names
-from emu.irq import ACTION_LIVE, _views
+from emu.irqchip import ACTION_LIVE, _views
 
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 S64_MIN, S64_MAX = -(2**63), 2**63 - 1

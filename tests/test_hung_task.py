@@ -83,6 +83,23 @@ def test_blocked_task_is_reported_in_the_kernel_format(kernel):
     assert "wait_for_completion" in trace and "in fn" in trace, "the task's own Python stack"
 
 
+@pytest.mark.emu_boot(hung_task_timeout_secs=1, log_records=16)
+@pytest.mark.emu_expect(hung_tasks=1)
+def test_hung_task_reports_outlive_the_log_ring(kernel):
+    """kernel.hung_tasks is kept in the image, not read back from the log, which wraps."""
+    c = emu.Completion()
+    t = emu.kthread_run(lambda c: emu.wait_for_completion(c) or 5, c, "wrapped")
+    wait_state(t, "D", T)
+    wait_until(lambda: kernel.hung_tasks, T, "the hung-task report")
+    emu.complete(c)
+    assert stop_after_exit(t, T) == 5
+    for i in range(40):  # more than the ring holds
+        emu.pr_info("filler %d", i)
+    assert not any("INFO: task" in line for line in kernel.dmesg()), "the ring wrapped"
+    (comm, pid, secs), = kernel.hung_tasks
+    assert (comm, pid) == ("wrapped", t.pid) and secs >= 1
+
+
 @pytest.mark.emu_boot(hung_task_timeout_secs=1)
 @pytest.mark.emu_expect(hung_tasks=1)
 def test_killable_idle_interruptible_and_parked_tasks_are_never_reported(kernel):

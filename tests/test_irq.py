@@ -20,7 +20,8 @@ import pytest
 
 import emu
 from emu import image
-from emu.irq import SIG_IRQ, irq_task
+from emu.irq import irq_task
+from emu.irqchip import SIG_IRQ
 
 from util import start_lock_holder, stop_after_exit, wait_state, wait_until
 
@@ -959,7 +960,7 @@ def test_a_failing_takeover_report_does_not_leave_the_line_in_progress(kernel):
     """If reporting the takeover raises, the interrupt is lost but the line is not wedged."""
     import signal
 
-    from emu import locking
+    from emu import bug
     from emu.image import field_addr
 
     class ReportFailed(Exception):
@@ -979,7 +980,7 @@ def test_a_failing_takeover_report_does_not_leave_the_line_in_progress(kernel):
         with pytest.raises(ReportFailed, match="irq descriptor"):
             emu.irq_inject_interrupt(IRQ)
     finally:
-        core.set_dead_owner_hook(locking.report_dead_owner)
+        core.set_dead_owner_hook(bug.report_dead_owner)
     assert emu.kthread_stop(t) == 0
     emu.irq_inject_interrupt(IRQ)
     assert read(count) == 1, "the line stayed in progress after the failed report"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import emu
-from emu import irq, kthread, preempt
+from emu import irqchip, kthread, preempt
 
 from util import wait_until
 
@@ -110,7 +110,7 @@ class Hold:
         """The doorbell signal was delivered to the held kthread and its Python handler
         ran (the hold loop went on afterwards)."""
         pid = read(self.pid)
-        wait_until(lambda: not sig_pending(pid, irq.SIG_IRQ), T, "doorbell delivery")
+        wait_until(lambda: not sig_pending(pid, irqchip.SIG_IRQ), T, "doorbell delivery")
         s = read(self.spins)
         wait_until(lambda: read(self.spins) >= s + 2, T, "the held kthread to go on")
 
@@ -236,7 +236,7 @@ def raise_while_irqs_off(t, spins, count, before):
     """Raise the line at `t`, which has interrupts off: it takes the doorbell and leaves
     the interrupt pending."""
     emu.irq_inject_interrupt(IRQ)
-    wait_until(lambda: not sig_pending(t.pid, irq.SIG_IRQ), T, "doorbell delivery")
+    wait_until(lambda: not sig_pending(t.pid, irqchip.SIG_IRQ), T, "doorbell delivery")
     s = read(spins)
     wait_until(lambda: read(spins) >= s + 2, T, "the task to spin on")
     assert read(count) == before, "held while interrupts are off"

@@ -140,7 +140,7 @@ def test_normal_shutdown_is_not_a_death(capfd):
 @pytest.mark.emu_boot(cpus=2)
 @pytest.mark.emu_expect(oopses=1)
 def test_killing_an_idle_task_panics_the_kernel(kernel):
-    from emu.irq import start_irq_layer
+    from emu.idle import start_irq_layer
 
     start_irq_layer()  # the idle tasks
     idle = kernel._img.img.tasks[kernel._img.img.percpu[0].idle_slot]
