@@ -1,0 +1,158 @@
+/*
+ * emu.h: what the files of _emu_native (emu's compiled part) share: time and futex
+ * helpers, the argument checks, the owner-aware lock, the WaitCore record that IrqCore
+ * borrows, and each file's contribution to the module.
+ *
+ * Every function takes an absolute memory address (a Python int, computed by the caller
+ * from ctypes.addressof into the shared mmap) or works over the image whose layout
+ * emu/image.py passes in. The module has no global state.
+ */
+#ifndef EMU_NATIVE_H
+#define EMU_NATIVE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <sched.h>
+#include <semaphore.h>
+#include <linux/futex.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define NSEC_PER_SEC 1000000000LL
+/* Longest single futex sleep in lock(): the dead-owner check runs at least this often. */
+#define LOCK_SLEEP_NS 20000000LL
+
+/* A module function's docstring with its signature, and its method table entry. */
+#define DOC(name, sig, text) PyDoc_STRVAR(name##_doc, #name sig "\n--\n\n" text)
+#define METH(name) {#name, emu_##name, METH_VARARGS, name##_doc}
+
+/* --- time and futex ------------------------------------------------------ */
+
+static inline void
+cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__) || defined(__arm__)
+    __asm__ __volatile__("yield" ::: "memory");
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
+static inline long long
+monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * NSEC_PER_SEC + ts.tv_nsec;
+}
+
+static inline void
+ns_to_timespec(long long ns, struct timespec *ts)
+{
+    ts->tv_sec = (time_t)(ns / NSEC_PER_SEC);
+    ts->tv_nsec = (long)(ns % NSEC_PER_SEC);
+}
+
+/* Shared (not FUTEX_PRIVATE_FLAG) futex: waiters and wakers are different processes. */
+static inline long
+sys_futex_wait(uint32_t *uaddr, uint32_t val, const struct timespec *rel)
+{
+    return syscall(SYS_futex, uaddr, FUTEX_WAIT, val, rel, NULL, 0);
+}
+
+static inline long
+sys_futex_wake(uint32_t *uaddr, int n)
+{
+    return syscall(SYS_futex, uaddr, FUTEX_WAKE, n, NULL, NULL, 0);
+}
+
+/* --- module.c: argument checks and process helpers ------------------------ */
+
+void *check_addr(Py_ssize_t addr, size_t align, const char *argname);
+int check_pid(int pid, const char *argname);
+int pid_dead(int pid);
+/* A METH_FASTCALL method called with `nargs` arguments takes `want`. */
+int fc_nargs(Py_ssize_t nargs, Py_ssize_t want, const char *fname);
+int add_type(PyObject *module, const char *name, PyType_Spec *spec);
+
+/* --- lock.c: the owner-aware lock { int32 owner pid (0 = free); int32 waiters } --- */
+
+static inline int
+lock_try(int32_t *lockw, int pid)
+{
+    int32_t expected = 0;
+
+    return __atomic_compare_exchange_n(lockw, &expected, (int32_t)pid, 0, __ATOMIC_SEQ_CST,
+                                       __ATOMIC_SEQ_CST);
+}
+
+/* After releasing the lock word: wake one sleeper if anyone is waiting. */
+static inline void
+wake_one_if_waiters(int32_t *lockw)
+{
+    uint32_t *waiters = (uint32_t *)(lockw + 1);
+
+    if ((int32_t)__atomic_load_n(waiters, __ATOMIC_SEQ_CST) > 0)
+        sys_futex_wake((uint32_t *)lockw, 1);
+}
+
+extern PyMethodDef emu_atomic_methods[];
+extern PyMethodDef emu_lock_methods[];
+
+/* --- waitcore.c ------------------------------------------------------------ */
+
+#define TASK_RUNNING 0x0000
+#define TASK_INTERRUPTIBLE 0x0001
+#define TASK_UNINTERRUPTIBLE 0x0002
+#define TASK_WAKEKILL 0x0100
+#define TASK_NORMAL (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE)
+#define SIGKILL_BIT (1LL << (SIGKILL - 1))
+#define WC_SPINS 200
+#define ERESTARTSYS 512
+
+typedef struct {
+    PyObject_HEAD
+    char *tasks;
+    Py_ssize_t task_size, ntasks;
+    Py_ssize_t t_state, t_wq_next, t_wq_on, t_sigpending, t_notify, t_nvcsw;
+    Py_ssize_t t_preempt, t_irqs_off;  /* this process mirrors its context there */
+    Py_ssize_t t_recent_cpu;
+    char *comps;
+    Py_ssize_t comp_size, ncomps;
+    Py_ssize_t c_lock, c_done, c_head, c_tail, c_gen;
+    sem_t **sems;
+    Py_ssize_t *woken;  /* scratch list for complete_all(): one entry per task slot */
+    int pid;
+    int dead_owner;  /* pid of a lock holder found dead (wc_lock), reported on release */
+    const char *dead_what;  /* what that lock protects */
+    Py_ssize_t current;  /* this process's task slot, -1 while it is not a task */
+    long long jiffy_ns, forever_ns;  /* 0 until set_timebase() */
+    PyObject *dead_owner_hook;  /* hook(what, pid): a lock taken over from a dead holder */
+} WaitCore;
+
+#define T_FIELD(wc, slot, off, type) ((type *)((wc)->tasks + (slot) * (wc)->task_size + (off)))
+#define C_FIELD(wc, idx, off, type) ((type *)((wc)->comps + (idx) * (wc)->comp_size + (off)))
+
+int WaitCore_init(WaitCore *wc, PyObject *args, PyObject *kwds);
+void wc_lock(WaitCore *wc, int32_t *lockw, const char *what);
+void wc_unlock(int32_t *lockw);
+int wc_report_dead_owner(WaitCore *wc);
+extern PyType_Spec WaitCore_spec;
+
+/* --- irqcore.c ------------------------------------------------------------- */
+
+extern PyType_Spec IrqCore_spec;
+int emu_irqcore_exec(PyObject *module);
+
+#endif /* EMU_NATIVE_H */

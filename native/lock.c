@@ -1,0 +1,246 @@
+/*
+ * lock.c: the owner-aware lock { int32 owner pid (0 = free); int32 waiters } and raw
+ * futex wait/wake.
+ *
+ * In C because it sleeps on a shared futex, which Python cannot call, and must notice
+ * a dead owner (a task killed while holding it) and take the lock over.
+ */
+
+#include "emu.h"
+
+/* ------------------------------------------------------------------------- */
+/* owner-aware lock: { int32 owner; int32 waiters; }                          */
+/* ------------------------------------------------------------------------- */
+
+static PyObject *
+emu_lock(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr, spins, i;
+    int pid;
+    long long timeout_ns, start, now, last_check, sleep_ns;
+    int32_t *lockw, *waiters, cur;
+    struct timespec ts;
+    long r;
+    int err, check_dead;
+
+    if (!PyArg_ParseTuple(args, "ninL:lock", &addr, &pid, &spins, &timeout_ns))
+        return NULL;
+    if (!(lockw = check_addr(addr, 4, "addr")))
+        return NULL;
+    if (check_pid(pid, "pid") < 0)
+        return NULL;
+    waiters = lockw + 1;
+
+    /* Spin (holding the GIL: this is meant to be brief). */
+    for (i = 0;; i++) {
+        if (__atomic_load_n(lockw, __ATOMIC_RELAXED) == 0 && lock_try(lockw, pid))
+            return PyLong_FromLong(0);
+        if (i >= spins)
+            break;
+        cpu_relax();
+    }
+
+    /* Sleep on the owner word, at most LOCK_SLEEP_NS at a time. */
+    start = last_check = monotonic_ns();
+    for (;;) {
+        cur = __atomic_load_n(lockw, __ATOMIC_SEQ_CST);
+        if (cur == 0) {
+            if (lock_try(lockw, pid))
+                return PyLong_FromLong(0);
+            continue;
+        }
+
+        now = monotonic_ns();
+        check_dead = now - last_check >= LOCK_SLEEP_NS;
+        if (timeout_ns >= 0 && now - start >= timeout_ns)
+            check_dead = 1;  /* last chance before reporting the timeout */
+        if (check_dead) {
+            last_check = now;
+            if (pid_dead(cur)) {
+                int32_t expected = cur;
+
+                if (__atomic_compare_exchange_n(lockw, &expected, (int32_t)pid, 0,
+                                                __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+                    return PyLong_FromLong(cur);
+                continue;  /* someone else took it over or it changed hands */
+            }
+        }
+        if (timeout_ns >= 0 && now - start >= timeout_ns)
+            return PyLong_FromLong(-1);
+
+        sleep_ns = LOCK_SLEEP_NS;
+        if (timeout_ns >= 0 && timeout_ns - (now - start) < sleep_ns)
+            sleep_ns = timeout_ns - (now - start);
+        ns_to_timespec(sleep_ns, &ts);
+
+        __atomic_add_fetch(waiters, 1, __ATOMIC_SEQ_CST);
+        Py_BEGIN_ALLOW_THREADS
+        r = sys_futex_wait((uint32_t *)lockw, (uint32_t)cur, &ts);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        __atomic_sub_fetch(waiters, 1, __ATOMIC_SEQ_CST);
+
+        if (r == -1 && err == ETIMEDOUT)
+            last_check = 0;  /* a full sleep passed: check the owner now */
+        /* After every sleep, not only on EINTR: a signal that arrived while we held
+         * the GIL between two sleeps only set CPython's flag. */
+        if (PyErr_CheckSignals() < 0)
+            return NULL;
+    }
+}
+
+static PyObject *
+emu_trylock(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    int pid;
+    int32_t *lockw;
+
+    if (!PyArg_ParseTuple(args, "ni:trylock", &addr, &pid))
+        return NULL;
+    if (!(lockw = check_addr(addr, 4, "addr")))
+        return NULL;
+    if (check_pid(pid, "pid") < 0)
+        return NULL;
+    return PyBool_FromLong(lock_try(lockw, pid));
+}
+
+static PyObject *
+emu_unlock(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    int pid;
+    int32_t *lockw, expected;
+
+    if (!PyArg_ParseTuple(args, "ni:unlock", &addr, &pid))
+        return NULL;
+    if (!(lockw = check_addr(addr, 4, "addr")))
+        return NULL;
+    if (check_pid(pid, "pid") < 0)
+        return NULL;
+    expected = pid;
+    /* Seq-cst release of the owner word, then a seq-cst read of waiters: pairs with
+     * the sleeper's seq-cst waiters increment before FUTEX_WAIT, so no wakeup is lost. */
+    if (!__atomic_compare_exchange_n(lockw, &expected, 0, 0, __ATOMIC_SEQ_CST,
+                                     __ATOMIC_SEQ_CST))
+        Py_RETURN_FALSE;
+    wake_one_if_waiters(lockw);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+emu_lock_owner(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    int32_t *lockw;
+
+    if (!PyArg_ParseTuple(args, "n:lock_owner", &addr))
+        return NULL;
+    if (!(lockw = check_addr(addr, 4, "addr")))
+        return NULL;
+    return PyLong_FromLong(__atomic_load_n(lockw, __ATOMIC_SEQ_CST));
+}
+
+static PyObject *
+emu_force_unlock(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    int expected_owner;
+    int32_t *lockw, expected;
+
+    if (!PyArg_ParseTuple(args, "ni:force_unlock", &addr, &expected_owner))
+        return NULL;
+    if (!(lockw = check_addr(addr, 4, "addr")))
+        return NULL;
+    expected = expected_owner;
+    if (!__atomic_compare_exchange_n(lockw, &expected, 0, 0, __ATOMIC_SEQ_CST,
+                                     __ATOMIC_SEQ_CST))
+        Py_RETURN_FALSE;
+    wake_one_if_waiters(lockw);
+    Py_RETURN_TRUE;
+}
+
+/* ------------------------------------------------------------------------- */
+/* raw futex                                                                 */
+/* ------------------------------------------------------------------------- */
+
+static PyObject *
+emu_futex_wait(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    unsigned long long expected;
+    long long timeout_ns;
+    uint32_t *p;
+    struct timespec ts, *tsp = NULL;
+    long r;
+    int err;
+
+    if (!PyArg_ParseTuple(args, "nKL:futex_wait", &addr, &expected, &timeout_ns))
+        return NULL;
+    if (!(p = check_addr(addr, 4, "addr")))
+        return NULL;
+    if (timeout_ns >= 0) {
+        ns_to_timespec(timeout_ns, &ts);
+        tsp = &ts;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    r = sys_futex_wait(p, (uint32_t)expected, tsp);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    if (r == -1) {
+        /* A Python signal handler that raised takes precedence over -EINTR. */
+        if (err == EINTR && PyErr_CheckSignals() < 0)
+            return NULL;
+        return PyLong_FromLong(-err);
+    }
+    return PyLong_FromLong(0);
+}
+
+static PyObject *
+emu_futex_wake(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr;
+    int n;
+    uint32_t *p;
+    long r;
+
+    if (!PyArg_ParseTuple(args, "ni:futex_wake", &addr, &n))
+        return NULL;
+    if (!(p = check_addr(addr, 4, "addr")))
+        return NULL;
+    if (n < 0) {
+        PyErr_Format(PyExc_ValueError, "n must be >= 0, got %d", n);
+        return NULL;
+    }
+    r = sys_futex_wake(p, n);
+    if (r == -1)
+        return PyLong_FromLong(-errno);
+    return PyLong_FromLong(r);
+}
+
+DOC(lock, "(addr, pid, spins, timeout_ns, /)",
+    "Acquire the owner-aware lock at addr for pid; return 0 if acquired, the dead "
+    "owner's pid if taken over from a dead owner, -1 on timeout (timeout_ns < 0 = never).");
+DOC(trylock, "(addr, pid, /)", "Take the lock at addr for pid if it is free; return True if taken.");
+DOC(unlock, "(addr, pid, /)",
+    "Release the lock at addr held by pid and wake one sleeper; return False "
+    "(changing nothing) if pid is not the owner.");
+DOC(lock_owner, "(addr, /)", "Return the pid holding the lock at addr (0 = free).");
+DOC(force_unlock, "(addr, expected_owner, /)",
+    "Release the lock at addr iff expected_owner holds it, waking one sleeper; "
+    "return True if released.");
+DOC(futex_wait, "(addr, expected, timeout_ns, /)",
+    "FUTEX_WAIT (shared) on addr while it holds expected; return 0 if woken, else "
+    "-errno (-EAGAIN, -ETIMEDOUT, -EINTR); timeout_ns < 0 = forever.");
+DOC(futex_wake, "(addr, n, /)", "FUTEX_WAKE (shared) up to n waiters on addr; return the number woken.");
+
+PyMethodDef emu_lock_methods[] = {
+    METH(lock),
+    METH(trylock),
+    METH(unlock),
+    METH(lock_owner),
+    METH(force_unlock),
+    METH(futex_wait),
+    METH(futex_wake),
+    {NULL, NULL, 0, NULL},
+};
