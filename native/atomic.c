@@ -7,220 +7,84 @@
 
 #include "emu.h"
 
-/* ------------------------------------------------------------------------- */
-/* 32-bit atomics                                                            */
-/* ------------------------------------------------------------------------- */
+/*
+ * Each family is one macro instantiated for both widths: BITS, the unsigned word type
+ * U, the signed type S the result is returned as, and its PyLong constructor. Values
+ * are parsed as unsigned long long ("K", no range check) and wrap to the word size.
+ */
 
-static PyObject *
-emu_load32(PyObject *self, PyObject *args)
-{
-    Py_ssize_t addr;
-    uint32_t *p;
+#define ATOMIC_LOAD(BITS, U, S, FROM)                                                   \
+    static PyObject *emu_load##BITS(PyObject *self, PyObject *args)                      \
+    {                                                                                    \
+        Py_ssize_t addr;                                                                 \
+        U *p;                                                                            \
+                                                                                         \
+        if (!PyArg_ParseTuple(args, "n:load" #BITS, &addr))                              \
+            return NULL;                                                                 \
+        if (!(p = check_addr(addr, sizeof(U), "addr")))                                  \
+            return NULL;                                                                 \
+        return FROM((S)__atomic_load_n(p, __ATOMIC_SEQ_CST));                            \
+    }
 
-    if (!PyArg_ParseTuple(args, "n:load32", &addr))
-        return NULL;
-    if (!(p = check_addr(addr, 4, "addr")))
-        return NULL;
-    return PyLong_FromLong((int32_t)__atomic_load_n(p, __ATOMIC_SEQ_CST));
-}
+#define ATOMIC_STORE(BITS, U, S, FROM)                                                  \
+    static PyObject *emu_store##BITS(PyObject *self, PyObject *args)                     \
+    {                                                                                    \
+        Py_ssize_t addr;                                                                 \
+        unsigned long long v;                                                            \
+        U *p;                                                                            \
+                                                                                         \
+        if (!PyArg_ParseTuple(args, "nK:store" #BITS, &addr, &v))                        \
+            return NULL;                                                                 \
+        if (!(p = check_addr(addr, sizeof(U), "addr")))                                  \
+            return NULL;                                                                 \
+        __atomic_store_n(p, (U)v, __ATOMIC_SEQ_CST);                                     \
+        Py_RETURN_NONE;                                                                  \
+    }
 
-static PyObject *
-emu_store32(PyObject *self, PyObject *args)
-{
-    Py_ssize_t addr;
-    unsigned long long v;
-    uint32_t *p;
+/* A read-modify-write `name` = `op`(p, v): add (the new value), xchg, or, and (the old). */
+#define ATOMIC_RMW(name, op, BITS, U, S, FROM)                                          \
+    static PyObject *emu_##name##BITS(PyObject *self, PyObject *args)                    \
+    {                                                                                    \
+        Py_ssize_t addr;                                                                 \
+        unsigned long long v;                                                            \
+        U *p;                                                                            \
+                                                                                         \
+        if (!PyArg_ParseTuple(args, "nK:" #name #BITS, &addr, &v))                       \
+            return NULL;                                                                 \
+        if (!(p = check_addr(addr, sizeof(U), "addr")))                                  \
+            return NULL;                                                                 \
+        return FROM((S)op(p, (U)v, __ATOMIC_SEQ_CST));                                   \
+    }
 
-    if (!PyArg_ParseTuple(args, "nK:store32", &addr, &v))
-        return NULL;
-    if (!(p = check_addr(addr, 4, "addr")))
-        return NULL;
-    __atomic_store_n(p, (uint32_t)v, __ATOMIC_SEQ_CST);
-    Py_RETURN_NONE;
-}
+/* On failure `expected` is updated to the current value; either way it is what was there. */
+#define ATOMIC_CMPXCHG(BITS, U, S, FROM)                                                \
+    static PyObject *emu_cmpxchg##BITS(PyObject *self, PyObject *args)                   \
+    {                                                                                    \
+        Py_ssize_t addr;                                                                 \
+        unsigned long long oldv, newv;                                                   \
+        U *p, expected;                                                                  \
+                                                                                         \
+        if (!PyArg_ParseTuple(args, "nKK:cmpxchg" #BITS, &addr, &oldv, &newv))           \
+            return NULL;                                                                 \
+        if (!(p = check_addr(addr, sizeof(U), "addr")))                                  \
+            return NULL;                                                                 \
+        expected = (U)oldv;                                                              \
+        __atomic_compare_exchange_n(p, &expected, (U)newv, 0, __ATOMIC_SEQ_CST,          \
+                                    __ATOMIC_SEQ_CST);                                   \
+        return FROM((S)expected);                                                        \
+    }
 
-static PyObject *
-emu_add32(PyObject *self, PyObject *args)
-{
-    Py_ssize_t addr;
-    unsigned long long v;
-    uint32_t *p;
+#define ATOMICS(BITS, U, S, FROM)                                                       \
+    ATOMIC_LOAD(BITS, U, S, FROM)                                                       \
+    ATOMIC_STORE(BITS, U, S, FROM)                                                      \
+    ATOMIC_RMW(add, __atomic_add_fetch, BITS, U, S, FROM)                               \
+    ATOMIC_RMW(xchg, __atomic_exchange_n, BITS, U, S, FROM)                             \
+    ATOMIC_RMW(or, __atomic_fetch_or, BITS, U, S, FROM)                                 \
+    ATOMIC_RMW(and, __atomic_fetch_and, BITS, U, S, FROM)                               \
+    ATOMIC_CMPXCHG(BITS, U, S, FROM)
 
-    if (!PyArg_ParseTuple(args, "nK:add32", &addr, &v))
-        return NULL;
-    if (!(p = check_addr(addr, 4, "addr")))
-        return NULL;
-    return PyLong_FromLong((int32_t)__atomic_add_fetch(p, (uint32_t)v, __ATOMIC_SEQ_CST));
-}
-
-static PyObject *
-emu_xchg32(PyObject *self, PyObject *args)
-{
-    Py_ssize_t addr;
-    unsigned long long v;
-    uint32_t *p;
-
-    if (!PyArg_ParseTuple(args, "nK:xchg32", &addr, &v))
-        return NULL;
-    if (!(p = check_addr(addr, 4, "addr")))
-        return NULL;
-    return PyLong_FromLong((int32_t)__atomic_exchange_n(p, (uint32_t)v, __ATOMIC_SEQ_CST));
-}
-
-static PyObject *
-emu_cmpxchg32(PyObject *self, PyObject *args)
-{
-    Py_ssize_t addr;
-    unsigned long long oldv, newv;
-    uint32_t *p, expected;
-
-    if (!PyArg_ParseTuple(args, "nKK:cmpxchg32", &addr, &oldv, &newv))
-        return NULL;
-    if (!(p = check_addr(addr, 4, "addr")))
-        return NULL;
-    expected = (uint32_t)oldv;
-    /* On failure `expected` is updated to the current value; either way it is what
-     * was there. */
-    __atomic_compare_exchange_n(p, &expected, (uint32_t)newv, 0, __ATOMIC_SEQ_CST,
-                                __ATOMIC_SEQ_CST);
-    return PyLong_FromLong((int32_t)expected);
-}
-
-static PyObject *
-emu_or32(PyObject *self, PyObject *args)
-{
-    Py_ssize_t addr;
-    unsigned long long v;
-    uint32_t *p;
-
-    if (!PyArg_ParseTuple(args, "nK:or32", &addr, &v))
-        return NULL;
-    if (!(p = check_addr(addr, 4, "addr")))
-        return NULL;
-    return PyLong_FromLong((int32_t)__atomic_fetch_or(p, (uint32_t)v, __ATOMIC_SEQ_CST));
-}
-
-static PyObject *
-emu_and32(PyObject *self, PyObject *args)
-{
-    Py_ssize_t addr;
-    unsigned long long v;
-    uint32_t *p;
-
-    if (!PyArg_ParseTuple(args, "nK:and32", &addr, &v))
-        return NULL;
-    if (!(p = check_addr(addr, 4, "addr")))
-        return NULL;
-    return PyLong_FromLong((int32_t)__atomic_fetch_and(p, (uint32_t)v, __ATOMIC_SEQ_CST));
-}
-
-/* ------------------------------------------------------------------------- */
-/* 64-bit atomics                                                            */
-/* ------------------------------------------------------------------------- */
-
-static PyObject *
-emu_load64(PyObject *self, PyObject *args)
-{
-    Py_ssize_t addr;
-    uint64_t *p;
-
-    if (!PyArg_ParseTuple(args, "n:load64", &addr))
-        return NULL;
-    if (!(p = check_addr(addr, 8, "addr")))
-        return NULL;
-    return PyLong_FromLongLong((int64_t)__atomic_load_n(p, __ATOMIC_SEQ_CST));
-}
-
-static PyObject *
-emu_store64(PyObject *self, PyObject *args)
-{
-    Py_ssize_t addr;
-    unsigned long long v;
-    uint64_t *p;
-
-    if (!PyArg_ParseTuple(args, "nK:store64", &addr, &v))
-        return NULL;
-    if (!(p = check_addr(addr, 8, "addr")))
-        return NULL;
-    __atomic_store_n(p, (uint64_t)v, __ATOMIC_SEQ_CST);
-    Py_RETURN_NONE;
-}
-
-static PyObject *
-emu_add64(PyObject *self, PyObject *args)
-{
-    Py_ssize_t addr;
-    unsigned long long v;
-    uint64_t *p;
-
-    if (!PyArg_ParseTuple(args, "nK:add64", &addr, &v))
-        return NULL;
-    if (!(p = check_addr(addr, 8, "addr")))
-        return NULL;
-    return PyLong_FromLongLong(
-        (int64_t)__atomic_add_fetch(p, (uint64_t)v, __ATOMIC_SEQ_CST));
-}
-
-static PyObject *
-emu_xchg64(PyObject *self, PyObject *args)
-{
-    Py_ssize_t addr;
-    unsigned long long v;
-    uint64_t *p;
-
-    if (!PyArg_ParseTuple(args, "nK:xchg64", &addr, &v))
-        return NULL;
-    if (!(p = check_addr(addr, 8, "addr")))
-        return NULL;
-    return PyLong_FromLongLong(
-        (int64_t)__atomic_exchange_n(p, (uint64_t)v, __ATOMIC_SEQ_CST));
-}
-
-static PyObject *
-emu_cmpxchg64(PyObject *self, PyObject *args)
-{
-    Py_ssize_t addr;
-    unsigned long long oldv, newv;
-    uint64_t *p, expected;
-
-    if (!PyArg_ParseTuple(args, "nKK:cmpxchg64", &addr, &oldv, &newv))
-        return NULL;
-    if (!(p = check_addr(addr, 8, "addr")))
-        return NULL;
-    expected = (uint64_t)oldv;
-    __atomic_compare_exchange_n(p, &expected, (uint64_t)newv, 0, __ATOMIC_SEQ_CST,
-                                __ATOMIC_SEQ_CST);
-    return PyLong_FromLongLong((int64_t)expected);
-}
-
-static PyObject *
-emu_or64(PyObject *self, PyObject *args)
-{
-    Py_ssize_t addr;
-    unsigned long long v;
-    uint64_t *p;
-
-    if (!PyArg_ParseTuple(args, "nK:or64", &addr, &v))
-        return NULL;
-    if (!(p = check_addr(addr, 8, "addr")))
-        return NULL;
-    return PyLong_FromLongLong((int64_t)__atomic_fetch_or(p, (uint64_t)v, __ATOMIC_SEQ_CST));
-}
-
-static PyObject *
-emu_and64(PyObject *self, PyObject *args)
-{
-    Py_ssize_t addr;
-    unsigned long long v;
-    uint64_t *p;
-
-    if (!PyArg_ParseTuple(args, "nK:and64", &addr, &v))
-        return NULL;
-    if (!(p = check_addr(addr, 8, "addr")))
-        return NULL;
-    return PyLong_FromLongLong(
-        (int64_t)__atomic_fetch_and(p, (uint64_t)v, __ATOMIC_SEQ_CST));
-}
+ATOMICS(32, uint32_t, int32_t, PyLong_FromLong)
+ATOMICS(64, uint64_t, int64_t, PyLong_FromLongLong)
 
 DOC(load32, "(addr, /)", "Atomically load the int32 at addr; return it (signed).");
 DOC(store32, "(addr, v, /)", "Atomically store v (wrapped to 32 bits) at addr; return None.");

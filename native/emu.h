@@ -107,6 +107,14 @@ wake_one_if_waiters(int32_t *lockw)
         sys_futex_wake((uint32_t *)lockw, 1);
 }
 
+/* lock_slowpath() results besides 0 (taken) and a dead owner's pid (taken over). */
+#define LOCK_TIMEDOUT (-1)
+#define LOCK_ERROR (-2)
+
+int lock_slowpath(int32_t *lockw, int pid, Py_ssize_t spins, long long timeout_ns,
+                  int py_signals);
+void raw_unlock(int32_t *lockw);
+
 extern PyMethodDef emu_atomic_methods[];
 extern PyMethodDef emu_lock_methods[];
 
@@ -146,7 +154,6 @@ typedef struct {
 
 int WaitCore_init(WaitCore *wc, PyObject *args, PyObject *kwds);
 void wc_lock(WaitCore *wc, int32_t *lockw, const char *what);
-void wc_unlock(int32_t *lockw);
 int wc_report_dead_owner(WaitCore *wc);
 extern PyType_Spec WaitCore_spec;
 

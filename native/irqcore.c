@@ -252,7 +252,7 @@ ic_clear_inprogress(IrqCore *ic, Py_ssize_t irq)
     wc_lock(ic->wc, lockw, "irq descriptor");
     __atomic_fetch_and(D_FIELD(ic, irq, ic->d_status, int32_t), ~IRQS_INPROGRESS,
                        __ATOMIC_SEQ_CST);
-    wc_unlock(lockw);
+    raw_unlock(lockw);
 }
 
 /*
@@ -332,7 +332,7 @@ IrqCore_claim(IrqCore *ic, PyObject *const *args, Py_ssize_t nargs)
         D_FIELD(ic, irq, ic->d_kstat, int64_t)[cpu]++;
         run = 1;
     }
-    wc_unlock(lockw);
+    raw_unlock(lockw);
     if (!run) {
         if (wc_report_dead_owner(ic->wc) < 0)
             return NULL;
@@ -355,7 +355,7 @@ IrqCore_actions(IrqCore *ic, PyObject *arg)
     lockw = D_FIELD(ic, irq, ic->d_lock, int32_t);
     wc_lock(ic->wc, lockw, "irq descriptor");
     n = ic_live_actions(ic, irq, live);
-    wc_unlock(lockw);
+    raw_unlock(lockw);
     return ic_live_tuple(ic, irq, live, n);
 }
 
@@ -400,7 +400,7 @@ IrqCore_end(IrqCore *ic, PyObject *const *args, Py_ssize_t nargs)
     else {
         __atomic_fetch_and(status, ~IRQS_INPROGRESS, __ATOMIC_SEQ_CST);
     }
-    wc_unlock(lockw);
+    raw_unlock(lockw);
     if (wc_report_dead_owner(ic->wc) < 0) {
         if (result & IRQ_END_REPLAY)
             ic_clear_inprogress(ic, irq);  /* the caller will not run it again */

@@ -12,41 +12,44 @@
 /* owner-aware lock: { int32 owner; int32 waiters; }                          */
 /* ------------------------------------------------------------------------- */
 
-static PyObject *
-emu_lock(PyObject *self, PyObject *args)
+/*
+ * The one slow path of the owner-aware lock: spin `spins` times, then sleep on the
+ * owner word's futex, at most LOCK_SLEEP_NS at a time, checking at least that often
+ * whether the owner died and taking the lock over if it did. The callers differ only
+ * in the parameters:
+ *   - timeout_ns: give up after this long (< 0: never);
+ *   - py_signals: release the GIL while asleep and run Python signal handlers after
+ *     every sleep (the Python-facing lock(), where emu's interrupts must get in);
+ *     WaitCore/IrqCore (raw_spin_lock under their hot path) keep the GIL and run none;
+ *   - the dead owner is returned: the caller records or reports it.
+ * Returns 0 when taken, the dead owner's pid when taken over from it, LOCK_TIMEDOUT
+ * on time-out, LOCK_ERROR with a Python exception if a signal handler raised.
+ */
+int
+lock_slowpath(int32_t *lockw, int pid, Py_ssize_t spins, long long timeout_ns, int py_signals)
 {
-    Py_ssize_t addr, spins, i;
-    int pid;
-    long long timeout_ns, start, now, last_check, sleep_ns;
-    int32_t *lockw, *waiters, cur;
+    int32_t *waiters = lockw + 1, cur;
+    long long start, now, last_check, sleep_ns;
     struct timespec ts;
+    Py_ssize_t i;
     long r;
     int err, check_dead;
-
-    if (!PyArg_ParseTuple(args, "ninL:lock", &addr, &pid, &spins, &timeout_ns))
-        return NULL;
-    if (!(lockw = check_addr(addr, 4, "addr")))
-        return NULL;
-    if (check_pid(pid, "pid") < 0)
-        return NULL;
-    waiters = lockw + 1;
 
     /* Spin (holding the GIL: this is meant to be brief). */
     for (i = 0;; i++) {
         if (__atomic_load_n(lockw, __ATOMIC_RELAXED) == 0 && lock_try(lockw, pid))
-            return PyLong_FromLong(0);
+            return 0;
         if (i >= spins)
             break;
         cpu_relax();
     }
 
-    /* Sleep on the owner word, at most LOCK_SLEEP_NS at a time. */
     start = last_check = monotonic_ns();
     for (;;) {
         cur = __atomic_load_n(lockw, __ATOMIC_SEQ_CST);
         if (cur == 0) {
             if (lock_try(lockw, pid))
-                return PyLong_FromLong(0);
+                return 0;
             continue;
         }
 
@@ -61,12 +64,12 @@ emu_lock(PyObject *self, PyObject *args)
 
                 if (__atomic_compare_exchange_n(lockw, &expected, (int32_t)pid, 0,
                                                 __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
-                    return PyLong_FromLong(cur);
+                    return cur;
                 continue;  /* someone else took it over or it changed hands */
             }
         }
         if (timeout_ns >= 0 && now - start >= timeout_ns)
-            return PyLong_FromLong(-1);
+            return LOCK_TIMEDOUT;
 
         sleep_ns = LOCK_SLEEP_NS;
         if (timeout_ns >= 0 && timeout_ns - (now - start) < sleep_ns)
@@ -74,19 +77,53 @@ emu_lock(PyObject *self, PyObject *args)
         ns_to_timespec(sleep_ns, &ts);
 
         __atomic_add_fetch(waiters, 1, __ATOMIC_SEQ_CST);
-        Py_BEGIN_ALLOW_THREADS
-        r = sys_futex_wait((uint32_t *)lockw, (uint32_t)cur, &ts);
-        err = errno;
-        Py_END_ALLOW_THREADS
+        if (py_signals) {
+            Py_BEGIN_ALLOW_THREADS
+            r = sys_futex_wait((uint32_t *)lockw, (uint32_t)cur, &ts);
+            err = errno;
+            Py_END_ALLOW_THREADS
+        }
+        else {
+            r = sys_futex_wait((uint32_t *)lockw, (uint32_t)cur, &ts);
+            err = errno;
+        }
         __atomic_sub_fetch(waiters, 1, __ATOMIC_SEQ_CST);
 
         if (r == -1 && err == ETIMEDOUT)
             last_check = 0;  /* a full sleep passed: check the owner now */
         /* After every sleep, not only on EINTR: a signal that arrived while we held
          * the GIL between two sleeps only set CPython's flag. */
-        if (PyErr_CheckSignals() < 0)
-            return NULL;
+        if (py_signals && PyErr_CheckSignals() < 0)
+            return LOCK_ERROR;
     }
+}
+
+/* Release a lock the caller holds and wake one sleeper. */
+void
+raw_unlock(int32_t *lockw)
+{
+    __atomic_store_n(lockw, 0, __ATOMIC_SEQ_CST);
+    wake_one_if_waiters(lockw);
+}
+
+static PyObject *
+emu_lock(PyObject *self, PyObject *args)
+{
+    Py_ssize_t addr, spins;
+    int pid, r;
+    long long timeout_ns;
+    int32_t *lockw;
+
+    if (!PyArg_ParseTuple(args, "ninL:lock", &addr, &pid, &spins, &timeout_ns))
+        return NULL;
+    if (!(lockw = check_addr(addr, 4, "addr")))
+        return NULL;
+    if (check_pid(pid, "pid") < 0)
+        return NULL;
+    r = lock_slowpath(lockw, pid, spins, timeout_ns, 1);
+    if (r == LOCK_ERROR)
+        return NULL;
+    return PyLong_FromLong(r);
 }
 
 static PyObject *

@@ -94,50 +94,18 @@ wc_report_dead_owner(WaitCore *wc)
     return r == NULL ? -1 : 0;
 }
 
-/* raw_spin_lock: spin, then sleep on the futex; take the lock over from a dead owner
- * (remembered with `what` the lock protects, for wc_report_dead_owner()). */
+/* raw_spin_lock: lock_slowpath() without Python; a lock taken over from a dead owner is
+ * remembered with `what` it protects, for wc_report_dead_owner(). */
 void
 wc_lock(WaitCore *wc, int32_t *lockw, const char *what)
 {
-    int32_t *waiters = lockw + 1, cur;
-    struct timespec ts;
-    long r;
-    int i;
+    int dead;
 
-    for (i = 0; i < WC_SPINS; i++) {
-        if (__atomic_load_n(lockw, __ATOMIC_RELAXED) == 0 && lock_try(lockw, wc->pid))
-            return;
-        cpu_relax();
+    dead = lock_slowpath(lockw, wc->pid, WC_SPINS, -1, 0);
+    if (dead > 0) {
+        wc->dead_owner = dead;
+        wc->dead_what = what;
     }
-    for (;;) {
-        cur = __atomic_load_n(lockw, __ATOMIC_SEQ_CST);
-        if (cur == 0) {
-            if (lock_try(lockw, wc->pid))
-                return;
-            continue;
-        }
-        ns_to_timespec(LOCK_SLEEP_NS, &ts);
-        __atomic_add_fetch(waiters, 1, __ATOMIC_SEQ_CST);
-        r = sys_futex_wait((uint32_t *)lockw, (uint32_t)cur, &ts);
-        __atomic_sub_fetch(waiters, 1, __ATOMIC_SEQ_CST);
-        if (r == -1 && errno == ETIMEDOUT && pid_dead(cur)) {
-            int32_t expected = cur;
-
-            if (__atomic_compare_exchange_n(lockw, &expected, (int32_t)wc->pid, 0,
-                                            __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
-                wc->dead_owner = cur;
-                wc->dead_what = what;
-                return;
-            }
-        }
-    }
-}
-
-void
-wc_unlock(int32_t *lockw)
-{
-    __atomic_store_n(lockw, 0, __ATOMIC_SEQ_CST);
-    wake_one_if_waiters(lockw);
 }
 
 /*
@@ -400,7 +368,7 @@ WaitCore_complete(WaitCore *wc, PyObject *const *args, Py_ssize_t nargs)
             woken[n++] = slot;
         result = (int)n;
     }
-    wc_unlock(lockw);
+    raw_unlock(lockw);
     wc_post_woken(wc, woken, n);
     if (wc_report_dead_owner(wc) < 0)
         return NULL;
@@ -436,7 +404,7 @@ wc_wait(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot, long long timeout_ns, int
             if (*wq_on != qid)
                 wc_enqueue_tail(wc, idx, slot);
             __atomic_store_n(st, state, __ATOMIC_SEQ_CST);
-            wc_unlock(lockw);
+            raw_unlock(lockw);
             r = wc_sleep(wc, slot, deadline);
             wc_lock(wc, lockw, "completion");
             if (r < 0 || *done)
@@ -450,7 +418,7 @@ wc_wait(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot, long long timeout_ns, int
             wc_remove(wc, idx, slot);
         __atomic_store_n(st, TASK_RUNNING, __ATOMIC_SEQ_CST);
         if (r < 0 || !*done) {
-            wc_unlock(lockw);
+            raw_unlock(lockw);
             return r < 0 ? -1 : 0;
         }
         *result = deadline < 0 ? 0 : deadline - monotonic_ns();
@@ -459,7 +427,7 @@ wc_wait(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot, long long timeout_ns, int
     }
     if (*done != UINT32_MAX)
         (*done)--;
-    wc_unlock(lockw);
+    raw_unlock(lockw);
     return 0;
 }
 
@@ -567,7 +535,7 @@ WaitCore_try_wait(WaitCore *wc, PyObject *const *args, Py_ssize_t nargs)
         if (*done != UINT32_MAX)
             (*done)--;
     }
-    wc_unlock(lockw);
+    raw_unlock(lockw);
     if (wc_report_dead_owner(wc) < 0)
         return NULL;
     return PyBool_FromLong(ok);
@@ -595,7 +563,7 @@ WaitCore_reset(WaitCore *wc, PyObject *const *args, Py_ssize_t nargs)
     else {
         queued = *C_FIELD(wc, idx, wc->c_head, int32_t) != -1;
     }
-    wc_unlock(lockw);
+    raw_unlock(lockw);
     if (wc_report_dead_owner(wc) < 0)
         return NULL;
     return PyLong_FromLong(queued);
@@ -614,7 +582,7 @@ WaitCore_remove_waiter(WaitCore *wc, PyObject *args)
     lockw = C_FIELD(wc, idx, wc->c_lock, int32_t);
     wc_lock(wc, lockw, "completion");
     removed = wc_remove(wc, idx, slot);
-    wc_unlock(lockw);
+    raw_unlock(lockw);
     if (wc_report_dead_owner(wc) < 0)
         return NULL;
     return PyBool_FromLong(removed);
