@@ -84,6 +84,25 @@ int check_pid(int pid, const char *argname);
 int pid_dead(int pid);
 /* A METH_FASTCALL method called with `nargs` arguments takes `want`. */
 int fc_nargs(Py_ssize_t nargs, Py_ssize_t want, const char *fname);
+/* The image layout by field name (module.c's comment on layout_table() tells the format). */
+typedef struct {
+    char *base;  /* NULL for records nested in another record */
+    Py_ssize_t size, count;  /* record size, number of records */
+} LayoutTable;
+
+typedef struct {
+    const char *name;  /* the field's name in emu/image.py */
+    Py_ssize_t *offset;  /* out */
+    Py_ssize_t size;  /* its size in bytes: exact, or the least for an array */
+    int array;
+} LayoutField;
+
+#define FIELD(name, offset, type) {name, offset, sizeof(type), 0}
+#define ARRAY_FIELD(name, offset, size) {name, offset, size, 1}
+#define END_FIELDS {NULL, NULL, 0, 0}
+
+int layout_table(PyObject *layout, const char *owner, const char *table, LayoutTable *t,
+                 const LayoutField *fields);
 int add_type(PyObject *module, const char *name, PyType_Spec *spec);
 
 /* --- lock.c: the owner-aware lock { int32 owner pid (0 = free); int32 waiters } --- */
@@ -106,6 +125,11 @@ wake_one_if_waiters(int32_t *lockw)
     if ((int32_t)__atomic_load_n(waiters, __ATOMIC_SEQ_CST) > 0)
         sys_futex_wake((uint32_t *)lockw, 1);
 }
+
+/* The lock as emu/image.py's LockWord lays it out. */
+typedef struct {
+    int32_t owner, waiters;
+} lock_word_t;
 
 /* lock_slowpath() results besides 0 (taken) and a dead owner's pid (taken over). */
 #define LOCK_TIMEDOUT (-1)

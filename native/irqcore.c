@@ -426,21 +426,68 @@ IrqCore_abort(IrqCore *ic, PyObject *arg)
 static int
 IrqCore_init(IrqCore *ic, PyObject *args, PyObject *kwds)
 {
-    PyObject *wc;
-    Py_ssize_t descs, percpu, task_high, i;
+    const LayoutField task_fields[] = {
+        FIELD("in_use", &ic->t_in_use, int32_t),
+        FIELD("cpu", &ic->t_cpu, int32_t),
+        FIELD("pid", &ic->t_pid, int32_t),
+        END_FIELDS,
+    };
+    const LayoutField action_fields[] = {
+        FIELD("in_use", &ic->a_in_use, int32_t),
+        FIELD("ref", &ic->a_ref, int32_t),
+        FIELD("ref_generation", &ic->a_ref_gen, int32_t),
+        END_FIELDS,
+    };
+    const LayoutField percpu_fields[] = {
+        FIELD("irq_pending", &ic->p_irq_pending, uint64_t),
+        FIELD("idle_slot", &ic->p_idle_slot, int32_t),
+        END_FIELDS,
+    };
+    Py_ssize_t task_high;
+    const LayoutField header_fields[] = {
+        FIELD("task_high", &task_high, int32_t),
+        END_FIELDS,
+    };
+    static char *kwlist[] = {"waitcore", "layout", "signo", NULL};
+    PyObject *wc, *layout;
+    LayoutTable tasks, actions, percpu, descs, header;
+    Py_ssize_t i;
 
     if (ic->wc != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "IrqCore is already initialised");
         return -1;
     }
-    if (!PyArg_ParseTuple(args, "Onnn(nnnnnnnn)nnnnnnnn(nn)(nnn)ni:IrqCore", &wc, &descs,
-                          &ic->desc_size, &ic->nr_irqs, &ic->d_lock, &ic->d_depth,
-                          &ic->d_status, &ic->d_affinity, &ic->d_kstat, &ic->d_actions,
-                          &ic->d_count, &ic->d_unhandled, &ic->action_size, &ic->nr_actions,
-                          &ic->a_in_use, &ic->a_ref, &ic->a_ref_gen, &percpu, &ic->percpu_size,
-                          &ic->ncpus, &ic->p_irq_pending, &ic->p_idle_slot, &ic->t_in_use,
-                          &ic->t_cpu, &ic->t_pid, &task_high, &ic->signo))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOi:IrqCore", kwlist, &wc, &layout,
+                                     &ic->signo))
         return -1;
+    if (layout_table(layout, "IrqCore", "tasks", &tasks, task_fields) < 0 ||
+        layout_table(layout, "IrqCore", "actions", &actions, action_fields) < 0 ||
+        layout_table(layout, "IrqCore", "percpu", &percpu, percpu_fields) < 0 ||
+        layout_table(layout, "IrqCore", "header", &header, header_fields) < 0)
+        return -1;
+    {
+        /* The descriptor holds the per-CPU counts and the action records. */
+        const LayoutField desc_fields[] = {
+            FIELD("lock", &ic->d_lock, lock_word_t),
+            FIELD("depth", &ic->d_depth, int32_t),
+            FIELD("status", &ic->d_status, int32_t),
+            FIELD("affinity", &ic->d_affinity, int32_t),
+            ARRAY_FIELD("kstat", &ic->d_kstat, percpu.count * (Py_ssize_t)sizeof(int64_t)),
+            ARRAY_FIELD("actions", &ic->d_actions, actions.count * actions.size),
+            FIELD("irq_count", &ic->d_count, int32_t),
+            FIELD("irqs_unhandled", &ic->d_unhandled, int32_t),
+            END_FIELDS,
+        };
+
+        if (layout_table(layout, "IrqCore", "irqs", &descs, desc_fields) < 0)
+            return -1;
+    }
+    ic->desc_size = descs.size;
+    ic->nr_irqs = descs.count;
+    ic->action_size = actions.size;
+    ic->nr_actions = actions.count;
+    ic->percpu_size = percpu.size;
+    ic->ncpus = percpu.count;
     if (PyType_GetSlot(Py_TYPE(wc), Py_tp_init) != (void *)WaitCore_init ||
         ((WaitCore *)wc)->sems == NULL) {
         PyErr_SetString(PyExc_TypeError, "IrqCore needs an initialised WaitCore");
@@ -451,9 +498,10 @@ IrqCore_init(IrqCore *ic, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "IrqCore: bad nr_irqs, nr_actions or ncpus");
         return -1;
     }
-    if (!check_addr(descs, 8, "descs") || !check_addr(percpu, 8, "percpu") ||
-        !check_addr(task_high, 4, "task_high"))
+    if (descs.base == NULL || percpu.base == NULL || header.base == NULL) {
+        PyErr_SetString(PyExc_ValueError, "IrqCore layout: irqs, percpu and header need an addr");
         return -1;
+    }
     ic->last_target = PyMem_Calloc((size_t)ic->ncpus, sizeof(Py_ssize_t));
     if (ic->last_target == NULL) {
         PyErr_NoMemory();
@@ -463,9 +511,9 @@ IrqCore_init(IrqCore *ic, PyObject *args, PyObject *kwds)
         ic->last_target[i] = -1;
     Py_INCREF(wc);
     ic->wc = (WaitCore *)wc;
-    ic->descs = (char *)descs;
-    ic->percpu = (char *)percpu;
-    ic->task_high = (int32_t *)task_high;
+    ic->descs = descs.base;
+    ic->percpu = percpu.base;
+    ic->task_high = (int32_t *)(header.base + task_high);
     return 0;
 }
 
@@ -504,11 +552,9 @@ static PyMethodDef IrqCore_methods[] = {
 };
 
 static PyType_Slot IrqCore_slots[] = {
-    {Py_tp_doc, "IrqCore(waitcore, descs, desc_size, nr_irqs, (lock, depth, status, affinity, "
-                "kstat, actions, irq_count, irqs_unhandled), action_size, nr_actions, "
-                "action_in_use, action_ref, action_ref_generation, percpu, percpu_size, ncpus, "
-                "(irq_pending, idle_slot), (task in_use, cpu, pid), task_high_addr, signo): "
-                "interrupt controller and flow-handler bookkeeping over the shared image"},
+    {Py_tp_doc, "IrqCore(waitcore, layout, signo): interrupt controller and flow-handler "
+                "bookkeeping over the shared image; layout = {'irqs', 'actions', 'percpu', "
+                "'tasks', 'header': table} as WaitCore's (image.SharedImage.irq_layout())"},
     {Py_tp_init, IrqCore_init},
     {Py_tp_dealloc, IrqCore_dealloc},
     {Py_tp_methods, IrqCore_methods},

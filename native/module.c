@@ -46,6 +46,109 @@ fc_nargs(Py_ssize_t nargs, Py_ssize_t want, const char *fname)
 }
 
 /*
+ * The image layout, checked once when a core is built. emu/image.py describes each
+ * table as {"addr": int, "size": record size, "count": records, "fields": {name:
+ * (offset, size)}} (every field of the record, by its ctypes name), so that C names
+ * each field it reads and order does not matter. A table without "addr" (records
+ * nested in another record) has base NULL.
+ */
+static PyObject *
+layout_item(PyObject *dict, const char *key, const char *owner, const char *what)
+{
+    PyObject *v;
+
+    if (!PyDict_Check(dict)) {
+        PyErr_Format(PyExc_TypeError, "%s layout: %s must be a dict, not %.100s", owner, what,
+                     Py_TYPE(dict)->tp_name);
+        return NULL;
+    }
+    v = PyDict_GetItemString(dict, key);  /* borrowed */
+    if (v == NULL && !PyErr_Occurred())
+        PyErr_Format(PyExc_ValueError, "%s layout: %s has no '%s'", owner, what, key);
+    return v;
+}
+
+static int
+layout_ssize(PyObject *dict, const char *key, const char *owner, const char *what,
+             Py_ssize_t *out)
+{
+    PyObject *v = layout_item(dict, key, owner, what);
+
+    if (v == NULL)
+        return -1;
+    *out = PyLong_AsSsize_t(v);
+    if (*out == -1 && PyErr_Occurred())
+        return -1;
+    if (*out < 0) {
+        PyErr_Format(PyExc_ValueError, "%s layout: %s '%s' is negative", owner, what, key);
+        return -1;
+    }
+    return 0;
+}
+
+/* One field: offset (out) and size (in: exact, or at least this for an array). */
+static int
+layout_field(PyObject *fields, const LayoutTable *t, const char *owner, const char *table,
+             const LayoutField *f)
+{
+    PyObject *v = PyDict_GetItemString(fields, f->name);
+    Py_ssize_t off, size;
+
+    if (v == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "%s layout: %s record has no field '%s'", owner,
+                         table, f->name);
+        return -1;
+    }
+    if (!PyArg_ParseTuple(v, "nn;layout field must be (offset, size)", &off, &size))
+        return -1;
+    if (f->array ? size < f->size : size != f->size) {
+        PyErr_Format(PyExc_ValueError, "%s layout: %s field '%s' is %zd bytes, not %s%zd",
+                     owner, table, f->name, size, f->array ? "at least " : "", f->size);
+        return -1;
+    }
+    if (off < 0 || off + size > t->size || (!f->array && off % (size < 8 ? size : 8))) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s layout: %s field '%s' at offset %zd (%zd bytes) is misaligned or "
+                     "outside its %zd-byte record", owner, table, f->name, off, size, t->size);
+        return -1;
+    }
+    *f->offset = off;
+    return 0;
+}
+
+int
+layout_table(PyObject *layout, const char *owner, const char *table, LayoutTable *t,
+             const LayoutField *fields)
+{
+    PyObject *spec, *names, *addr;
+    Py_ssize_t base;
+
+    if ((spec = layout_item(layout, table, owner, "the layout")) == NULL)
+        return -1;
+    if (layout_ssize(spec, "size", owner, table, &t->size) < 0 ||
+        layout_ssize(spec, "count", owner, table, &t->count) < 0)
+        return -1;
+    t->base = NULL;
+    addr = PyDict_Check(spec) ? PyDict_GetItemString(spec, "addr") : NULL;
+    if (addr != NULL) {
+        base = PyLong_AsSsize_t(addr);
+        if ((base == -1 && PyErr_Occurred()) || !(t->base = check_addr(base, 8, table)))
+            return -1;
+    }
+    if ((names = layout_item(spec, "fields", owner, table)) == NULL)
+        return -1;
+    if (!PyDict_Check(names)) {
+        PyErr_Format(PyExc_TypeError, "%s layout: %s fields must be a dict", owner, table);
+        return -1;
+    }
+    for (; fields->name != NULL; fields++)
+        if (layout_field(names, t, owner, table, fields) < 0)
+            return -1;
+    return 0;
+}
+
+/*
  * A process is dead when kill(pid, 0) fails with ESRCH, or when it exists only as a
  * zombie / dying task (state 'Z' or 'X' in /proc/<pid>/stat). Non-positive pids are
  * never considered dead (they name process groups, not processes).

@@ -641,23 +641,50 @@ WaitCore_set_dead_owner_hook(WaitCore *wc, PyObject *hook)
 int
 WaitCore_init(WaitCore *wc, PyObject *args, PyObject *kwds)
 {
-    Py_ssize_t tasks, comps;
+    const LayoutField task_fields[] = {
+        FIELD("state", &wc->t_state, int32_t),
+        FIELD("wq_next", &wc->t_wq_next, int32_t),
+        FIELD("wq_on", &wc->t_wq_on, int32_t),
+        FIELD("sigpending", &wc->t_sigpending, int64_t),
+        FIELD("notify_signal", &wc->t_notify, int32_t),
+        FIELD("nvcsw", &wc->t_nvcsw, int64_t),
+        FIELD("preempt_count", &wc->t_preempt, int32_t),
+        FIELD("irqs_disabled", &wc->t_irqs_off, int32_t),
+        FIELD("recent_cpu", &wc->t_recent_cpu, int32_t),
+        END_FIELDS,
+    };
+    const LayoutField comp_fields[] = {
+        FIELD("lock", &wc->c_lock, lock_word_t),
+        FIELD("done", &wc->c_done, uint32_t),
+        FIELD("head", &wc->c_head, int32_t),
+        FIELD("tail", &wc->c_tail, int32_t),
+        FIELD("generation", &wc->c_gen, int32_t),
+        END_FIELDS,
+    };
+    static char *kwlist[] = {"layout", "pid", NULL};
+    PyObject *layout;
+    LayoutTable tasks, comps;
 
     if (wc->sems != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "WaitCore is already initialised");
         return -1;
     }
-    if (!PyArg_ParseTuple(args, "nnn(nnnnnnnnn)nnn(nnnnn)i:WaitCore", &tasks, &wc->task_size,
-                          &wc->ntasks, &wc->t_state, &wc->t_wq_next, &wc->t_wq_on,
-                          &wc->t_sigpending, &wc->t_notify, &wc->t_nvcsw, &wc->t_preempt,
-                          &wc->t_irqs_off, &wc->t_recent_cpu, &comps, &wc->comp_size, &wc->ncomps, &wc->c_lock,
-                          &wc->c_done, &wc->c_head, &wc->c_tail, &wc->c_gen, &wc->pid))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Oi:WaitCore", kwlist, &layout, &wc->pid))
         return -1;
+    if (layout_table(layout, "WaitCore", "tasks", &tasks, task_fields) < 0 ||
+        layout_table(layout, "WaitCore", "completions", &comps, comp_fields) < 0)
+        return -1;
+    if (tasks.base == NULL || comps.base == NULL) {
+        PyErr_SetString(PyExc_ValueError, "WaitCore layout: tasks and completions need an addr");
+        return -1;
+    }
     wc->current = -1;
-    if (!check_addr(tasks, 8, "tasks") || !check_addr(comps, 8, "completions"))
-        return -1;
-    wc->tasks = (char *)tasks;
-    wc->comps = (char *)comps;
+    wc->tasks = tasks.base;
+    wc->task_size = tasks.size;
+    wc->ntasks = tasks.count;
+    wc->comps = comps.base;
+    wc->comp_size = comps.size;
+    wc->ncomps = comps.count;
     wc->sems = PyMem_Calloc((size_t)wc->ntasks, sizeof(sem_t *));
     wc->woken = PyMem_Calloc((size_t)wc->ntasks, sizeof(Py_ssize_t));
     if (wc->sems == NULL || wc->woken == NULL) {
@@ -745,10 +772,10 @@ static PyMethodDef WaitCore_methods[] = {
 };
 
 static PyType_Slot WaitCore_slots[] = {
-    {Py_tp_doc, "WaitCore(tasks, task_size, ntasks, (state, wq_next, wq_on, sigpending, "
-                "notify, nvcsw, preempt_count, irqs_disabled, recent_cpu), completions, comp_size, ncomps, "
-                "(lock, done, head, tail, generation), pid): sleep/wake and completion queues "
-                "over the shared image"},
+    {Py_tp_doc, "WaitCore(layout, pid): sleep/wake and completion queues over the shared "
+                "image; layout = {'tasks': table, 'completions': table}, each table "
+                "{'addr', 'size', 'count', 'fields': {name: (offset, size)}} "
+                "(image.SharedImage.core_layout())"},
     {Py_tp_init, WaitCore_init},
     {Py_tp_dealloc, WaitCore_dealloc},
     {Py_tp_methods, WaitCore_methods},

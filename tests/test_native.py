@@ -791,3 +791,65 @@ def test_pid_is_dead(children, pipe):
     assert os.kill(pid, 0) is None  # still there, unreaped
     assert children.reap(pid) == 0
     assert _native.pid_is_dead(pid) is True  # gone: ESRCH
+
+
+# --------------------------------------------------------------------------- image layout
+
+
+def _reversed_record(rtype):
+    """rtype with its fields in the opposite order: the same names, other offsets."""
+    return type(f"Reversed{rtype.__name__}", (ctypes.Structure,),
+                {"_fields_": list(reversed(rtype._fields_))})
+
+
+@contextlib.contextmanager
+def _waitcore_layout(task_type, comp_type):
+    """A WaitCore layout over 2 task slots and 2 completions of the given record types."""
+    from emu.image import record_table
+
+    tasks, comps = (task_type * 2)(), (comp_type * 2)()
+    yield {"tasks": record_table(tasks), "completions": record_table(comps)}, tasks, comps
+
+
+def test_waitcore_layout_names_its_missing_field():
+    from emu.image import CompletionRec, TaskSlot
+
+    with _waitcore_layout(TaskSlot, CompletionRec) as (layout, _, _):
+        del layout["tasks"]["fields"]["wq_next"]
+        with pytest.raises(ValueError, match="tasks record has no field 'wq_next'"):
+            _native.WaitCore(layout, os.getpid())
+    with _waitcore_layout(TaskSlot, CompletionRec) as (layout, _, _):
+        del layout["completions"]
+        with pytest.raises(ValueError, match="WaitCore layout: the layout has no 'completions'"):
+            _native.WaitCore(layout, os.getpid())
+
+
+def test_waitcore_layout_checks_field_size_and_bounds():
+    from emu.image import CompletionRec, TaskSlot
+
+    with _waitcore_layout(TaskSlot, CompletionRec) as (layout, _, _):
+        fields = layout["completions"]["fields"]
+        fields["done"] = (fields["done"][0], 8)
+        with pytest.raises(ValueError, match="completions field 'done' is 8 bytes, not 4"):
+            _native.WaitCore(layout, os.getpid())
+        fields["done"] = (layout["completions"]["size"], 4)
+        with pytest.raises(ValueError, match="field 'done' at offset .* outside its"):
+            _native.WaitCore(layout, os.getpid())
+
+
+def test_waitcore_follows_reordered_records():
+    """Records whose fields are in another order work alike: C finds every field by name."""
+    from emu.image import CompletionRec, TaskSlot
+
+    with _waitcore_layout(_reversed_record(TaskSlot), _reversed_record(CompletionRec)) as (
+            layout, tasks, comps):
+        core = _native.WaitCore(layout, os.getpid())
+        comps[1].generation = 5
+        comps[1].head = comps[1].tail = -1
+        assert core.complete(1, 5, False) == 0
+        assert comps[1].done == 1
+        assert core.try_wait(1, 5) is True
+        assert core.try_wait(1, 5) is False
+        assert core.try_wait(1, 4) is None  # a stale handle
+        tasks[1].state = 1  # TASK_INTERRUPTIBLE
+        assert core.wake(1, 2) == 0 and tasks[1].state == 1
