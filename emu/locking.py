@@ -20,7 +20,7 @@ from . import bug, checks, image, preempt
 from .errors import StaleObjectError
 
 #: Busy-wait iterations before sleeping on the futex (the "spin briefly" part).
-SPINS = 200
+SPINS = _native.LOCK_SPINS
 
 _pid = os.getpid()
 _recovered: list[tuple[str, int]] = []

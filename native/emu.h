@@ -126,6 +126,9 @@ wake_one_if_waiters(int32_t *lockw)
         sys_futex_wake((uint32_t *)lockw, 1);
 }
 
+/* Tries before the lock slow path sleeps (lock(), emu/locking.py, WaitCore, IrqCore). */
+#define LOCK_SPINS 200
+
 /* The lock as emu/image.py's LockWord lays it out. */
 typedef struct {
     int32_t owner, waiters;
@@ -144,13 +147,15 @@ extern PyMethodDef emu_lock_methods[];
 
 /* --- waitcore.c ------------------------------------------------------------ */
 
+/* The kernel numbers the C logic uses; exported to emu/constants.py, which defines none
+ * of them itself. */
+
 #define TASK_RUNNING 0x0000
 #define TASK_INTERRUPTIBLE 0x0001
 #define TASK_UNINTERRUPTIBLE 0x0002
 #define TASK_WAKEKILL 0x0100
 #define TASK_NORMAL (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE)
 #define SIGKILL_BIT (1LL << (SIGKILL - 1))
-#define WC_SPINS 200
 #define ERESTARTSYS 512
 
 typedef struct {
@@ -180,6 +185,7 @@ int WaitCore_init(WaitCore *wc, PyObject *args, PyObject *kwds);
 void wc_lock(WaitCore *wc, int32_t *lockw, const char *what);
 int wc_report_dead_owner(WaitCore *wc);
 extern PyType_Spec WaitCore_spec;
+int emu_waitcore_exec(PyObject *module);
 
 /* --- irqcore.c ------------------------------------------------------------- */
 

@@ -101,7 +101,7 @@ wc_lock(WaitCore *wc, int32_t *lockw, const char *what)
 {
     int dead;
 
-    dead = lock_slowpath(lockw, wc->pid, WC_SPINS, -1, 0);
+    dead = lock_slowpath(lockw, wc->pid, LOCK_SPINS, -1, 0);
     if (dead > 0) {
         wc->dead_owner = dead;
         wc->dead_what = what;
@@ -431,6 +431,23 @@ wc_wait(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot, long long timeout_ns, int
     return 0;
 }
 
+/* A timeout of `timeout` jiffies (>= 0) in ns; -1 (no timer) if it reaches forever_ns
+ * (set_timebase()): it would outlive the machine. */
+static long long
+wc_timeout_ns(WaitCore *wc, long long timeout)
+{
+    if (timeout < (wc->forever_ns + wc->jiffy_ns - 1) / wc->jiffy_ns)
+        return timeout * wc->jiffy_ns;
+    return -1;
+}
+
+/* `ns` (> 0) in jiffies, rounded up: the jiffies left of a timeout. */
+static long long
+wc_ns_to_jiffies(WaitCore *wc, long long ns)
+{
+    return (ns + wc->jiffy_ns - 1) / wc->jiffy_ns;
+}
+
 /*
  * __wait_for_common() as the API returns it: the jiffies left (at least 1) when
  * completed, `timeout` itself when done at entry, 0 on time-out, -ERESTARTSYS when a
@@ -440,10 +457,8 @@ wc_wait(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot, long long timeout_ns, int
 static PyObject *
 wc_wait_jiffies(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot, long long timeout, int state)
 {
-    long long timeout_ns = -1, left;
+    long long timeout_ns = wc_timeout_ns(wc, timeout), left;
 
-    if (timeout < (wc->forever_ns + wc->jiffy_ns - 1) / wc->jiffy_ns)
-        timeout_ns = timeout * wc->jiffy_ns;
     if (wc_wait(wc, idx, slot, timeout_ns, state, &left) < 0 || wc_report_dead_owner(wc) < 0)
         return NULL;
     if (left == WAIT_DONE_AT_ENTRY)
@@ -454,7 +469,7 @@ wc_wait_jiffies(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot, long long timeout
         return PyLong_FromLong(-ERESTARTSYS);
     if (timeout_ns < 0)
         return PyLong_FromLongLong(timeout);
-    left = (left + wc->jiffy_ns - 1) / wc->jiffy_ns;
+    left = wc_ns_to_jiffies(wc, left);
     return PyLong_FromLongLong(left > 1 ? left : 1);
 }
 
@@ -626,6 +641,54 @@ WaitCore_set_timebase(WaitCore *wc, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static int
+wc_need_timebase(WaitCore *wc)
+{
+    if (wc->jiffy_ns > 0)
+        return 0;
+    PyErr_SetString(PyExc_RuntimeError, "WaitCore has no timebase yet (set_timebase())");
+    return -1;
+}
+
+/* timeout_ns(jiffies): schedule_timeout()'s timer length, -1 for none (see wc_timeout_ns). */
+static PyObject *
+WaitCore_timeout_ns(WaitCore *wc, PyObject *arg)
+{
+    long long timeout = PyLong_AsLongLong(arg);
+
+    if ((timeout == -1 && PyErr_Occurred()) || wc_need_timebase(wc) < 0)
+        return NULL;
+    if (timeout < 0) {
+        PyErr_Format(PyExc_ValueError, "timeout must be >= 0, got %lld", timeout);
+        return NULL;
+    }
+    return PyLong_FromLongLong(wc_timeout_ns(wc, timeout));
+}
+
+/* jiffies_left(ns): the whole jiffies (rounded up) in ns left of a timer; 0 if none left. */
+static PyObject *
+WaitCore_jiffies_left(WaitCore *wc, PyObject *arg)
+{
+    long long ns = PyLong_AsLongLong(arg);
+
+    if ((ns == -1 && PyErr_Occurred()) || wc_need_timebase(wc) < 0)
+        return NULL;
+    return PyLong_FromLongLong(ns > 0 ? wc_ns_to_jiffies(wc, ns) : 0);
+}
+
+/* signal_pending_state(slot, state): would a pending signal end task slot's sleep in state? */
+static PyObject *
+WaitCore_signal_pending_state(WaitCore *wc, PyObject *args)
+{
+    Py_ssize_t slot;
+    int state;
+
+    if (!PyArg_ParseTuple(args, "ni:signal_pending_state", &slot, &state) ||
+        wc_check_slot(wc, slot) < 0)
+        return NULL;
+    return PyBool_FromLong(wc_signal_pending_state(wc, slot, state));
+}
+
 static PyObject *
 WaitCore_set_dead_owner_hook(WaitCore *wc, PyObject *hook)
 {
@@ -766,6 +829,12 @@ static PyMethodDef WaitCore_methods[] = {
      "set_current(slot): this process's task slot (-1: not a task)"},
     {"set_timebase", (PyCFunction)WaitCore_set_timebase, METH_VARARGS,
      "set_timebase(jiffy_ns, forever_ns): jiffy length; timeouts this long or longer never fire"},
+    {"timeout_ns", (PyCFunction)WaitCore_timeout_ns, METH_O,
+     "timeout_ns(jiffies) -> the timer length in ns of a timeout, -1 if it never fires"},
+    {"jiffies_left", (PyCFunction)WaitCore_jiffies_left, METH_O,
+     "jiffies_left(ns) -> ns left of a timer in jiffies, rounded up; 0 if none left"},
+    {"signal_pending_state", (PyCFunction)WaitCore_signal_pending_state, METH_VARARGS,
+     "signal_pending_state(slot, state) -> True if a pending signal ends a sleep in state"},
     {"set_dead_owner_hook", (PyCFunction)WaitCore_set_dead_owner_hook, METH_O,
      "set_dead_owner_hook(fn): fn(what, pid) reports a `what` lock taken over from dead task pid"},
     {NULL, NULL, 0, NULL},
@@ -789,3 +858,19 @@ PyType_Spec WaitCore_spec = {
     .flags = Py_TPFLAGS_DEFAULT,
     .slots = WaitCore_slots,
 };
+
+/* The WaitCore type and the kernel numbers its logic uses. */
+int
+emu_waitcore_exec(PyObject *module)
+{
+    if (add_type(module, "WaitCore", &WaitCore_spec) < 0)
+        return -1;
+    if (PyModule_AddIntConstant(module, "TASK_RUNNING", TASK_RUNNING) < 0 ||
+        PyModule_AddIntConstant(module, "TASK_INTERRUPTIBLE", TASK_INTERRUPTIBLE) < 0 ||
+        PyModule_AddIntConstant(module, "TASK_UNINTERRUPTIBLE", TASK_UNINTERRUPTIBLE) < 0 ||
+        PyModule_AddIntConstant(module, "TASK_WAKEKILL", TASK_WAKEKILL) < 0 ||
+        PyModule_AddIntConstant(module, "TASK_NORMAL", TASK_NORMAL) < 0 ||
+        PyModule_AddIntConstant(module, "ERESTARTSYS", ERESTARTSYS) < 0)
+        return -1;
+    return 0;
+}

@@ -853,3 +853,44 @@ def test_waitcore_follows_reordered_records():
         assert core.try_wait(1, 4) is None  # a stale handle
         tasks[1].state = 1  # TASK_INTERRUPTIBLE
         assert core.wake(1, 2) == 0 and tasks[1].state == 1
+
+
+# --------------------------------------------------------------------------- WaitCore rules
+
+
+def test_waitcore_timeout_conversions():
+    """schedule_timeout()'s and the completion waits' one jiffies <-> ns conversion."""
+    from emu.image import CompletionRec, TaskSlot
+
+    with _waitcore_layout(TaskSlot, CompletionRec) as (layout, _, _):
+        core = _native.WaitCore(layout, os.getpid())
+        with pytest.raises(RuntimeError, match="no timebase"):
+            core.timeout_ns(1)
+        core.set_timebase(MS, 1 << 62)
+        assert core.timeout_ns(0) == 0
+        assert core.timeout_ns(5) == 5 * MS
+        assert core.timeout_ns((1 << 62) // MS + 1) == -1  # reaches forever: no timer
+        with pytest.raises(ValueError, match="timeout must be >= 0"):
+            core.timeout_ns(-1)
+        assert [core.jiffies_left(ns) for ns in (-5, 0, 1, 2 * MS, 2 * MS + 1)] == [0, 0, 1, 2, 3]
+
+
+def test_waitcore_signal_pending_state():
+    """signal_pending_state(): any signal ends S, only SIGKILL ends TASK_KILLABLE, none D."""
+    from emu.constants import TASK_INTERRUPTIBLE, TASK_KILLABLE, TASK_UNINTERRUPTIBLE
+    from emu.image import CompletionRec, TaskSlot
+
+    with _waitcore_layout(TaskSlot, CompletionRec) as (layout, tasks, _):
+        core = _native.WaitCore(layout, os.getpid())
+        states = (TASK_INTERRUPTIBLE, TASK_KILLABLE, TASK_UNINTERRUPTIBLE)
+        assert [core.signal_pending_state(1, s) for s in states] == [False] * 3
+        tasks[1].sigpending = 1 << (signal.SIGUSR1 - 1)
+        assert [core.signal_pending_state(1, s) for s in states] == [True, False, False]
+        tasks[1].sigpending |= 1 << (signal.SIGKILL - 1)
+        assert [core.signal_pending_state(1, s) for s in states] == [True, True, False]
+        tasks[1].sigpending = 0
+        tasks[1].notify_signal = 1  # TIF_NOTIFY_SIGNAL (kthread_stop)
+        assert core.signal_pending_state(1, TASK_INTERRUPTIBLE) is True
+        assert core.signal_pending_state(0, TASK_INTERRUPTIBLE) is False
+        with pytest.raises(ValueError, match="slot 2 out of range"):
+            core.signal_pending_state(2, TASK_INTERRUPTIBLE)
