@@ -46,6 +46,9 @@ PF_EXITING = 0x00000004
 PF_KTHREAD = 0x00200000
 PF_NO_SETAFFINITY = 0x04000000
 
+#: The interrupt-enable bit of the flags local_irq_save() returns (x86 EFLAGS.IF).
+X86_EFLAGS_IF = 0x200
+
 TASK_COMM_LEN = 16
 KTHREAD_NAME_LEN = 64
 

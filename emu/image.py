@@ -29,7 +29,7 @@ from .errors import CapacityError, NotBootedError
 IMAGE_MAGIC = 0x454D55494D414745  # "EMUIMAGE"
 #: Emulated CPUs and IRQ lines are bits of 64-bit masks.
 MAX_CPUS = 64
-NR_IRQS_MAX = 64
+NR_IRQS_MAX = _native.NR_IRQS_MAX
 #: Actions (request_irq() users) one IRQ line can have (IRQF_SHARED).
 MAX_IRQ_ACTIONS = 4
 IRQ_NAME_LEN = 32

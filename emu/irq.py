@@ -584,12 +584,16 @@ def irq_set_affinity(irq: int, cpus: Any) -> int:
 
 # --- the idle tasks ---------------------------------------------------------------------------
 
+#: The idle task's sleep in jiffies (decades): it ends with an interrupt or a wake-up.
+IDLE_SLEEP_JIFFIES = 1 << 40
+
+
 def _idle(cpu: int) -> int:
     """A CPU's idle task: it takes the CPU's interrupts while no task runs there."""
     from .kthread import kthread_should_stop
 
     while not kthread_should_stop():
-        schedule_timeout_idle(1 << 40)
+        schedule_timeout_idle(IDLE_SLEEP_JIFFIES)
     return 0
 
 

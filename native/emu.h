@@ -35,19 +35,7 @@
 #define DOC(name, sig, text) PyDoc_STRVAR(name##_doc, #name sig "\n--\n\n" text)
 #define METH(name) {#name, emu_##name, METH_VARARGS, name##_doc}
 
-/* --- time and futex ------------------------------------------------------ */
-
-static inline void
-cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__) || defined(__arm__)
-    __asm__ __volatile__("yield" ::: "memory");
-#else
-    __asm__ __volatile__("" ::: "memory");
-#endif
-}
+/* --- time ----------------------------------------------------------------- */
 
 static inline long long
 monotonic_ns(void)
@@ -62,19 +50,6 @@ ns_to_timespec(long long ns, struct timespec *ts)
 {
     ts->tv_sec = (time_t)(ns / NSEC_PER_SEC);
     ts->tv_nsec = (long)(ns % NSEC_PER_SEC);
-}
-
-/* Shared (not FUTEX_PRIVATE_FLAG) futex: waiters and wakers are different processes. */
-static inline long
-sys_futex_wait(uint32_t *uaddr, uint32_t val, const struct timespec *rel)
-{
-    return syscall(SYS_futex, uaddr, FUTEX_WAIT, val, rel, NULL, 0);
-}
-
-static inline long
-sys_futex_wake(uint32_t *uaddr, int n)
-{
-    return syscall(SYS_futex, uaddr, FUTEX_WAKE, n, NULL, NULL, 0);
 }
 
 /* --- module.c: argument checks and process helpers ------------------------ */
@@ -106,25 +81,6 @@ int layout_table(PyObject *layout, const char *owner, const char *table, LayoutT
 int add_type(PyObject *module, const char *name, PyType_Spec *spec);
 
 /* --- lock.c: the owner-aware lock { int32 owner pid (0 = free); int32 waiters } --- */
-
-static inline int
-lock_try(int32_t *lockw, int pid)
-{
-    int32_t expected = 0;
-
-    return __atomic_compare_exchange_n(lockw, &expected, (int32_t)pid, 0, __ATOMIC_SEQ_CST,
-                                       __ATOMIC_SEQ_CST);
-}
-
-/* After releasing the lock word: wake one sleeper if anyone is waiting. */
-static inline void
-wake_one_if_waiters(int32_t *lockw)
-{
-    uint32_t *waiters = (uint32_t *)(lockw + 1);
-
-    if ((int32_t)__atomic_load_n(waiters, __ATOMIC_SEQ_CST) > 0)
-        sys_futex_wake((uint32_t *)lockw, 1);
-}
 
 /* Tries before the lock slow path sleeps (lock(), emu/locking.py, WaitCore, IrqCore). */
 #define LOCK_SPINS 200

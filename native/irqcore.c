@@ -281,6 +281,8 @@ ic_live_tuple(IrqCore *ic, Py_ssize_t irq, int32_t (*live)[3], Py_ssize_t n)
 }
 
 #define IC_MAX_ACTIONS 16
+/* IRQ lines: one bit each in a CPU's 64-bit pending mask (PerCpu.irq_pending). */
+#define NR_IRQS_MAX 64
 
 static int
 ic_args2(IrqCore *ic, PyObject *const *args, Py_ssize_t nargs, const char *fname,
@@ -493,7 +495,7 @@ IrqCore_init(IrqCore *ic, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "IrqCore needs an initialised WaitCore");
         return -1;
     }
-    if (ic->nr_irqs < 1 || ic->nr_irqs > 64 || ic->nr_actions > IC_MAX_ACTIONS ||
+    if (ic->nr_irqs < 1 || ic->nr_irqs > NR_IRQS_MAX || ic->nr_actions > IC_MAX_ACTIONS ||
         ic->ncpus < 1) {
         PyErr_SetString(PyExc_ValueError, "IrqCore: bad nr_irqs, nr_actions or ncpus");
         return -1;
@@ -575,7 +577,8 @@ emu_irqcore_exec(PyObject *module)
 {
     if (add_type(module, "IrqCore", &IrqCore_spec) < 0)
         return -1;
-    if (PyModule_AddIntConstant(module, "IRQS_INPROGRESS", IRQS_INPROGRESS) < 0 ||
+    if (PyModule_AddIntConstant(module, "NR_IRQS_MAX", NR_IRQS_MAX) < 0 ||
+        PyModule_AddIntConstant(module, "IRQS_INPROGRESS", IRQS_INPROGRESS) < 0 ||
         PyModule_AddIntConstant(module, "IRQS_REPLAY", IRQS_REPLAY) < 0 ||
         PyModule_AddIntConstant(module, "IRQS_PENDING", IRQS_PENDING) < 0 ||
         PyModule_AddIntConstant(module, "IRQS_ONESHOT", IRQS_ONESHOT) < 0 ||

@@ -1,12 +1,56 @@
 /*
- * lock.c: the owner-aware lock { int32 owner pid (0 = free); int32 waiters } and raw
- * futex wait/wake.
+ * lock.c: the owner-aware lock { int32 owner pid (0 = free); int32 waiters }: its one
+ * slow path (spin, futex sleep, dead-owner takeover) and the Python-facing calls.
  *
  * In C because it sleeps on a shared futex, which Python cannot call, and must notice
  * a dead owner (a task killed while holding it) and take the lock over.
  */
 
 #include "emu.h"
+
+static inline void
+cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__) || defined(__arm__)
+    __asm__ __volatile__("yield" ::: "memory");
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
+/* Shared (not FUTEX_PRIVATE_FLAG) futex: waiters and wakers are different processes. */
+static inline long
+sys_futex_wait(uint32_t *uaddr, uint32_t val, const struct timespec *rel)
+{
+    return syscall(SYS_futex, uaddr, FUTEX_WAIT, val, rel, NULL, 0);
+}
+
+static inline long
+sys_futex_wake(uint32_t *uaddr, int n)
+{
+    return syscall(SYS_futex, uaddr, FUTEX_WAKE, n, NULL, NULL, 0);
+}
+
+static inline int
+lock_try(int32_t *lockw, int pid)
+{
+    int32_t expected = 0;
+
+    return __atomic_compare_exchange_n(lockw, &expected, (int32_t)pid, 0, __ATOMIC_SEQ_CST,
+                                       __ATOMIC_SEQ_CST);
+}
+
+/* After releasing the lock word: wake one sleeper if anyone is waiting. */
+static inline void
+wake_one_if_waiters(int32_t *lockw)
+{
+    uint32_t *waiters = (uint32_t *)(lockw + 1);
+
+    if ((int32_t)__atomic_load_n(waiters, __ATOMIC_SEQ_CST) > 0)
+        sys_futex_wake((uint32_t *)lockw, 1);
+}
 
 /* ------------------------------------------------------------------------- */
 /* owner-aware lock: { int32 owner; int32 waiters; }                          */
@@ -178,83 +222,6 @@ emu_lock_owner(PyObject *self, PyObject *args)
     return PyLong_FromLong(__atomic_load_n(lockw, __ATOMIC_SEQ_CST));
 }
 
-static PyObject *
-emu_force_unlock(PyObject *self, PyObject *args)
-{
-    Py_ssize_t addr;
-    int expected_owner;
-    int32_t *lockw, expected;
-
-    if (!PyArg_ParseTuple(args, "ni:force_unlock", &addr, &expected_owner))
-        return NULL;
-    if (!(lockw = check_addr(addr, 4, "addr")))
-        return NULL;
-    expected = expected_owner;
-    if (!__atomic_compare_exchange_n(lockw, &expected, 0, 0, __ATOMIC_SEQ_CST,
-                                     __ATOMIC_SEQ_CST))
-        Py_RETURN_FALSE;
-    wake_one_if_waiters(lockw);
-    Py_RETURN_TRUE;
-}
-
-/* ------------------------------------------------------------------------- */
-/* raw futex                                                                 */
-/* ------------------------------------------------------------------------- */
-
-static PyObject *
-emu_futex_wait(PyObject *self, PyObject *args)
-{
-    Py_ssize_t addr;
-    unsigned long long expected;
-    long long timeout_ns;
-    uint32_t *p;
-    struct timespec ts, *tsp = NULL;
-    long r;
-    int err;
-
-    if (!PyArg_ParseTuple(args, "nKL:futex_wait", &addr, &expected, &timeout_ns))
-        return NULL;
-    if (!(p = check_addr(addr, 4, "addr")))
-        return NULL;
-    if (timeout_ns >= 0) {
-        ns_to_timespec(timeout_ns, &ts);
-        tsp = &ts;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    r = sys_futex_wait(p, (uint32_t)expected, tsp);
-    err = errno;
-    Py_END_ALLOW_THREADS
-    if (r == -1) {
-        /* A Python signal handler that raised takes precedence over -EINTR. */
-        if (err == EINTR && PyErr_CheckSignals() < 0)
-            return NULL;
-        return PyLong_FromLong(-err);
-    }
-    return PyLong_FromLong(0);
-}
-
-static PyObject *
-emu_futex_wake(PyObject *self, PyObject *args)
-{
-    Py_ssize_t addr;
-    int n;
-    uint32_t *p;
-    long r;
-
-    if (!PyArg_ParseTuple(args, "ni:futex_wake", &addr, &n))
-        return NULL;
-    if (!(p = check_addr(addr, 4, "addr")))
-        return NULL;
-    if (n < 0) {
-        PyErr_Format(PyExc_ValueError, "n must be >= 0, got %d", n);
-        return NULL;
-    }
-    r = sys_futex_wake(p, n);
-    if (r == -1)
-        return PyLong_FromLong(-errno);
-    return PyLong_FromLong(r);
-}
-
 DOC(lock, "(addr, pid, spins, timeout_ns, /)",
     "Acquire the owner-aware lock at addr for pid; return 0 if acquired, the dead "
     "owner's pid if taken over from a dead owner, -1 on timeout (timeout_ns < 0 = never).");
@@ -263,21 +230,11 @@ DOC(unlock, "(addr, pid, /)",
     "Release the lock at addr held by pid and wake one sleeper; return False "
     "(changing nothing) if pid is not the owner.");
 DOC(lock_owner, "(addr, /)", "Return the pid holding the lock at addr (0 = free).");
-DOC(force_unlock, "(addr, expected_owner, /)",
-    "Release the lock at addr iff expected_owner holds it, waking one sleeper; "
-    "return True if released.");
-DOC(futex_wait, "(addr, expected, timeout_ns, /)",
-    "FUTEX_WAIT (shared) on addr while it holds expected; return 0 if woken, else "
-    "-errno (-EAGAIN, -ETIMEDOUT, -EINTR); timeout_ns < 0 = forever.");
-DOC(futex_wake, "(addr, n, /)", "FUTEX_WAKE (shared) up to n waiters on addr; return the number woken.");
 
 PyMethodDef emu_lock_methods[] = {
     METH(lock),
     METH(trylock),
     METH(unlock),
     METH(lock_owner),
-    METH(force_unlock),
-    METH(futex_wait),
-    METH(futex_wake),
     {NULL, NULL, 0, NULL},
 };

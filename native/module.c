@@ -237,18 +237,6 @@ emu_get_comm(PyObject *self, PyObject *noargs)
 }
 
 static PyObject *
-emu_set_pdeathsig(PyObject *self, PyObject *args)
-{
-    int sig;
-
-    if (!PyArg_ParseTuple(args, "i:set_pdeathsig", &sig))
-        return NULL;
-    if (prctl(PR_SET_PDEATHSIG, (unsigned long)sig, 0UL, 0UL, 0UL) == -1)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    Py_RETURN_NONE;
-}
-
-static PyObject *
 emu_pid_is_dead(PyObject *self, PyObject *args)
 {
     int pid;
@@ -293,25 +281,24 @@ DOC(set_comm, "(name, /)",
 DOC(get_comm, "()",
     "Return this thread's comm as bytes (prctl PR_GET_NAME: at most 15 bytes, not "
     "necessarily UTF-8); OSError on failure.");
-DOC(set_pdeathsig, "(sig, /)",
-    "Set the parent-death signal (prctl PR_SET_PDEATHSIG); return None, OSError on failure.");
 DOC(pid_is_dead, "(pid, /)",
     "Return True if pid does not exist (ESRCH) or is a zombie/dead task (state Z or X).");
 
 static PyMethodDef emu_native_methods[] = {
     METH(set_comm),
     {"get_comm", emu_get_comm, METH_NOARGS, get_comm_doc},
-    METH(set_pdeathsig),
     METH(pid_is_dead),
     {NULL, NULL, 0, NULL},
 };
 
 PyDoc_STRVAR(emu_native_doc,
-"Native primitives for emu: atomics, an owner-aware futex lock, raw futex wait/wake\n"
-"and a few prctl helpers.\n"
+"emu's compiled part: atomics, the owner-aware lock, the wait core (WaitCore), the\n"
+"interrupt controller core (IrqCore) and process helpers.\n"
 "\n"
 "Every function takes an absolute address (int) into memory shared between processes\n"
 "(e.g. ctypes.addressof into an mmap) and returns raw data; policy is left to Python.\n"
+"WaitCore and IrqCore work over the shared image, whose layout emu/image.py passes by\n"
+"field name.\n"
 "\n"
 "Atomics (all sequentially consistent; values wrap to the word size, results signed):\n"
 "  load32/load64(addr), store32/store64(addr, v), add32/add64(addr, delta) -> new,\n"
@@ -320,11 +307,12 @@ PyDoc_STRVAR(emu_native_doc,
 "\n"
 "Lock at addr: int32 owner pid (0 = free), int32 waiters at addr + 4:\n"
 "  lock(addr, pid, spins, timeout_ns) -> 0 | dead owner's pid | -1 (timeout),\n"
-"  trylock(addr, pid) -> bool, unlock(addr, pid) -> bool, lock_owner(addr) -> pid,\n"
-"  force_unlock(addr, expected_owner) -> bool.\n"
+"  trylock(addr, pid) -> bool, unlock(addr, pid) -> bool, lock_owner(addr) -> pid.\n"
 "\n"
-"futex_wait(addr, expected, timeout_ns) -> 0 | -errno, futex_wake(addr, n) -> woken;\n"
-"set_comm(name), get_comm() -> bytes, set_pdeathsig(sig), pid_is_dead(pid) -> bool.\n"
+"set_comm(name), get_comm() -> bytes, pid_is_dead(pid) -> bool.\n"
+"\n"
+"The kernel numbers the C logic uses (TASK_*, ERESTARTSYS, IRQS_*, ...) are module\n"
+"attributes; emu/constants.py takes them from here.\n"
 "\n"
 "Addresses must be non-zero and aligned (4 bytes; 8 for the 64-bit atomics),\n"
 "otherwise ValueError is raised.");
