@@ -29,7 +29,7 @@ import _emu_native as _native
 
 from . import bug, checks, image, locking, preempt
 from .callback import callback_free, callback_load, callback_store
-from .constants import EBUSY, EINVAL, ENOMEM, PF_IDLE, TASK_INTERRUPTIBLE, TASK_RUNNING
+from .constants import EBUSY, EINVAL, ENOMEM, PF_EXITING, PF_IDLE, TASK_INTERRUPTIBLE, TASK_RUNNING
 from .printk import log_store
 from .sched import schedule, schedule_timeout_idle
 from .task import Task, set_current_state, task_from_slot, wake_up_process
@@ -288,10 +288,12 @@ def _wake_thread(irq: int, index: int) -> None:
             log_store(4, f"IRQ {irq} device {action.name.decode()} returned IRQ_WAKE_THREAD "
                          "but no thread function available.")
         return
+    thread = task_from_slot(action.thread_slot, action.thread_generation)
+    if thread._rec.flags & PF_EXITING:
+        return  # it died: pretend it handled the interrupt (__irq_wake_thread())
     if action.flags & IRQF_ONESHOT:
         _native.or32(image.field_addr(desc, "status"), IRQS_ONESHOT)  # the line is running
     _native.or32(image.field_addr(action, "thread_flags"), IRQTF_RUNTHREAD)
-    thread = task_from_slot(action.thread_slot, action.thread_generation)
     wake_up_process(thread)
 
 
@@ -548,10 +550,12 @@ def enable_irq(irq: int) -> None:
 def synchronize_irq(irq: int) -> None:
     """Wait until no hard or threaded handler of `irq` runs. Process context (sleeps)."""
     desc = _desc(irq)
+    img = image.this()
     preempt.might_sleep()
     while desc.status & IRQS_INPROGRESS or desc.threads_active or any(
         a.in_use and a.thread_flags & IRQTF_RUNTHREAD for a in desc.actions
     ):
+        img.core.raise_if_dead()
         time.sleep(0.0002)
 
 
@@ -610,6 +614,7 @@ def start_irq_layer() -> None:
     ready = image.field_addr(hdr, "irq_ready")
     if _native.cmpxchg32(ready, 0, IRQ_LAYER_STARTING) != 0:
         while _native.load32(ready) != IRQ_LAYER_READY:  # another task is creating them
+            img.core.raise_if_dead()
             time.sleep(0.001)
         return
     for cpu in range(hdr.ncpus):

@@ -3,6 +3,12 @@
 ``emu.boot()`` creates the shared image, makes the booting process a task (user
 context), and forks the supervisor. Leaving the ``with`` block (or ``shutdown()``)
 stops every remaining kthread, kills what does not stop, and leaves nothing behind.
+
+The kernel dies with its supervisor (killed, or by a panic, which kills every task).
+The booting process learns it at once: the supervisor alone holds the write end of
+the death pipe, whose read end delivers SIG_KERNEL_DEAD to the booting process when
+the supervisor writes a panic message or goes away. From then on `Kernel.alive` is
+False and every emu call that would block raises KernelDeadError.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import fcntl
 import os
 import re
 import signal as _os_signal
+import sys
 import time
 from typing import Any
 
@@ -29,6 +36,11 @@ HZ_DEFAULT = 250
 #: How long shutdown waits for kthreads to honour kthread_should_stop().
 SHUTDOWN_GRACE_SECS = 2.0
 _HUNG_RE = re.compile(r"INFO: task (.*):(\d+) blocked for more than (\d+) seconds\.")
+#: Sent to the booting process when the kernel dies (the supervisor panicked or is gone).
+SIG_KERNEL_DEAD = _os_signal.SIGRTMIN + 4
+
+#: The kernel this process booted and has not shut down (for SIG_KERNEL_DEAD's handler).
+_booted: Kernel | None = None
 
 
 def _check_int(value: Any, name: str, low: int, high: int) -> int:
@@ -65,10 +77,12 @@ def _cpu_map(cpus: Any) -> list[int]:
 class Kernel:
     """The handle of a booted kernel (what ``emu.boot()`` returns)."""
 
-    def __init__(self, img: image.SharedImage, supervisor_pid: int) -> None:
+    def __init__(self, img: image.SharedImage, supervisor_pid: int, death_rfd: int) -> None:
         self._img = img
         self.supervisor_pid = supervisor_pid
         self._down = False
+        self._death_rfd = death_rfd  # read end of the death pipe (see the module's doc)
+        self._cause = ""  # why the kernel died; empty while it lives
 
     # configuration and counters
     @property
@@ -140,15 +154,47 @@ class Kernel:
 
     @property
     def alive(self) -> bool:
-        return not self._down
+        """False once the kernel was shut down or died (its supervisor panicked or is gone)."""
+        if self._down or self._cause:
+            return False
+        cause = self._death_cause()
+        if cause:
+            self._died(cause)
+        return not cause
+
+    @property
+    def death_cause(self) -> str:
+        """Why the kernel died (e.g. "the supervisor (pid 7) was killed by SIGKILL"),
+        "" while it lives."""
+        return self._cause
 
     def check_alive(self) -> None:
-        """Raise KernelDeadError if the supervisor died (the kernel is unusable then)."""
-        if _native.pid_is_dead(self.supervisor_pid):
-            raise KernelDeadError(
-                "the emu supervisor died, which killed every kthread; shut this kernel "
-                "down and boot a new one"
-            )
+        """Raise KernelDeadError if the kernel died (it is unusable then)."""
+        if not self.alive and self._cause:
+            raise KernelDeadError(_dead_message(self._cause))
+
+    def _death_cause(self) -> str:
+        """Why the kernel died, or "" while it lives. Takes no lock: signal-handler safe."""
+        if not self._img.is_boot_process or self._death_rfd < 0:
+            if not _native.pid_is_dead(self.supervisor_pid):
+                return ""
+            return _exit_cause("the supervisor", self.supervisor_pid)
+        try:
+            said = os.read(self._death_rfd, 512)  # a panic message, or b"" at EOF
+        except BlockingIOError:
+            return ""  # nothing said, and the supervisor holds its end: it lives
+        if said:
+            return said.decode("utf-8", "replace").strip()
+        # EOF: the supervisor is exiting (it may not be a zombie yet).
+        return _exit_cause("the supervisor", self.supervisor_pid, wait=0.5)
+
+    def _died(self, cause: str) -> None:
+        """Mark the kernel dead: from now on every sleep raises KernelDeadError."""
+        if not self._cause:
+            self._cause = cause
+            core = self._img.core
+            if core is not None:
+                core.set_dead(KernelDeadError, _dead_message(cause))
 
     # life cycle
     def __enter__(self) -> Kernel:
@@ -167,10 +213,15 @@ class Kernel:
             return
         if not self._img.is_boot_process:
             raise EmuError("only the process that booted the kernel may shut it down")
-        self._down = True
+        self._down = True  # from here on SIG_KERNEL_DEAD interrupts nothing
         atexit.unregister(self.shutdown)
         try:
-            self._stop_kthreads()
+            cause = self._cause or self._death_cause()  # a death no signal reported yet
+            if cause:  # every task died with the kernel: nothing to wait for
+                self._died(cause)
+                print(f"emu: the kernel died ({cause}); cleaned up", file=sys.stderr)
+            else:
+                self._stop_kthreads()
         finally:
             self._teardown()
 
@@ -191,18 +242,29 @@ class Kernel:
             log_store(3, f"emu: kthread {t.comm}/{t.pid} did not stop at shutdown: killed")
 
     def _teardown(self) -> None:
+        global _booted
         img = self._img
+        _disarm_death_pipe(self._death_rfd)  # the supervisor's end is no news now
+        self._death_rfd = -1
         img.img.hdr.shutting_down = 1
         try:
             os.killpg(self.supervisor_pid, _os_signal.SIGKILL)
         except ProcessLookupError:
             pass
+        # Our own children too: one forked after the kernel died never joined the group.
+        for pid in kthread._children:
+            try:
+                os.kill(pid, _os_signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for pid in [self.supervisor_pid, *kthread._children]:
             try:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
         kthread._children.clear()
+        if _booted is self:
+            _booted = None
         for fd in [img.boot_wfd, *img.watch_rfds]:
             if fd >= 0:
                 os.close(fd)
@@ -297,16 +359,87 @@ def boot(
     image.attach(img)
     try:
         _make_boot_task(img)
-        sup_pid = _start_supervisor(img)
+        sup_pid, death_rfd = _start_supervisor(img)
     except BaseException:
         task.set_current(None)
         image.attach(None)
         img.close()
         raise
     hdr.supervisor_pid = sup_pid
-    kernel = Kernel(img, sup_pid)
+    kernel = Kernel(img, sup_pid, death_rfd)
     atexit.register(kernel.shutdown)
+    _watch_death(kernel)
     return kernel
+
+
+def _dead_message(cause: str) -> str:
+    return (f"the emu kernel died: {cause}; every kthread died with it. Leave the "
+            "`with emu.boot()` block (or call kernel.shutdown()) and boot a new kernel")
+
+
+def _exit_cause(who: str, pid: int, wait: float = 0.0) -> str:
+    """How child process `pid` ended (waiting up to `wait` seconds for it to finish
+    exiting), without reaping it."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return f"{who} (pid {pid}) is gone"
+        if info is not None or time.monotonic() >= deadline:
+            break
+        time.sleep(0.001)
+    if info is None:
+        return f"{who} (pid {pid}) is gone"
+    if info.si_code == os.CLD_EXITED:
+        return f"{who} (pid {pid}) exited with status {info.si_status}"
+    try:
+        name = _os_signal.Signals(info.si_status).name
+    except ValueError:
+        name = f"signal {info.si_status}"
+    return f"{who} (pid {pid}) was killed by {name}"
+
+
+def _kernel_died(signum: int, frame: Any) -> None:
+    """SIG_KERNEL_DEAD: the supervisor wrote a panic message to the death pipe or died.
+
+    Marks the kernel dead and raises KernelDeadError to interrupt what the booting
+    process does (a sleep, a polling wait, any code), like KeyboardInterrupt. Not inside
+    emu's own critical sections (raw locks are held with interrupts off, handlers run in
+    interrupt context, spinlocks in atomic context): raising there would leave them half
+    done; the next sleep raises instead.
+    """
+    kernel = _booted
+    if kernel is None or kernel._down or kernel._cause:
+        return
+    cause = kernel._death_cause()
+    if not cause:
+        return  # a stale signal: this kernel lives
+    kernel._died(cause)
+    if preempt.preemptible():
+        raise KernelDeadError(_dead_message(cause))
+
+
+def _watch_death(kernel: Kernel) -> None:
+    """Arm the death pipe: SIG_KERNEL_DEAD to this process when the supervisor writes to
+    it or dies (see the module's doc)."""
+    global _booted
+    _booted = kernel
+    _os_signal.signal(SIG_KERNEL_DEAD, _kernel_died)
+    fd = kernel._death_rfd
+    fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+    fcntl.fcntl(fd, F_SETSIG, SIG_KERNEL_DEAD)
+    fcntl.fcntl(fd, fcntl.F_SETFL,
+                fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC | os.O_NONBLOCK)
+    _ = kernel.alive  # a death before the pipe was armed sent no signal
+
+
+def _disarm_death_pipe(fd: int) -> None:
+    """No SIG_KERNEL_DEAD any more (kthreads share this open pipe: clear O_ASYNC), and close."""
+    if fd < 0:
+        return
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_ASYNC)
+    os.close(fd)
 
 
 def _make_boot_task(img: image.SharedImage) -> None:
@@ -327,27 +460,30 @@ def _make_boot_task(img: image.SharedImage) -> None:
     kthread.install_reaper()
 
 
-def _start_supervisor(img: image.SharedImage) -> int:
+def _start_supervisor(img: image.SharedImage) -> tuple[int, int]:
+    """Fork the supervisor; returns its pid and the read end of the death pipe."""
     boot_r, boot_w = os.pipe()
     sup_r, sup_w = os.pipe()
     ready_r, ready_w = os.pipe()
+    death_r, death_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(boot_w)
         os.close(ready_r)
+        os.close(death_r)
         os.setpgid(0, 0)
         img.is_boot_process = False
-        supervisor.main(img, ready_w)  # never returns
+        supervisor.main(img, ready_w, death_w)  # never returns
     os.close(sup_w)
     os.close(ready_w)
+    os.close(death_w)
     try:
         ok = os.read(ready_r, 1)
     finally:
         os.close(ready_r)
     if ok != b"1":
-        os.close(boot_w)
-        os.close(boot_r)
-        os.close(sup_r)
+        for fd in (boot_w, boot_r, sup_r, death_r):
+            os.close(fd)
         os.waitpid(pid, 0)
         raise EmuError("the emu supervisor failed to start")
     for fd in (boot_r, sup_r):
@@ -356,4 +492,4 @@ def _start_supervisor(img: image.SharedImage) -> int:
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
     img.boot_wfd = boot_w
     img.watch_rfds = [boot_r, sup_r]
-    return pid
+    return pid, death_r

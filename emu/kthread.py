@@ -504,6 +504,7 @@ def _bind(k: Task, cpu: int) -> None:
     while not rec.kflags & KTHREAD_PINNED:  # a starting thread may still be pinning itself
         if _native.pid_is_dead(k.pid):
             break
+        image.this().core.raise_if_dead()
         time.sleep(0.0001)
     if rec.kflags & KTHREAD_STARTED:
         bug.warn(f"kthread_bind() on {k.comm}/{k.pid} after it started", depth=3)
@@ -573,6 +574,7 @@ def kthread_park(k: Task) -> int:
         wake_up_process(k)
         wait_for_completion(_task_completion(k, "parked"))
         while rec.state != TASK_PARKED and not rec.kflags & KTHREAD_EXITED:
+            image.this().core.raise_if_dead()
             time.sleep(0.0001)  # wait_task_inactive(): it completed, it is about to sleep
     return 0
 

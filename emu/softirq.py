@@ -167,6 +167,7 @@ def tasklet_kill(t: Tasklet) -> None:
 
 
 def _poll_softirqs() -> None:
+    image.this().core.raise_if_dead()
     kick_pending_cpus()
     time.sleep(0.0002)
 

@@ -4,7 +4,13 @@ It is forked at boot and leads the process group that every kthread joins. Two p
 tie the group's life to the booting process and to the supervisor: each has one
 writer (the booting process, the supervisor) and every task holds the read ends with
 O_ASYNC set to deliver SIGKILL to the group. When either writer dies, however it
-dies, the kernel closes its end and kills every task at once.
+dies, the kernel closes its end and kills every task at once. A third pipe, written
+only by the supervisor, tells the booting process that the kernel died (kernel.py):
+a panic writes its message there, then kills the group, the supervisor included.
+
+A task that dies outside emu is an Oops, and the other tasks go on, except where the
+kernel could not go on either: an idle task's death and a death in interrupt context
+(a handler, a softirq) panic, as in Linux.
 """
 
 from __future__ import annotations
@@ -20,14 +26,17 @@ import _emu_native as _native
 from . import bug, image
 from .completion import _from_index, remove_waiter
 from .constants import (
+    PF_EXITING,
+    PF_IDLE,
     TAINT_DIE,
     TASK_NOLOAD,
     TASK_UNINTERRUPTIBLE,
     TASK_WAKEKILL,
 )
 from .errors import CapacityError
-from .irq import irq_inject_interrupt
+from .irq import IRQS_ONESHOT, IRQTF_RUNTHREAD, irq_inject_interrupt
 from .kthread import KTHREAD_EXITED, SIG_REAP, exit_notify
+from .preempt import HARDIRQ_MASK, NMI_MASK, SOFTIRQ_OFFSET
 from .printk import log_store
 from .sched import SIG_SHOW_STACK
 
@@ -37,27 +46,39 @@ POLL_INTERVAL = 0.05
 SIG_WAKE = _os_signal.SIGUSR2
 
 
-def main(img: image.SharedImage, ready_wfd: int) -> None:
-    """Run the supervisor loop until shutdown; never returns."""
+def main(img: image.SharedImage, ready_wfd: int, death_wfd: int) -> None:
+    """Run the supervisor loop until shutdown; never returns. `death_wfd`: the write end
+    of the death pipe (only the supervisor holds it)."""
     try:
         _native.set_comm("emu-supervisor")
         _os_signal.signal(_os_signal.SIGINT, _os_signal.SIG_IGN)
         os.write(ready_wfd, b"1")
         os.close(ready_wfd)
-        Supervisor(img).run()
+        Supervisor(img, death_wfd).run()
     finally:
         os._exit(0)
 
 
+def panic(death_wfd: int, reason: str) -> None:
+    """panic(): log it, tell the booting process why the kernel dies, kill every task
+    (the supervisor too). Never returns."""
+    log_store(0, f"Kernel panic - not syncing: {reason}")
+    try:
+        os.write(death_wfd, f"the kernel panicked: {reason}".encode())
+    finally:
+        os.killpg(os.getpgrp(), _os_signal.SIGKILL)
+
+
 class Supervisor:
-    def __init__(self, img: image.SharedImage) -> None:
+    def __init__(self, img: image.SharedImage, death_wfd: int) -> None:
         self.img = img
         self.hdr = img.img.hdr
+        self.death_wfd = death_wfd
         self.poller = select.poll()
         self.watched: dict[int, tuple[int, int, int]] = {}  # fd -> (slot, generation, pid)
         self.by_slot: dict[int, int] = {}  # slot -> fd
         self.dead: dict[int, int] = {}  # slot -> generation whose process was seen gone
-        self.hung = HungTaskDetector(img)
+        self.hung = HungTaskDetector(img, death_wfd)
         self.boot_pidfd = os.pidfd_open(self.hdr.boot_pid)  # see ask_to_reap()
         # SIG_WAKE (e.g. from add_irq_source()) makes poll() return: CPython writes a
         # byte to the wakeup fd for every signal that has a Python handler.
@@ -116,7 +137,8 @@ class Supervisor:
         self.reap(slot, generation, pid)
 
     def reap(self, slot: int, generation: int, pid: int) -> None:
-        """A task process is gone: if it did not exit through emu, report and clean up."""
+        """A task process is gone: if it did not exit through emu, report and clean up,
+        or panic where the kernel could not go on (make_task_dead(), do_exit())."""
         self.dead[slot] = generation  # once: an exited task's slot lives on until released
         rec = self.img.img.tasks[slot]
         # Read first, check after: a task that exited through emu may be released and its
@@ -130,10 +152,16 @@ class Supervisor:
         comm = rec.comm.decode("utf-8", "replace")
         bug.oops(None, f"task {comm}:{pid} died outside emu (killed by a real signal?)",
                  cpu=rec.cpu, pid=pid, comm=comm)
+        if rec.flags & PF_IDLE:
+            panic(self.death_wfd, "Attempted to kill the idle task!")
+        # Its interrupt's line stays in progress, its softirqs half run: no way back.
+        if rec.preempt_count & (HARDIRQ_MASK | NMI_MASK | SOFTIRQ_OFFSET):
+            panic(self.death_wfd, "Fatal exception in interrupt")
         if rec.wq_on:
             index = rec.wq_on - 1
             remove_waiter(_from_index(index, self.img.img.completions[index].generation), slot)
         exit_notify(rec, 0)  # kthread_stop() of a thread that died returns 0, as after an Oops
+        self.irq_thread_dtor(slot, generation, pid, comm)
         self.ask_to_reap(ppid)
 
     def ask_to_reap(self, ppid: int) -> None:
@@ -145,6 +173,29 @@ class Supervisor:
             _os_signal.pidfd_send_signal(self.boot_pidfd, SIG_REAP)
         except OSError:
             pass  # gone (and the kernel with it), or its signal queue is full
+
+    def irq_thread_dtor(self, slot: int, generation: int, pid: int, comm: str) -> None:
+        """irq_thread_dtor(): if the dead task was an irq thread, its line must not wait
+        for it: its wake-up request is dropped and, when no other thread serves the line,
+        the count of running thread handlers is cleared and the line unmasked. New
+        interrupts do not wake it (PF_EXITING, set by exit_notify())."""
+        tasks = self.img.img.tasks
+        for irq in range(self.hdr.nr_irqs):
+            desc = self.img.img.irqs[irq]
+            actions = list(desc.actions)
+            mine = [a for a in actions
+                    if a.thread_slot == slot and a.thread_generation == generation]
+            if not mine:
+                continue
+            log_store(3, f'exiting task "{comm}" ({pid}) is an active IRQ thread (irq {irq})')
+            _native.and32(image.field_addr(mine[0], "thread_flags"), ~IRQTF_RUNTHREAD)
+            others = [a for a in actions if a.thread_slot >= 0 and a.thread_slot != slot
+                      and tasks[a.thread_slot].generation == a.thread_generation
+                      and not tasks[a.thread_slot].flags & PF_EXITING]
+            if not others:  # only the dead thread can have been running a handler
+                _native.store32(image.field_addr(desc, "threads_active"), 0)
+                _native.and32(image.field_addr(desc, "status"), ~IRQS_ONESHOT)
+            return
 
 
 def add_irq_source(irq_nr: int, delay: float, rate_hz: float, burst: int, count: int) -> int:
@@ -210,9 +261,10 @@ def fire_irq_sources(img: image.SharedImage) -> int:
 class HungTaskDetector:
     """khungtaskd (kernel/hung_task.c): report tasks stuck in plain D sleep."""
 
-    def __init__(self, img: image.SharedImage) -> None:
+    def __init__(self, img: image.SharedImage, death_wfd: int) -> None:
         self.img = img
         self.hdr = img.img.hdr
+        self.death_wfd = death_wfd
         self.seen: dict[tuple[int, int], tuple[int, int]] = {}  # (slot, gen) -> (nvcsw, since)
         self.next_scan = time.monotonic_ns()
 
@@ -259,8 +311,7 @@ class HungTaskDetector:
         for key in set(self.seen) - live:
             del self.seen[key]
         if hung and self.hdr.hung_task_panic:
-            log_store(0, "Kernel panic - not syncing: hung_task: blocked tasks")
-            os.killpg(os.getpgrp(), _os_signal.SIGKILL)
+            panic(self.death_wfd, "hung_task: blocked tasks")
 
     def report(self, rec: Any, blocked_secs: int) -> None:
         _native.add32(image.field_addr(self.hdr, "hung_task_detect_count"), 1)

@@ -13,11 +13,13 @@ Types:
 * ``kthread``: create/run/stop/park/unpark/bind churn. Checks: results (-EINTR only
   when threadfn never ran), states, placement (the OS affinity of every thread).
 * ``irq``: interrupt storms on every CPU whose handlers share data with kthreads under
-  spin_lock_irqsave and schedule tasklets. Checks: no update is lost, no handler or
-  tasklet runs re-entrantly.
+  spin_lock_irqsave and schedule tasklets, plus a threaded handler (an ``irq/N``
+  thread) doing the same. Checks: no update is lost, no handler or tasklet runs
+  re-entrantly.
 
 Each check that fails logs ``<type>-torture: FAILURE: <invariant>: <details>`` to the
-kernel log; any WARN, BUG, Oops or hung task also fails the run.
+kernel log; any WARN, BUG, Oops or hung task also fails the run, and so does the death
+of the kernel (its supervisor killed, a panic), which ends it at once.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any
 
 import posix_ipc
 
+from . import image
 from . import irq as _irq
 from .completion import (
     Completion,
@@ -49,6 +52,7 @@ from .completion import (
     wait_for_completion_timeout,
 )
 from .constants import EINTR, ERESTARTSYS, TASK_IDLE
+from .errors import KernelDeadError
 from .image import MAX_IRQ_SOURCES, NR_IRQS_MAX
 from .kernel import Kernel, boot
 from .kthread import (
@@ -208,7 +212,7 @@ def _completion_completer(data: tuple[CompletionState, int]) -> int:
 
 
 def completion_irq_handler(irq_nr: int, dev: tuple[Completion, Atomic64, Atomic]) -> int:
-    """IRQ-side completer (module level: it runs in whichever task the interrupt hits)."""
+    """IRQ-side completer: it runs in whichever task the interrupt hits."""
     c, posted, stop = dev
     if not _stopped(stop):
         atomic64_add(1, posted)
@@ -286,6 +290,7 @@ class IrqState:
     tasklet_inside: Atomic
     tasklet_runs: Atomic64
     failures: Atomic64
+    threaded: Atomic64  # updates by the threaded handler
     tasklet: Tasklet | None = None
 
 
@@ -299,7 +304,7 @@ def torture_tasklet(t: Tasklet) -> None:
 
 
 def irq_torture_handler(irq_nr: int, dev: tuple[IrqState, Atomic]) -> int:
-    """Hard-IRQ side of the irq torture (module level: stored by reference)."""
+    """Hard-IRQ side of the irq torture."""
     st, inside = dev  # `inside` belongs to this line: other lines may run meanwhile
     if atomic_inc_return(inside) != 1:
         atomic64_add(1, st.failures)
@@ -317,6 +322,15 @@ def irq_torture_handler(irq_nr: int, dev: tuple[IrqState, Atomic]) -> int:
 def _rmw(v: Atomic64) -> None:
     """A deliberately non-atomic read-modify-write: only the lock makes it safe."""
     atomic64_set(v, atomic64_read(v) + 1)
+
+
+def irq_torture_thread(irq_nr: int, st: IrqState) -> int:
+    """Threaded side of the irq torture: runs in the line's irq/N kthread."""
+    flags = spin_lock_irqsave(st.lock)
+    _rmw(st.shared)
+    spin_unlock_irqrestore(st.lock, flags)
+    atomic64_add(1, st.threaded)
+    return _irq.IRQ_HANDLED
 
 
 def _irq_worker(data: tuple[IrqState, Atomic, Counters]) -> int:
@@ -361,6 +375,10 @@ class Run:
     threads: list[Task] = field(default_factory=list)
     finish: list[Callable[[], list[str]]] = field(default_factory=list)
     cstate: CompletionState | None = None
+    problems: list[str] = field(default_factory=list)
+    started: float = 0.0  # when the torture loop began (0: not yet)
+    elapsed: float = 0.0  # how long it ran, once it ended
+    interrupted: bool = False  # by Ctrl-C
 
 
 def _oversubscription(k: Kernel) -> int:
@@ -412,10 +430,17 @@ def _start_completion(run: Run, rng: random.Random) -> None:
     run.finish.append(lambda: _drain_completion(run))
 
 
+def _pause(seconds: float) -> None:
+    """time.sleep() for the torture's polling loops, which are no emu calls: raises
+    KernelDeadError once the kernel died (its news may have come while it could not)."""
+    image.this().core.raise_if_dead()
+    time.sleep(seconds)
+
+
 def _wait_exited(threads: list[Task], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while any(task_state_to_char(t) != "X" for t in threads) and time.monotonic() < deadline:
-        time.sleep(0.001)
+        _pause(0.001)
 
 
 def _drain_completion(run: Run) -> list[str]:
@@ -430,7 +455,7 @@ def _drain_completion(run: Run) -> list[str]:
     while any(task_state_to_char(t) != "X" for t in waiters) and time.monotonic() < deadline:
         atomic64_add(1, st.posted)
         complete(st.c)
-        time.sleep(0.001)
+        _pause(0.001)
     posted, consumed, done = atomic64_read(st.posted), atomic64_read(st.consumed), st.c.done
     problems = []
     diff = posted - consumed - done
@@ -454,7 +479,7 @@ def _check_lost_wakeup(run: Run) -> None:
     tasks = run.kernel._img.img.tasks
     switches = tasks[head].nvcsw
     for _ in range(4):
-        time.sleep(0.05)
+        _pause(0.05)
         if rec.head != head or not rec.done or tasks[head].nvcsw != switches:
             return  # progress: it was woken (or is no longer first)
     atomic64_add(1, st.counters.failures)
@@ -475,13 +500,13 @@ def _fifo_probe(run: Run) -> None:
         t = kthread_run(_fifo_waiter, c, "fifo/%d", i)
         deadline = time.monotonic() + 5
         while not t._rec.wq_on and time.monotonic() < deadline:
-            time.sleep(0.0005)
+            _pause(0.0005)
         ts.append(t)
     for i, t in enumerate(ts):
         complete(c)
         deadline = time.monotonic() + 5
         while task_state_to_char(t) != "X" and time.monotonic() < deadline:
-            time.sleep(0.0005)
+            _pause(0.0005)
         later = [u for u in ts[i + 1:] if task_state_to_char(u) == "X"]
         if task_state_to_char(t) != "X" or later:
             fail("completion", "FIFO", f"complete() #{i + 1} did not wake waiter #{i + 1} first")
@@ -504,9 +529,11 @@ def _start_irq(run: Run, rng: random.Random) -> None:
     k, opts = run.kernel, run.opts
     counters = run.counters["irq"] = Counters(k.ncpus)
     st = IrqState(Spinlock(), Atomic64(), Atomic64(), Atomic64(), Atomic(), Atomic64(),
-                  counters.failures)
+                  counters.failures, Atomic64())
     st.tasklet = Tasklet(torture_tasklet, st)
     sources: list[int] = []
+    _irq.request_threaded_irq(THREADED_LINE, None, irq_torture_thread, _irq.IRQF_ONESHOT,
+                              "torture-thread", st)
     lines = _irq_lines(k.ncpus)
     devs = [(st, Atomic()) for _ in range(lines)]
     for cpu in range(k.ncpus):
@@ -518,7 +545,7 @@ def _start_irq(run: Run, rng: random.Random) -> None:
                                               cpu, "irqwork/%u"))
 
     def start_devices() -> None:
-        for line in range(IRQ_LINE_BASE, IRQ_LINE_BASE + lines):
+        for line in [THREADED_LINE, *range(IRQ_LINE_BASE, IRQ_LINE_BASE + lines)]:
             sources.append(k.add_irq_source(line, rate_hz=opts.irq_rate, count=-1))
 
     if opts.irq_rate > 0:
@@ -531,15 +558,16 @@ def _start_irq(run: Run, rng: random.Random) -> None:
             k.remove_irq_source(source)
         for cpu in range(lines):
             _irq.free_irq(IRQ_LINE_BASE + cpu, devs[cpu])
+        _irq.free_irq(THREADED_LINE, st)
         assert st.tasklet is not None
         tasklet_kill(st.tasklet)
         _wait_exited([t for t in run.threads if t.comm.startswith("irqwork")])
         shared = atomic64_read(st.shared)
-        expected = atomic64_read(st.worker_ops) + atomic64_read(st.handled)
-        if shared != expected:
+        parts = [atomic64_read(v) for v in (st.worker_ops, st.handled, st.threaded)]
+        if shared != sum(parts):
             return [f"irq: lost update: shared counter {shared} != worker updates "
-                    f"{atomic64_read(st.worker_ops)} + handler updates "
-                    f"{atomic64_read(st.handled)}"]
+                    f"{parts[0]} + handler updates {parts[1]} + threaded handler "
+                    f"updates {parts[2]}"]
         return []
 
     run.finish.append(finish)
@@ -547,15 +575,16 @@ def _start_irq(run: Run, rng: random.Random) -> None:
 
 STARTERS = {"completion": _start_completion, "kthread": _start_kthread, "irq": _start_irq}
 
-#: The irq torture's device of CPU i raises line IRQ_LINE_BASE + i (the completion
-#: torture's device uses line 1).
+#: IRQ lines: 1 is the completion torture's, THREADED_LINE the irq torture's threaded
+#: one, and the irq torture's device of CPU i raises line IRQ_LINE_BASE + i.
+THREADED_LINE = 2
 IRQ_LINE_BASE = 8
 
 
 def _irq_lines(ncpus: int) -> int:
     """How many CPUs get an irq-torture device: one each, as far as IRQ lines and
-    emulated devices go (one device is the completion torture's)."""
-    return min(ncpus, NR_IRQS_MAX - IRQ_LINE_BASE, MAX_IRQ_SOURCES - 1)
+    emulated devices go (two devices are the completion torture's and THREADED_LINE's)."""
+    return min(ncpus, NR_IRQS_MAX - IRQ_LINE_BASE, MAX_IRQ_SOURCES - 2)
 
 
 def _ncpus(cpus: Any) -> int:
@@ -602,66 +631,106 @@ def _inject_signals(run: Run, rng: random.Random, budget: float) -> None:
             send_sig(SIGNAL, rng.choice(waiters), 0)
 
 
+def _run_loop(run: Run, rng: random.Random, out: Any) -> None:
+    """Let the torture run for its duration, reporting at intervals, or until Ctrl-C."""
+    opts = run.opts
+    start = run.started = time.monotonic()
+    next_stat = start + opts.stat_interval
+    tty = hasattr(out, "isatty") and out.isatty()
+    try:
+        while (now := time.monotonic()) < start + opts.duration:
+            _pause(0.05)
+            if "completion" in opts.types:
+                _inject_signals(run, rng, opts.signal_rate * 0.05)
+            if tty:
+                out.write(f"\r[{now - start:6.1f}/{opts.duration:.0f}s] running...")
+                out.flush()
+            if now >= next_stat:
+                next_stat += opts.stat_interval
+                if "completion" in opts.types:
+                    _fifo_probe(run)
+                    _check_lost_wakeup(run)
+                for kind, counters in run.counters.items():
+                    print(("\r" if tty else "") + _stat_line(kind, counters, now - start),
+                          file=out, flush=True)
+    except KeyboardInterrupt:
+        run.interrupted = True
+    run.elapsed = time.monotonic() - start
+
+
+def _torture(run: Run, rng: random.Random, out: Any) -> None:
+    """Start every type, run, then stop everything and check what can only be checked
+    at rest (the problems found go to run.problems)."""
+    for kind in run.opts.types:
+        STARTERS[kind](run, rng)
+    complete_all(run.go)
+    for hook in run.on_go:
+        hook()
+    _run_loop(run, rng, out)
+    if "completion" in run.opts.types:
+        _check_lost_wakeup(run)
+    atomic_set(run.stop, 1)
+    for finish in run.finish:
+        run.problems += finish()
+    for t in run.threads:
+        kthread_stop(t)
+
+
+def _report(run: Run) -> dict[str, Any]:
+    """The statistics and the verdict of a run that ended (its kernel still booted)."""
+    kernel = run.kernel
+    if not run.elapsed and run.started:  # the kernel died while it ran
+        run.elapsed = time.monotonic() - run.started
+    elapsed = max(run.elapsed, 1e-9)
+    types = {}
+    for kind, counters in run.counters.items():
+        per_cpu = counters.per_cpu()
+        types[kind] = {"ops": sum(per_cpu), "ops_per_s": sum(per_cpu) / elapsed,
+                       "per_cpu": per_cpu, "failures": atomic64_read(counters.failures)}
+    log = kernel.dmesg()
+    problems = list(run.problems)
+    if not kernel.alive:
+        problems.append(f"kernel died: {kernel.death_cause}")
+    problems += [line[15:] for line in log if "-torture: FAILURE:" in line]
+    oopses = [line.split("] Oops: ", 1)[1].split(" [#", 1)[0]
+              for line in log if "] Oops: " in line]
+    hung = [line for line in log if "blocked for more than" in line]
+    for name, count in (("WARN", kernel.warnings), ("BUG", kernel.bugs),
+                        ("Oops", kernel.oopses), ("hung task", len(hung))):
+        if count:
+            first = f": {oopses[0]}" if name == "Oops" and oopses else ""
+            problems.append(f"kernel: {count} {name} report(s){first}")
+    result: dict[str, Any] = {
+        "types": types, "duration": run.elapsed, "cpus": kernel.ncpus,
+        "interrupted": run.interrupted, "kernel_died": kernel.death_cause or None,
+        "problems": problems, "verdict": "FAILURE" if problems else "SUCCESS",
+        "started_at": run.started,  # time.monotonic(): to match with outside events
+    }
+    if problems:
+        result["log_tail"] = log[-40:]
+    return result
+
+
 def run_torture(opts: Options, out: Any = sys.stdout) -> dict[str, Any]:
-    """Run a torture test; returns the statistics (``verdict`` is SUCCESS or FAILURE)."""
+    """Run a torture test; returns the statistics (``verdict`` is SUCCESS or FAILURE).
+
+    If the kernel dies meanwhile (KernelDeadError), the run ends at once with FAILURE
+    and the problem ``kernel died: <cause>``.
+    """
     rng = random.Random(opts.seed)
-    result: dict[str, Any] = {"seed": opts.seed, "types": {}}
-    interrupted = False
+    result: dict[str, Any] = {"seed": opts.seed}
     with boot(cpus=opts.cpus, hz=1000, hung_task_timeout_secs=max(5, int(opts.duration) + 5),
               **boot_capacities(opts)) as kernel:
         run = Run(kernel, opts, Atomic())
-        for kind in opts.types:
-            STARTERS[kind](run, rng)
-        complete_all(run.go)
-        for hook in run.on_go:
-            hook()
-        start = time.monotonic()
-        next_stat = start + opts.stat_interval
-        tty = hasattr(out, "isatty") and out.isatty()
         try:
-            while (now := time.monotonic()) < start + opts.duration:
-                time.sleep(0.05)
-                if "completion" in opts.types:
-                    _inject_signals(run, rng, opts.signal_rate * 0.05)
-                if tty:
-                    out.write(f"\r[{now - start:6.1f}/{opts.duration:.0f}s] running...")
-                    out.flush()
-                if now >= next_stat:
-                    next_stat += opts.stat_interval
-                    if "completion" in opts.types:
-                        _fifo_probe(run)
-                        _check_lost_wakeup(run)
-                    for kind, counters in run.counters.items():
-                        print(("\r" if tty else "") + _stat_line(kind, counters, now - start),
-                              file=out, flush=True)
-        except KeyboardInterrupt:
-            interrupted = True
-        elapsed = time.monotonic() - start
-        if "completion" in opts.types:
-            _check_lost_wakeup(run)
-        atomic_set(run.stop, 1)
-        problems: list[str] = []
-        for finish in run.finish:
-            problems += finish()
-        for t in run.threads:
-            kthread_stop(t)
-        for kind, counters in run.counters.items():
-            per_cpu = counters.per_cpu()
-            result["types"][kind] = {
-                "ops": sum(per_cpu), "ops_per_s": sum(per_cpu) / elapsed,
-                "per_cpu": per_cpu, "failures": atomic64_read(counters.failures),
-            }
-        log = kernel.dmesg()
-        problems += [line[15:] for line in log if "-torture: FAILURE:" in line]
-        for name, count in (("WARN", kernel.warnings), ("BUG", kernel.bugs),
-                            ("Oops", kernel.oopses), ("hung task", len(kernel.hung_tasks))):
-            if count:
-                problems.append(f"kernel: {count} {name} report(s)")
-        result.update(duration=elapsed, cpus=kernel.ncpus, interrupted=interrupted,
-                      problems=problems, verdict="FAILURE" if problems else "SUCCESS")
-        if problems:
-            result["log_tail"] = log[-40:]
-    if "completion" in opts.types and not interrupted:
+            _torture(run, rng, out)
+        except KernelDeadError:
+            pass  # _report() names the cause
+        try:
+            result.update(_report(run))
+        except KernelDeadError:  # it died just now: it interrupts only once
+            result.update(_report(run))
+    if "completion" in opts.types and not run.interrupted and not result["kernel_died"]:
         rate = posix_ipc_baseline(result["cpus"], opts.threads_per_cpu,
                                   min(opts.duration, 3.0), opts.cpus)
         ours = result["types"]["completion"]["ops_per_s"]

@@ -132,6 +132,7 @@ typedef struct {
     Py_ssize_t current;  /* this process's task slot, -1 while it is not a task */
     long long jiffy_ns, forever_ns;  /* 0 until set_timebase() */
     PyObject *dead_owner_hook;  /* hook(what, pid): a lock taken over from a dead holder */
+    PyObject *dead_type, *dead_msg;  /* set_dead(): the kernel died; sleeps raise this */
 } WaitCore;
 
 #define T_FIELD(wc, slot, off, type) ((type *)((wc)->tasks + (slot) * (wc)->task_size + (off)))

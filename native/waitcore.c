@@ -213,6 +213,12 @@ wc_sleep(WaitCore *wc, Py_ssize_t slot, long long deadline_ns)
                 return 0;
             continue;
         }
+        /* A dead kernel never wakes anyone: raise instead of blocking (set_dead()). */
+        if (wc->dead_type != NULL) {
+            __atomic_store_n(state, TASK_RUNNING, __ATOMIC_SEQ_CST);
+            PyErr_SetObject(wc->dead_type, wc->dead_msg);
+            return -1;
+        }
         /* Woken, timed out or interrupted: the loop re-checks the state either way. */
         Py_BEGIN_ALLOW_THREADS
         if (deadline_ns < 0) {
@@ -701,6 +707,34 @@ WaitCore_set_dead_owner_hook(WaitCore *wc, PyObject *hook)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+WaitCore_set_dead(WaitCore *wc, PyObject *args)
+{
+    PyObject *type, *msg;
+
+    if (!PyArg_ParseTuple(args, "OU:set_dead", &type, &msg))
+        return NULL;
+    if (!PyExceptionClass_Check(type)) {
+        PyErr_SetString(PyExc_TypeError, "exc_type must be an exception class");
+        return NULL;
+    }
+    Py_INCREF(type);
+    Py_INCREF(msg);
+    Py_XSETREF(wc->dead_type, type);
+    Py_XSETREF(wc->dead_msg, msg);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+WaitCore_raise_if_dead(WaitCore *wc, PyObject *Py_UNUSED(ignored))
+{
+    if (wc->dead_type != NULL) {
+        PyErr_SetObject(wc->dead_type, wc->dead_msg);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 int
 WaitCore_init(WaitCore *wc, PyObject *args, PyObject *kwds)
 {
@@ -796,6 +830,8 @@ WaitCore_dealloc(WaitCore *wc)
     }
     PyMem_Free(wc->woken);
     Py_CLEAR(wc->dead_owner_hook);
+    Py_CLEAR(wc->dead_type);
+    Py_CLEAR(wc->dead_msg);
     tp->tp_free((PyObject *)wc);
     Py_DECREF(tp);
 }
@@ -837,6 +873,11 @@ static PyMethodDef WaitCore_methods[] = {
      "signal_pending_state(slot, state) -> True if a pending signal ends a sleep in state"},
     {"set_dead_owner_hook", (PyCFunction)WaitCore_set_dead_owner_hook, METH_O,
      "set_dead_owner_hook(fn): fn(what, pid) reports a `what` lock taken over from dead task pid"},
+    {"set_dead", (PyCFunction)WaitCore_set_dead, METH_VARARGS,
+     "set_dead(exc_type, message): the kernel died; from now on every sleep that would "
+     "block raises exc_type(message) instead"},
+    {"raise_if_dead", (PyCFunction)WaitCore_raise_if_dead, METH_NOARGS,
+     "raise_if_dead(): raise what set_dead() named, if it was called (for polling waits)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -178,16 +178,19 @@ def test_hung_task_timeout_zero_disables_the_detector(kernel):
 
 def test_hung_task_panic_reports_then_panics_the_kernel():
     """hung_task_panic=1: the report, then "Kernel panic - not syncing: hung_task: blocked
-    tasks", and the kernel is dead (every task killed); shutdown still cleans up."""
+    tasks", and the kernel is dead (every task killed): the booting process is told at
+    once (KernelDeadError naming the panic) and shutdown still cleans up."""
     import psutil
 
     k = emu.boot(hung_task_timeout_secs=1, hung_task_panic=1, console_loglevel=0)
     try:
         c = emu.Completion()
         t = emu.kthread_run(lambda c: emu.wait_for_completion(c) or 0, c, "panicky")
-        wait_until(lambda: any("Kernel panic - not syncing: hung_task: blocked tasks" in line
-                               for line in k.dmesg()), timeout=10, what="the hung-task panic")
+        with pytest.raises(emu.KernelDeadError, match="panicked: hung_task: blocked tasks"):
+            emu.wait_for_completion(c)  # nobody completes it: the panic ends the wait
+        assert not k.alive
         log = "\n".join(k.dmesg())
+        assert "Kernel panic - not syncing: hung_task: blocked tasks" in log
         assert f"INFO: task panicky:{t.pid} blocked for more than" in log
         wait_until(lambda: not psutil.pid_exists(t.pid)
                    or psutil.Process(t.pid).status() == psutil.STATUS_ZOMBIE, timeout=5,
