@@ -277,10 +277,12 @@ class Kernel:
 
 
 def _still_running(t: task.Task) -> bool:
-    """`t` was neither released nor has it exited (or died)."""
+    """`t` was neither released nor has it exited (or died). A kthread whose creator
+    (another kthread) has not yet published its pid (0) is still starting."""
     rec = t._rec
-    return (rec.in_use and rec.generation == t.generation and not rec.kflags & KTHREAD_EXITED
-            and not _native.pid_is_dead(t.pid))
+    pid = rec.pid
+    return bool(rec.in_use and rec.generation == t.generation
+                and not rec.kflags & KTHREAD_EXITED and (pid <= 0 or not _native.pid_is_dead(pid)))
 
 
 def boot(

