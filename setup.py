@@ -12,8 +12,11 @@ setup(
     ext_modules=[
         Extension(
             "_emu_native",
-            ["native/emu_native.c"],
-            extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
+            ["native/module.c", "native/atomic.c", "native/lock.c", "native/waitcore.c",
+             "native/irqcore.c"],
+            depends=["native/emu.h"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra",
+                                "-Wno-unused-parameter"],
         )
     ],
 )

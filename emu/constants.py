@@ -1,20 +1,26 @@
-"""Numeric constants with the Linux kernel's values (include/linux/sched.h, errno.h)."""
+"""Numeric constants with the Linux kernel's values (include/linux/sched.h, errno.h).
+
+The numbers native/ uses in its own logic are defined there and taken from it here, so
+that each is defined once; Python code imports them all from this module.
+"""
 
 from __future__ import annotations
 
 import errno as _errno
 
+import _emu_native as _native
+
 # Task state bits (include/linux/sched.h, v6.1+).
-TASK_RUNNING = 0x0000
-TASK_INTERRUPTIBLE = 0x0001
-TASK_UNINTERRUPTIBLE = 0x0002
+TASK_RUNNING = _native.TASK_RUNNING
+TASK_INTERRUPTIBLE = _native.TASK_INTERRUPTIBLE
+TASK_UNINTERRUPTIBLE = _native.TASK_UNINTERRUPTIBLE
 __TASK_STOPPED = 0x0004
 __TASK_TRACED = 0x0008
 EXIT_DEAD = 0x0010
 EXIT_ZOMBIE = 0x0020
 TASK_PARKED = 0x0040
 TASK_DEAD = 0x0080
-TASK_WAKEKILL = 0x0100
+TASK_WAKEKILL = _native.TASK_WAKEKILL
 TASK_WAKING = 0x0200
 TASK_NOLOAD = 0x0400
 TASK_NEW = 0x0800
@@ -27,7 +33,7 @@ TASK_KILLABLE = TASK_WAKEKILL | TASK_UNINTERRUPTIBLE
 TASK_STOPPED = TASK_WAKEKILL | __TASK_STOPPED
 TASK_TRACED = __TASK_TRACED
 TASK_IDLE = TASK_UNINTERRUPTIBLE | TASK_NOLOAD
-TASK_NORMAL = TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE
+TASK_NORMAL = _native.TASK_NORMAL
 TASK_REPORT = 0x7F
 TASK_REPORT_IDLE = TASK_REPORT + 1
 
@@ -40,6 +46,9 @@ PF_EXITING = 0x00000004
 PF_KTHREAD = 0x00200000
 PF_NO_SETAFFINITY = 0x04000000
 
+#: The interrupt-enable bit of the flags local_irq_save() returns (x86 EFLAGS.IF).
+X86_EFLAGS_IF = 0x200
+
 TASK_COMM_LEN = 16
 KTHREAD_NAME_LEN = 64
 
@@ -50,7 +59,7 @@ ENOMEM = _errno.ENOMEM
 EBUSY = _errno.EBUSY
 EINVAL = _errno.EINVAL
 ENOSYS = _errno.ENOSYS
-ERESTARTSYS = 512
+ERESTARTSYS = _native.ERESTARTSYS
 
 LONG_MAX = (1 << 63) - 1
 MAX_SCHEDULE_TIMEOUT = LONG_MAX

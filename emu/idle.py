@@ -13,11 +13,14 @@ from .kthread import kthread_create_on_cpu, kthread_should_stop
 from .sched import schedule_timeout_idle
 from .task import wake_up_process
 
+#: The idle task's sleep in jiffies (decades): it ends with an interrupt or a wake-up.
+IDLE_SLEEP_JIFFIES = 1 << 40
+
 
 def _idle(cpu: int) -> int:
     """A CPU's idle task: it takes the CPU's interrupts while no task runs there."""
     while not kthread_should_stop():
-        schedule_timeout_idle(1 << 40)
+        schedule_timeout_idle(IDLE_SLEEP_JIFFIES)
     return 0
 
 

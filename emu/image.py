@@ -29,7 +29,7 @@ from .errors import NotBootedError
 IMAGE_MAGIC = 0x454D55494D414745  # "EMUIMAGE"
 #: Emulated CPUs and IRQ lines are bits of 64-bit masks.
 MAX_CPUS = 64
-NR_IRQS_MAX = 64
+NR_IRQS_MAX = _native.NR_IRQS_MAX
 #: Actions (request_irq() users) one IRQ line can have (IRQF_SHARED).
 MAX_IRQ_ACTIONS = 4
 IRQ_NAME_LEN = 32
@@ -389,7 +389,7 @@ class SharedImage:
         self.base = ctypes.addressof(self.img)
         self.sems: list[posix_ipc.Semaphore] = []
         #: native WaitCore: sleep/wake and completion queues
-        self.core: Any = _native.WaitCore(*self._core_layout(), os.getpid())
+        self.core: Any = _native.WaitCore(self._core_layout(), os.getpid())
         #: nanoseconds per jiffy (set at boot with HZ)
         self.jiffy_ns = 0
         #: this process's caches over this kernel's records (never shared across kernels)
@@ -418,37 +418,24 @@ class SharedImage:
         finally:
             sem.unlink()
 
-    def _core_layout(self) -> tuple[Any, ...]:
-        """Where WaitCore finds task and completion fields: the layout, passed as offsets."""
-        img = self.img
-        tasks = (TaskSlot.state, TaskSlot.wq_next, TaskSlot.wq_on, TaskSlot.sigpending,
-                 TaskSlot.notify_signal, TaskSlot.nvcsw, TaskSlot.preempt_count,
-                 TaskSlot.irqs_disabled, TaskSlot.recent_cpu)
-        comps = (CompletionRec.lock, CompletionRec.done, CompletionRec.head, CompletionRec.tail,
-                 CompletionRec.generation)
-        return (
-            ctypes.addressof(img.tasks), ctypes.sizeof(TaskSlot), len(img.tasks),
-            tuple(f.offset for f in tasks),
-            ctypes.addressof(img.completions), ctypes.sizeof(CompletionRec),
-            len(img.completions), tuple(f.offset for f in comps),
-        )
+    def _core_layout(self) -> dict[str, Any]:
+        """Where WaitCore finds task and completion fields: each table by field name."""
+        return {"tasks": record_table(self.img.tasks),
+                "completions": record_table(self.img.completions)}
 
-    def irq_layout(self) -> tuple[Any, ...]:
-        """Where IrqCore finds descriptor, per-CPU and task fields (after boot set the
-        header), for IrqCore(core, *layout, signo)."""
+    def irq_layout(self) -> dict[str, Any]:
+        """Where IrqCore finds descriptor, action, per-CPU, task and header fields (after
+        boot set the header), for IrqCore(core, layout, signo)."""
         img, hdr = self.img, self.img.hdr
-        desc = (IrqDesc.lock, IrqDesc.depth, IrqDesc.status, IrqDesc.affinity, IrqDesc.kstat,
-                IrqDesc.actions, IrqDesc.irq_count, IrqDesc.irqs_unhandled)
-        return (
-            ctypes.addressof(img.irqs), ctypes.sizeof(IrqDesc), hdr.nr_irqs,
-            tuple(f.offset for f in desc),
-            ctypes.sizeof(IrqAction), MAX_IRQ_ACTIONS, IrqAction.in_use.offset,
-            IrqAction.ref.offset, IrqAction.ref_generation.offset,
-            ctypes.addressof(img.percpu), ctypes.sizeof(PerCpu), hdr.ncpus,
-            (PerCpu.irq_pending.offset, PerCpu.idle_slot.offset),
-            (TaskSlot.in_use.offset, TaskSlot.cpu.offset, TaskSlot.pid.offset),
-            ctypes.addressof(hdr) + Header.task_high.offset,
-        )
+        return {
+            "irqs": record_table(img.irqs, hdr.nr_irqs),
+            "actions": {"size": ctypes.sizeof(IrqAction), "count": MAX_IRQ_ACTIONS,
+                        "fields": record_fields(IrqAction)},
+            "percpu": record_table(img.percpu, hdr.ncpus),
+            "tasks": record_table(img.tasks),
+            "header": {"addr": ctypes.addressof(hdr), "size": ctypes.sizeof(Header),
+                       "count": 1, "fields": record_fields(Header)},
+        }
 
     def after_fork_in_task(self) -> None:
         """In a new task process: drop what only the booting process may hold."""
@@ -470,6 +457,20 @@ class SharedImage:
             except BufferError:
                 pass  # views into the image still exist; the mapping goes with them
             self.mm = None  # type: ignore[assignment]
+
+
+def record_fields(rtype: Any) -> dict[str, tuple[int, int]]:
+    """Every field of a ctypes record as native/ looks it up: name -> (offset, size)."""
+    return {name: (getattr(rtype, name).offset, getattr(rtype, name).size)
+            for name, *_ in rtype._fields_}
+
+
+def record_table(records: Any, count: int | None = None) -> dict[str, Any]:
+    """A table of records in the image as native/ takes it (by field name, never by
+    position): its address, record size, number of records (default: all) and fields."""
+    return {"addr": ctypes.addressof(records), "size": ctypes.sizeof(records._type_),
+            "count": len(records) if count is None else count,
+            "fields": record_fields(records._type_)}
 
 
 _this: SharedImage | None = None

@@ -99,7 +99,7 @@ def _core() -> Any:
     img = image.this()
     core = img.irq_core
     if core is None:
-        core = img.irq_core = _native.IrqCore(img.core, *img.irq_layout(), SIG_IRQ)
+        core = img.irq_core = _native.IrqCore(img.core, img.irq_layout(), SIG_IRQ)
     return core
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import _emu_native as _native
 
 from . import checks, image
+from .constants import X86_EFLAGS_IF
 
 PREEMPT_OFFSET = 0x1
 SOFTIRQ_OFFSET = 0x100
@@ -157,7 +158,7 @@ def irqs_off_raw(off: bool) -> None:
 
 def local_irq_save() -> int:
     """Disable interrupts; returns the flags to give to local_irq_restore()."""
-    flags = 0 if _irqs_off else 0x200  # X86_EFLAGS_IF
+    flags = 0 if _irqs_off else X86_EFLAGS_IF
     if not _irqs_off:
         local_irq_disable()
     return flags
@@ -167,7 +168,7 @@ def local_irq_restore(flags: int) -> None:
     """Restore the interrupt state saved by local_irq_save()."""
     if type(flags) is not int or not 0 <= flags <= checks.ULONG_MAX:
         checks.check_int(flags, "flags", "unsigned long")
-    if flags & 0x200:
+    if flags & X86_EFLAGS_IF:
         local_irq_enable()
     else:
         local_irq_disable()

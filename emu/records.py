@@ -24,7 +24,7 @@ from . import image, irqflags
 from .errors import CapacityError, StaleObjectError
 
 #: Busy-wait iterations before sleeping on the futex (the "spin briefly" part).
-SPINS = 200
+SPINS = _native.LOCK_SPINS
 
 _pid = os.getpid()
 _recovered: list[tuple[str, int]] = []

@@ -107,20 +107,19 @@ def schedule_timeout(timeout: int) -> int:
         log_store(4, "\n".join(bug.stack_lines(bug._caller(1))))
         set_current_state(TASK_RUNNING)
         return 0
-    jiffy_ns = image.this().jiffy_ns
-    length = min(timeout * jiffy_ns, FOREVER_NS)
-    deadline = time.monotonic_ns() + length
+    core = image.this().core
+    length = core.timeout_ns(timeout)  # -1: too long for a timer
+    deadline = None if length < 0 else time.monotonic_ns() + length
     state = current_state()
     if state != TASK_RUNNING:
         if signal_pending_state(state, me):
             set_current_state(TASK_RUNNING)
         else:
             preempt.schedule_debug()
-            sleep(None if length == FOREVER_NS else deadline)
-    if length == FOREVER_NS:
+            sleep(deadline)
+    if deadline is None:
         return timeout
-    left = deadline - time.monotonic_ns()
-    return -(-left // jiffy_ns) if left > 0 else 0
+    return core.jiffies_left(deadline - time.monotonic_ns())
 
 
 def _schedule_timeout_state(state: int, timeout: int) -> int:

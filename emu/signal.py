@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import signal as _os_signal
 
-from . import checks, records
+from . import checks, image, records
 from .constants import EINVAL, ESRCH, PF_EXITING, TASK_DEAD, TASK_INTERRUPTIBLE, TASK_WAKEKILL
 from .task import Task, check_task, current, wake_up_state
 
@@ -109,11 +109,7 @@ def fatal_signal_pending(task: Task) -> bool:
 
 def signal_pending_state(state: int, task: Task) -> bool:
     """Would a pending signal end a sleep in `state`? (include/linux/sched/signal.h)"""
-    if not state & (TASK_INTERRUPTIBLE | TASK_WAKEKILL):
-        return False
-    if not signal_pending(task):
-        return False
-    return bool(state & TASK_INTERRUPTIBLE) or fatal_signal_pending(task)
+    return image.this().core.signal_pending_state(check_task(task).slot, state)
 
 
 def flush_signals(task: Task) -> None:

@@ -1,4 +1,5 @@
-"""Tests for the C extension _emu_native (atomics, owner-aware lock, futex, prctl).
+"""Tests for the C extension _emu_native (atomics, owner-aware lock, process helpers,
+the WaitCore layout and rules).
 
 All memory is one anonymous MAP_SHARED page (mmap.mmap(-1, 4096)), inherited by
 os.fork(), so the cross-process tests exercise exactly what the emulator relies on.
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import mmap
 import os
 import select
@@ -147,13 +147,16 @@ def test_module_surface():
     names = [
         *("load32", "store32", "add32", "xchg32", "cmpxchg32", "or32", "and32"),
         *("load64", "store64", "add64", "xchg64", "cmpxchg64", "or64", "and64"),
-        *("lock", "trylock", "unlock", "lock_owner", "force_unlock"),
-        *("futex_wait", "futex_wake", "set_comm", "get_comm", "set_pdeathsig", "pid_is_dead"),
+        *("lock", "trylock", "unlock", "lock_owner"),
+        *("set_comm", "get_comm", "pid_is_dead"),
     ]
     assert _native.__doc__
     for name in names:
         fn = getattr(_native, name)
         assert fn.__doc__ and "return" in fn.__doc__.lower(), name
+    # Nothing ships that only tests used.
+    for name in ("force_unlock", "futex_wait", "futex_wake", "set_pdeathsig"):
+        assert not hasattr(_native, name), name
 
 
 def test_atomics32(base):
@@ -341,9 +344,6 @@ ADDR_FUNCS = {
     "trylock": (4, (os.getpid(),)),
     "unlock": (4, (os.getpid(),)),
     "lock_owner": (4, ()),
-    "force_unlock": (4, (12345,)),
-    "futex_wait": (4, (1, 0)),
-    "futex_wake": (4, (1,)),
 }
 
 
@@ -379,8 +379,6 @@ def test_bad_values(base):
         _native.unlock(base, 0)
     with pytest.raises(ValueError, match="pid"):
         _native.pid_is_dead(0)
-    with pytest.raises(ValueError):
-        _native.futex_wake(base, -1)
     assert _native.lock_owner(base) == 0
 
 
@@ -421,18 +419,18 @@ def test_lock_recursion_times_out(base):
     assert _native.unlock(base, me)
 
 
-def test_force_unlock(base):
+def test_unlock_only_by_its_owner(base):
     me = os.getpid()
-    assert _native.force_unlock(base, me) is False  # free: nothing to release
+    assert _native.unlock(base, me) is False  # free: nothing to release
     assert _native.trylock(base, me)
-    assert _native.force_unlock(base, me + 1) is False
+    assert _native.unlock(base, me + 1) is False
     assert _native.lock_owner(base) == me
-    assert _native.force_unlock(base, me) is True
+    assert _native.unlock(base, me) is True
     assert _native.lock_owner(base) == 0
 
 
-def test_lock_releases_gil_and_force_unlock_wakes(base):
-    """A thread sleeps in lock() (so the GIL is free); force_unlock wakes it at once."""
+def test_lock_releases_gil_and_unlock_wakes(base):
+    """A thread sleeps in lock() (so the GIL is free); unlock wakes it at once."""
     me = os.getpid()
     assert _native.trylock(base, me)  # a live owner: the sleeper must not take over
     result = {}
@@ -447,7 +445,7 @@ def test_lock_releases_gil_and_force_unlock_wakes(base):
     wait_until(lambda: _native.load32(base + 4) == 1)  # asleep in FUTEX_WAIT
     time.sleep(0.05)
     assert "r" not in result
-    assert _native.force_unlock(base, me) is True
+    assert _native.unlock(base, me) is True
     th.join(10)
     assert not th.is_alive()
     assert result["r"] == 0 and result["t"] < 10
@@ -629,91 +627,7 @@ def test_lock_two_processes_counter(base, children):
     assert _native.load32(lockw + 4) == 0
 
 
-# ----------------------------------------------------------------------------- futex
-
-
-def test_futex_wait_errors(base):
-    _native.store32(base, 5)
-    assert _native.futex_wait(base, 4, SEC) == -errno.EAGAIN
-    assert _native.futex_wait(base, 5, 0) == -errno.ETIMEDOUT
-    t0 = time.monotonic()
-    assert _native.futex_wait(base, 0x1_0000_0005, 30 * MS) == -errno.ETIMEDOUT  # wrapped
-    assert time.monotonic() - t0 >= 0.025
-    assert _native.futex_wake(base, 1) == 0
-
-
-def test_futex_wait_eintr(base):
-    calls = []
-    with signal_main_thread_after(0.05, lambda s, f: calls.append(s)):
-        assert _native.futex_wait(base, 0, 10 * SEC) == -errno.EINTR
-    assert calls == [signal.SIGUSR1]
-
-    class Interrupted(Exception):
-        pass
-
-    def handler(signum, frame):
-        raise Interrupted
-
-    with signal_main_thread_after(0.05, handler), pytest.raises(Interrupted):
-        _native.futex_wait(base, 0, 10 * SEC)
-
-
-def test_futex_wait_releases_gil(base):
-    result = {}
-
-    def waiter():
-        result["r"] = _native.futex_wait(base, 0, -1)
-
-    th = threading.Thread(target=waiter)
-    th.start()
-    woken = 0
-    deadline = time.monotonic() + 10
-    while woken == 0 and time.monotonic() < deadline:
-        time.sleep(0.005)
-        woken = _native.futex_wake(base, 1)
-    th.join(10)
-    assert woken == 1 and result["r"] == 0
-
-
-def test_futex_shared_across_processes(base, children):
-    """Wait in one process, wake from another: only works with a shared futex."""
-    word, ready = base, base + 4
-
-    def child():
-        _native.store32(ready, 1)
-        return 0 if _native.futex_wait(word, 0, 10 * SEC) == 0 else 2
-
-    pid = children.fork(child)
-    wait_until(lambda: _native.load32(ready) == 1)
-    woken = 0
-    deadline = time.monotonic() + 10
-    while woken == 0 and time.monotonic() < deadline:
-        woken = _native.futex_wake(word, 1)
-        time.sleep(0.002)
-    assert woken == 1
-    assert children.reap(pid) == 0
-
-
-def test_futex_wake_many(base):
-    n = 3
-    results = []
-    threads = [
-        threading.Thread(target=lambda: results.append(_native.futex_wait(base, 0, 10 * SEC)))
-        for _ in range(n)
-    ]
-    for th in threads:
-        th.start()
-    woken = 0
-    deadline = time.monotonic() + 10
-    while woken < n and time.monotonic() < deadline:
-        time.sleep(0.005)
-        woken += _native.futex_wake(base, 2**31 - 1)
-    for th in threads:
-        th.join(10)
-    assert woken == n and results == [0] * n
-
-
-# --------------------------------------------------------------------------- process
+# ----------------------------------------------------------------------- process helpers
 
 
 def _comm() -> str:
@@ -752,28 +666,6 @@ def test_get_comm_reads_what_set_comm_wrote():
     assert _native.get_comm() == original
 
 
-def test_set_pdeathsig(children):
-    def child():
-        libc = ctypes.CDLL(None, use_errno=True)
-        got = ctypes.c_int(-1)
-        _native.set_pdeathsig(signal.SIGUSR1)
-        if libc.prctl(2, ctypes.byref(got), 0, 0, 0) != 0:  # PR_GET_PDEATHSIG
-            return 2
-        if got.value != signal.SIGUSR1:
-            return 3
-        _native.set_pdeathsig(0)
-        libc.prctl(2, ctypes.byref(got), 0, 0, 0)
-        if got.value != 0:
-            return 4
-        try:
-            _native.set_pdeathsig(100000)
-        except OSError as e:
-            return 0 if e.errno == errno.EINVAL else 5
-        return 6
-
-    assert children.reap(children.fork(child)) == 0
-
-
 def test_pid_is_dead(children, pipe):
     assert _native.pid_is_dead(os.getpid()) is False
     assert _native.pid_is_dead(1) is False  # init exists (EPERM or not, never ESRCH)
@@ -791,3 +683,106 @@ def test_pid_is_dead(children, pipe):
     assert os.kill(pid, 0) is None  # still there, unreaped
     assert children.reap(pid) == 0
     assert _native.pid_is_dead(pid) is True  # gone: ESRCH
+
+
+# --------------------------------------------------------------------------- image layout
+
+
+def _reversed_record(rtype):
+    """rtype with its fields in the opposite order: the same names, other offsets."""
+    return type(f"Reversed{rtype.__name__}", (ctypes.Structure,),
+                {"_fields_": list(reversed(rtype._fields_))})
+
+
+@contextlib.contextmanager
+def _waitcore_layout(task_type, comp_type):
+    """A WaitCore layout over 2 task slots and 2 completions of the given record types."""
+    from emu.image import record_table
+
+    tasks, comps = (task_type * 2)(), (comp_type * 2)()
+    yield {"tasks": record_table(tasks), "completions": record_table(comps)}, tasks, comps
+
+
+def test_waitcore_layout_names_its_missing_field():
+    from emu.image import CompletionRec, TaskSlot
+
+    with _waitcore_layout(TaskSlot, CompletionRec) as (layout, _, _):
+        del layout["tasks"]["fields"]["wq_next"]
+        with pytest.raises(ValueError, match="tasks record has no field 'wq_next'"):
+            _native.WaitCore(layout, os.getpid())
+    with _waitcore_layout(TaskSlot, CompletionRec) as (layout, _, _):
+        del layout["completions"]
+        with pytest.raises(ValueError, match="WaitCore layout: the layout has no 'completions'"):
+            _native.WaitCore(layout, os.getpid())
+
+
+def test_waitcore_layout_checks_field_size_and_bounds():
+    from emu.image import CompletionRec, TaskSlot
+
+    with _waitcore_layout(TaskSlot, CompletionRec) as (layout, _, _):
+        fields = layout["completions"]["fields"]
+        fields["done"] = (fields["done"][0], 8)
+        with pytest.raises(ValueError, match="completions field 'done' is 8 bytes, not 4"):
+            _native.WaitCore(layout, os.getpid())
+        fields["done"] = (layout["completions"]["size"], 4)
+        with pytest.raises(ValueError, match="field 'done' at offset .* outside its"):
+            _native.WaitCore(layout, os.getpid())
+
+
+def test_waitcore_follows_reordered_records():
+    """Records whose fields are in another order work alike: C finds every field by name."""
+    from emu.image import CompletionRec, TaskSlot
+
+    with _waitcore_layout(_reversed_record(TaskSlot), _reversed_record(CompletionRec)) as (
+            layout, tasks, comps):
+        core = _native.WaitCore(layout, os.getpid())
+        comps[1].generation = 5
+        comps[1].head = comps[1].tail = -1
+        assert core.complete(1, 5, False) == 0
+        assert comps[1].done == 1
+        assert core.try_wait(1, 5) is True
+        assert core.try_wait(1, 5) is False
+        assert core.try_wait(1, 4) is None  # a stale handle
+        tasks[1].state = 1  # TASK_INTERRUPTIBLE
+        assert core.wake(1, 2) == 0 and tasks[1].state == 1
+
+
+# --------------------------------------------------------------------------- WaitCore rules
+
+
+def test_waitcore_timeout_conversions():
+    """schedule_timeout()'s and the completion waits' one jiffies <-> ns conversion."""
+    from emu.image import CompletionRec, TaskSlot
+
+    with _waitcore_layout(TaskSlot, CompletionRec) as (layout, _, _):
+        core = _native.WaitCore(layout, os.getpid())
+        with pytest.raises(RuntimeError, match="no timebase"):
+            core.timeout_ns(1)
+        core.set_timebase(MS, 1 << 62)
+        assert core.timeout_ns(0) == 0
+        assert core.timeout_ns(5) == 5 * MS
+        assert core.timeout_ns((1 << 62) // MS + 1) == -1  # reaches forever: no timer
+        with pytest.raises(ValueError, match="timeout must be >= 0"):
+            core.timeout_ns(-1)
+        assert [core.jiffies_left(ns) for ns in (-5, 0, 1, 2 * MS, 2 * MS + 1)] == [0, 0, 1, 2, 3]
+
+
+def test_waitcore_signal_pending_state():
+    """signal_pending_state(): any signal ends S, only SIGKILL ends TASK_KILLABLE, none D."""
+    from emu.constants import TASK_INTERRUPTIBLE, TASK_KILLABLE, TASK_UNINTERRUPTIBLE
+    from emu.image import CompletionRec, TaskSlot
+
+    with _waitcore_layout(TaskSlot, CompletionRec) as (layout, tasks, _):
+        core = _native.WaitCore(layout, os.getpid())
+        states = (TASK_INTERRUPTIBLE, TASK_KILLABLE, TASK_UNINTERRUPTIBLE)
+        assert [core.signal_pending_state(1, s) for s in states] == [False] * 3
+        tasks[1].sigpending = 1 << (signal.SIGUSR1 - 1)
+        assert [core.signal_pending_state(1, s) for s in states] == [True, False, False]
+        tasks[1].sigpending |= 1 << (signal.SIGKILL - 1)
+        assert [core.signal_pending_state(1, s) for s in states] == [True, True, False]
+        tasks[1].sigpending = 0
+        tasks[1].notify_signal = 1  # TIF_NOTIFY_SIGNAL (kthread_stop)
+        assert core.signal_pending_state(1, TASK_INTERRUPTIBLE) is True
+        assert core.signal_pending_state(0, TASK_INTERRUPTIBLE) is False
+        with pytest.raises(ValueError, match="slot 2 out of range"):
+            core.signal_pending_state(2, TASK_INTERRUPTIBLE)
