@@ -40,13 +40,12 @@ from .irqchip import (
     IRQF_ONESHOT,
     IRQF_SHARED,
     IRQS_INPROGRESS,
-    IRQS_ONESHOT,
-    IRQS_PENDING,
-    IRQS_SPURIOUS_DISABLED,
     IRQTF_RUNTHREAD,
+    _core,
     _desc,
     _lock,
     _views,
+    irq_finalize_oneshot,
     irq_inject_interrupt,
 )
 from .kthread import kthread_run, kthread_should_stop, kthread_stop
@@ -89,18 +88,8 @@ def _irq_thread(data: tuple[int, int, Callable[[int, Any], int], Any]) -> int:
 
 
 def _unmask_oneshot(irq: int, desc: Any, action: Any) -> None:
-    if not action.flags & IRQF_ONESHOT:
-        return
-    addr = _lock(desc)
-    try:
-        desc.status &= ~IRQS_ONESHOT
-        replay = desc.status & IRQS_PENDING and desc.depth == 0
-        if replay:
-            desc.status &= ~IRQS_PENDING
-    finally:
-        records.raw_spin_unlock(addr)
-    if replay:
-        irq_inject_interrupt(irq)
+    if action.flags & IRQF_ONESHOT:
+        irq_finalize_oneshot(irq)
 
 
 def irq_default_primary_handler(irq: int, dev: Any) -> int:
@@ -183,7 +172,7 @@ def _claim_action(irq: int, desc: Any, flags: int, name: str, ref: tuple[int, in
                 action.warned = 0
                 action.name = name.encode("utf-8")[: image.IRQ_NAME_LEN - 1]
                 if not used:
-                    desc.status &= ~(IRQS_PENDING | IRQS_ONESHOT | IRQS_SPURIOUS_DISABLED)
+                    _core().startup(irq)
                 return index
         return -ENOMEM
     finally:
@@ -259,10 +248,8 @@ def _same(a: Any, b: Any) -> bool:
 
 def disable_irq_nosync(irq: int) -> None:
     """Disable line `irq` (nesting); arrivals are held and replayed once on enable. Any context."""
-    desc = _desc(irq)
-    addr = _lock(desc)
-    desc.depth += 1
-    records.raw_spin_unlock(addr)
+    _desc(irq)
+    _core().disable(irq)
 
 
 def disable_irq(irq: int) -> None:
@@ -277,22 +264,11 @@ def enable_irq(irq: int) -> None:
 
     Without a matching disable: WARN "Unbalanced enable for IRQ n".
     """
-    desc = _desc(irq)
-    addr = _lock(desc)
-    try:
-        if desc.depth == 0:
-            unbalanced = True
-        else:
-            unbalanced = False
-            desc.depth -= 1
-            replay = desc.depth == 0 and desc.status & IRQS_PENDING
-            if replay:
-                desc.status &= ~IRQS_PENDING
-    finally:
-        records.raw_spin_unlock(addr)
-    if unbalanced:
+    _desc(irq)
+    result = _core().enable(irq)
+    if result < 0:
         bug.warn(f"Unbalanced enable for IRQ {irq}", depth=2)
-    elif replay:
+    elif result:
         irq_inject_interrupt(irq)
 
 

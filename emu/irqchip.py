@@ -136,6 +136,13 @@ def irq_inject_interrupt(irq: int) -> None:
         do_IRQ()  # our own CPU: take it now (or leave it pending if IRQs are off)
 
 
+def irq_finalize_oneshot(irq: int) -> None:
+    """Unmask a ONESHOT line whose thread returned (or died), and replay an arrival it
+    held meanwhile unless the line is disabled. Any context, any process."""
+    if _core().finalize_oneshot(irq):
+        irq_inject_interrupt(irq)
+
+
 def ring_doorbell(cpu: int) -> None:
     """Make `cpu` look at its pending interrupts and softirqs.
 
@@ -278,7 +285,7 @@ def _handler_enabled_irqs(irq: int, index: int) -> None:
 
 
 def _wake_thread(irq: int, index: int) -> None:
-    desc, action = _views().descs[irq], _views().actions[irq][index]
+    action = _views().actions[irq][index]
     if action.thread_slot < 0:
         if not action.warned & WARNED_NO_THREAD:
             action.warned |= WARNED_NO_THREAD
@@ -289,7 +296,7 @@ def _wake_thread(irq: int, index: int) -> None:
     if thread._rec.flags & PF_EXITING:
         return  # it died: pretend it handled the interrupt (__irq_wake_thread())
     if action.flags & IRQF_ONESHOT:
-        records.field_or(desc, "status", IRQS_ONESHOT)  # the line is running
+        _core().oneshot_mask(irq)  # masked until the thread returns
     records.field_or(action, "thread_flags", IRQTF_RUNTHREAD)
     wake_up_process(thread)
 

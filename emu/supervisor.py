@@ -35,7 +35,7 @@ from .constants import (
     TASK_WAKEKILL,
 )
 from .errors import CapacityError
-from .irqchip import IRQS_ONESHOT, IRQTF_RUNTHREAD, irq_inject_interrupt
+from .irqchip import IRQTF_RUNTHREAD, irq_finalize_oneshot, irq_inject_interrupt
 from .kthread import KTHREAD_EXITED, KTHREAD_PINNED, SIG_REAP, exit_notify
 from .preempt import HARDIRQ_MASK, NMI_MASK, SOFTIRQ_OFFSET
 from .printk import log_store
@@ -207,7 +207,7 @@ class Supervisor:
                       and not tasks[a.thread_slot].flags & PF_EXITING]
             if not others:  # only the dead thread can have been running a handler
                 records.field_store(desc, "threads_active", 0)
-                records.field_and(desc, "status", ~IRQS_ONESHOT)
+                irq_finalize_oneshot(irq)
             return
 
 

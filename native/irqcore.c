@@ -17,8 +17,10 @@
  * CPU, or to its idle task, plus a post of its semaphore so that a doorbell racing
  * with the start of a sleep is not lost), and the state changes of handle_edge_irq()
  * and note_interrupt() (kernel/irq/chip.c, spurious.c) under the descriptor's lock.
- * emu/irq.py owns the policy and runs the handlers, which are Python; nothing here
- * runs Python code while a lock is held. Like WaitCore, this code computes no
+ * A descriptor's depth and status words change only here, always under its lock:
+ * line control (disable/enable, the oneshot mask) is here too, so that no change is
+ * lost to another CPU's. emu/irq.py owns the policy and runs the handlers, which are
+ * Python; nothing here runs Python code while a lock is held. Like WaitCore, this code computes no
  * offset itself: emu/image.py passes the layout in.
  */
 
@@ -425,6 +427,129 @@ IrqCore_abort(IrqCore *ic, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/*
+ * The line-control state changes: each runs under the descriptor's lock and returns a
+ * small int for the caller's follow-up. With irq_disable()/irq_enable() below, claim()
+ * and end() above, these are the only writers of a descriptor's depth and status.
+ */
+typedef int (*ic_line_op)(IrqCore *ic, Py_ssize_t irq);
+
+/* disable_irq_nosync(): one more level of disabling. Returns 0. */
+static int
+ic_disable(IrqCore *ic, Py_ssize_t irq)
+{
+    ++*D_FIELD(ic, irq, ic->d_depth, int32_t);
+    return 0;
+}
+
+/* A held arrival (IRQS_PENDING) on a line that is enabled again: 1 to replay, cleared. */
+static int
+ic_take_held(IrqCore *ic, Py_ssize_t irq)
+{
+    int32_t *status = D_FIELD(ic, irq, ic->d_status, int32_t);
+
+    if (*D_FIELD(ic, irq, ic->d_depth, int32_t) != 0 || !(LOAD32(status) & IRQS_PENDING))
+        return 0;
+    __atomic_fetch_and(status, ~IRQS_PENDING, __ATOMIC_SEQ_CST);
+    return 1;
+}
+
+/* enable_irq(): -1 if not disabled (unbalanced, nothing changed); else one level less
+ * and ic_take_held(). */
+static int
+ic_enable(IrqCore *ic, Py_ssize_t irq)
+{
+    int32_t *depth = D_FIELD(ic, irq, ic->d_depth, int32_t);
+
+    if (*depth == 0)
+        return -1;
+    --*depth;
+    return ic_take_held(ic, irq);
+}
+
+/* __irq_wake_thread() of a ONESHOT action: the line stays masked until the thread
+ * returns. Returns 0. */
+static int
+ic_oneshot_mask(IrqCore *ic, Py_ssize_t irq)
+{
+    __atomic_fetch_or(D_FIELD(ic, irq, ic->d_status, int32_t), IRQS_ONESHOT, __ATOMIC_SEQ_CST);
+    return 0;
+}
+
+/* irq_finalize_oneshot(): the thread returned (or died): unmask, then ic_take_held(). */
+static int
+ic_finalize_oneshot(IrqCore *ic, Py_ssize_t irq)
+{
+    __atomic_fetch_and(D_FIELD(ic, irq, ic->d_status, int32_t), ~IRQS_ONESHOT,
+                       __ATOMIC_SEQ_CST);
+    return ic_take_held(ic, irq);
+}
+
+/* Run `op` on line `arg` under the descriptor's lock; its result as an int. */
+static PyObject *
+ic_locked(IrqCore *ic, PyObject *arg, ic_line_op op)
+{
+    int32_t *lockw;
+    Py_ssize_t irq;
+    int r;
+
+    if (ic_irq_arg(ic, arg, &irq) < 0)
+        return NULL;
+    lockw = D_FIELD(ic, irq, ic->d_lock, int32_t);
+    wc_lock(ic->wc, lockw, "irq descriptor");
+    r = op(ic, irq);
+    raw_unlock(lockw);
+    if (wc_report_dead_owner(ic->wc) < 0)
+        return NULL;
+    return PyLong_FromLong(r);
+}
+
+static PyObject *
+IrqCore_disable(IrqCore *ic, PyObject *arg)
+{
+    return ic_locked(ic, arg, ic_disable);
+}
+
+static PyObject *
+IrqCore_enable(IrqCore *ic, PyObject *arg)
+{
+    return ic_locked(ic, arg, ic_enable);
+}
+
+static PyObject *
+IrqCore_oneshot_mask(IrqCore *ic, PyObject *arg)
+{
+    return ic_locked(ic, arg, ic_oneshot_mask);
+}
+
+static PyObject *
+IrqCore_finalize_oneshot(IrqCore *ic, PyObject *arg)
+{
+    return ic_locked(ic, arg, ic_finalize_oneshot);
+}
+
+/*
+ * startup(irq): __setup_irq() of a line's first action, which the caller is claiming
+ * with the descriptor's lock held (the check is lockdep_assert_held()): a past owner's
+ * held arrival, oneshot mask and spurious shut-off are forgotten.
+ */
+static PyObject *
+IrqCore_startup(IrqCore *ic, PyObject *arg)
+{
+    Py_ssize_t irq;
+
+    if (ic_irq_arg(ic, arg, &irq) < 0)
+        return NULL;
+    if (LOAD32(D_FIELD(ic, irq, ic->d_lock, int32_t)) != ic->wc->pid) {
+        PyErr_Format(PyExc_RuntimeError, "startup(%zd) without the descriptor's lock", irq);
+        return NULL;
+    }
+    __atomic_fetch_and(D_FIELD(ic, irq, ic->d_status, int32_t),
+                       ~(IRQS_PENDING | IRQS_ONESHOT | IRQS_SPURIOUS_DISABLED),
+                       __ATOMIC_SEQ_CST);
+    Py_RETURN_NONE;
+}
+
 static int
 IrqCore_init(IrqCore *ic, PyObject *args, PyObject *kwds)
 {
@@ -550,6 +675,18 @@ static PyMethodDef IrqCore_methods[] = {
      "line was just shut off as spurious)"},
     {"abort", (PyCFunction)IrqCore_abort, METH_O,
      "abort(irq): the line is no longer in progress (its handlers did not finish)"},
+    {"disable", (PyCFunction)IrqCore_disable, METH_O,
+     "disable(irq) -> 0: one more level of disabling"},
+    {"enable", (PyCFunction)IrqCore_enable, METH_O,
+     "enable(irq) -> -1 if the line was not disabled (nothing changed), 1 if it is enabled "
+     "again with an arrival held (cleared: replay it), else 0"},
+    {"oneshot_mask", (PyCFunction)IrqCore_oneshot_mask, METH_O,
+     "oneshot_mask(irq) -> 0: masked until its thread returns (IRQS_ONESHOT)"},
+    {"finalize_oneshot", (PyCFunction)IrqCore_finalize_oneshot, METH_O,
+     "finalize_oneshot(irq) -> 1 if the unmasked line has an arrival held (cleared: "
+     "replay it), else 0"},
+    {"startup", (PyCFunction)IrqCore_startup, METH_O,
+     "startup(irq): forget a past owner's line state; the caller holds the lock"},
     {NULL, NULL, 0, NULL},
 };
 

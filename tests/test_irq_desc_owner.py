@@ -106,7 +106,6 @@ def quiesce(desc, action, thread, release):
     emu.reinit_completion(release)
 
 
-@pytest.mark.xfail(strict=True, reason="the status word has two owners (issue #10)")
 @pytest.mark.emu_boot(cpus=2)
 @pytest.mark.timeout(120)
 def test_a_thread_wakeup_racing_with_enable_irq_keeps_the_line_masked(kernel):
