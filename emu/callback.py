@@ -141,7 +141,7 @@ def _refuse_file(f: io.TextIOWrapper) -> Any:
     raise TypeError(f"cannot pickle an open file ({getattr(f, 'name', '?')!r})")
 
 
-class _Pickler(cloudpickle.Pickler):
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle has no types
     dispatch_table = ChainMap({io.TextIOWrapper: _refuse_file},
                               cloudpickle.Pickler.dispatch_table)
 

@@ -210,7 +210,7 @@ def _wait_slow(x: Completion, timeout: int, state: int) -> int:
     index = x.live_index
     if preempt.in_atomic() and not x._rec.done:
         preempt.schedule_debug()
-    left = x._core.wait(index, current().slot, timeout, state)
+    left: int = x._core.wait(index, current().slot, timeout, state)
     if preempt.irqs_disabled():
         preempt.local_irq_enable()  # raw_spin_unlock_irq(): interrupts are on afterwards
     return left

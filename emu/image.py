@@ -16,8 +16,9 @@ import mmap
 import os
 import re
 import secrets
+from collections.abc import Iterator
 from ctypes import c_char, c_int32, c_int64, c_uint8, c_uint32, c_uint64
-from typing import Any
+from typing import Any, Protocol, TypeVar, cast, overload
 
 import posix_ipc
 
@@ -68,17 +69,47 @@ def own_ipc_names(pid: int) -> set[str]:
         return {e for e in os.listdir(SHM_DIR) if e.startswith((f"emu-{pid}-", f"sem.emu-{pid}-"))}
     except OSError:
         return set()
+
+
+#: A record (or number) type of the image.
+R = TypeVar("R")
+
+
+class Table(Protocol[R]):
+    """A table of records in the image (a ctypes array), as the type checker sees it."""
+
+    @overload
+    def __getitem__(self, index: int, /) -> R: ...
+    @overload
+    def __getitem__(self, index: slice, /) -> list[R]: ...
+    def __setitem__(self, index: int, value: R, /) -> None: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[R]: ...
+
+
+def offsetof(rtype: type[ctypes.Structure], name: str) -> int:
+    """offsetof(): where field `name` lies in a record of type `rtype`."""
+    return int(getattr(rtype, name).offset)
+
+
 LOG_TEXT_LEN = 240
 
 
 class LockWord(ctypes.Structure):
     """native/'s owner-aware lock: holder pid (0 = free) and sleeper count."""
 
+    owner: int
+    waiters: int
+
     _fields_ = [("owner", c_int32), ("waiters", c_int32)]
 
 
 class PoolHdr(ctypes.Structure):
     """Allocation state of one table of records (completions, atomics, ...)."""
+
+    lock: LockWord
+    free: int
+    high: int
 
     _fields_ = [
         ("lock", LockWord),
@@ -89,6 +120,13 @@ class PoolHdr(ctypes.Structure):
 
 class HeapHdr(ctypes.Structure):
     """The shared byte heap (heap.py): where its blocks lie and which are free."""
+
+    lock: LockWord
+    size: int
+    start: int
+    end: int
+    free_head: int
+    used: int
 
     _fields_ = [
         ("lock", LockWord),
@@ -104,6 +142,11 @@ class HeapBlock(ctypes.Structure):
     """A block of the heap. Allocated blocks use the first two fields, their payload
     follows at offset HEAP_BLOCK_HDR; a free block links itself in its payload."""
 
+    size: int
+    prev_size: int
+    next_free: int
+    prev_free: int
+
     _fields_ = [
         ("size", c_int64),  # bytes, header included; bit 0 set while allocated
         ("prev_size", c_int64),  # size of the block just before, 0 for the first
@@ -113,11 +156,15 @@ class HeapBlock(ctypes.Structure):
 
 
 #: Bytes before a heap block's payload (its size and prev_size).
-HEAP_BLOCK_HDR = HeapBlock.next_free.offset
+HEAP_BLOCK_HDR = offsetof(HeapBlock, "next_free")
 
 
 class CallbackHdr(ctypes.Structure):
     """The head of a callback carried in the heap (callback.py); the pickle follows."""
+
+    seq: int
+    pad: int
+    length: int
 
     _fields_ = [
         ("seq", c_int32),  # which callback this is; 0 once freed
@@ -133,6 +180,10 @@ HUNG_REPORTS_MAX = 64
 class HungReport(ctypes.Structure):
     """One hung-task report (comm, pid, seconds blocked), kept apart from the log ring."""
 
+    pid: int
+    secs: int
+    comm: bytes
+
     _fields_ = [
         ("pid", c_int32),
         ("secs", c_int32),
@@ -141,6 +192,45 @@ class HungReport(ctypes.Structure):
 
 
 class Header(ctypes.Structure):
+    magic: int
+    boot_ns: int
+    hz: int
+    ncpus: int
+    max_tasks: int
+    max_completions: int
+    log_records: int
+    console_loglevel: int
+    boot_pid: int
+    supervisor_pid: int
+    shutting_down: int
+    taint: int
+    warnings: int
+    bugs: int
+    oopses: int
+    hung_task_timeout_secs: int
+    hung_task_check_interval_secs: int
+    hung_task_warnings: int
+    hung_task_panic: int
+    hung_task_detect_count: int
+    cpu_rotor: int
+    task_high: int
+    softlockup_thresh_secs: int
+    task_lock: LockWord
+    completions_pool: PoolHdr
+    atomics_pool: PoolHdr
+    spinlocks_pool: PoolHdr
+    tasklets_pool: PoolHdr
+    heap: HeapHdr
+    callback_seq: int
+    nr_irqs: int
+    irq_ready: int
+    log_lock: LockWord
+    log_next_seq: int
+    log_first_seq: int
+    hung_reports_n: int
+    hung_reports_pad: int
+    hung_reports: Table[HungReport]
+
     _fields_ = [
         ("magic", c_uint64),
         ("boot_ns", c_int64),  # CLOCK_MONOTONIC at boot; jiffies count from here
@@ -186,6 +276,14 @@ class Header(ctypes.Structure):
 class CompletionRec(ctypes.Structure):
     """struct completion: the counter and a FIFO wait queue of task slots."""
 
+    lock: LockWord
+    in_use: int
+    generation: int
+    free_next: int
+    done: int
+    head: int
+    tail: int
+
     _fields_ = [
         ("lock", LockWord),  # wait.lock, taken irqsave
         ("in_use", c_int32),
@@ -200,6 +298,12 @@ class CompletionRec(ctypes.Structure):
 class AtomicRec(ctypes.Structure):
     """atomic_t / atomic64_t: one 64-bit word (atomic_t uses its low 32 bits)."""
 
+    in_use: int
+    generation: int
+    free_next: int
+    pad: int
+    value: int
+
     _fields_ = [
         ("in_use", c_int32),
         ("generation", c_int32),
@@ -211,6 +315,13 @@ class AtomicRec(ctypes.Structure):
 
 class SpinlockRec(ctypes.Structure):
     """spinlock_t: native/'s owner-aware lock plus who holds it, for lockup reports."""
+
+    lock: LockWord
+    in_use: int
+    generation: int
+    free_next: int
+    owner_cpu: int
+    held_since_ns: int
 
     _fields_ = [
         ("lock", LockWord),
@@ -224,6 +335,16 @@ class SpinlockRec(ctypes.Structure):
 
 class IrqAction(ctypes.Structure):
     """struct irqaction: one request_irq() on a line."""
+
+    in_use: int
+    flags: int
+    ref: int
+    ref_generation: int
+    thread_slot: int
+    thread_generation: int
+    thread_flags: int
+    warned: int
+    name: bytes
 
     _fields_ = [
         ("in_use", c_int32),
@@ -241,6 +362,16 @@ class IrqAction(ctypes.Structure):
 class IrqDesc(ctypes.Structure):
     """struct irq_desc: state, statistics and actions of one IRQ line."""
 
+    lock: LockWord
+    depth: int
+    status: int
+    affinity: int
+    threads_active: int
+    irq_count: int
+    irqs_unhandled: int
+    kstat: Table[int]
+    actions: Table[IrqAction]
+
     _fields_ = [
         ("lock", LockWord),
         ("depth", c_int32),  # disable_irq() nesting
@@ -257,6 +388,13 @@ class IrqDesc(ctypes.Structure):
 class PerCpu(ctypes.Structure):
     """Per-CPU interrupt controller and softirq state."""
 
+    lock: LockWord
+    irq_pending: int
+    softirq_pending: int
+    idle_slot: int
+    tasklet_head: Table[int]
+    tasklet_tail: Table[int]
+
     _fields_ = [
         ("lock", LockWord),  # tasklet lists
         ("irq_pending", c_int64),  # bit n: IRQ n raised for this CPU, not yet handled
@@ -269,6 +407,15 @@ class PerCpu(ctypes.Structure):
 
 class TaskletRec(ctypes.Structure):
     """struct tasklet_struct."""
+
+    in_use: int
+    generation: int
+    free_next: int
+    state: int
+    count: int
+    next: int
+    ref: int
+    ref_generation: int
 
     _fields_ = [
         ("in_use", c_int32),
@@ -285,6 +432,14 @@ class TaskletRec(ctypes.Structure):
 class IrqSource(ctypes.Structure):
     """A device the supervisor emulates: raises `irq` after a delay, then periodically."""
 
+    in_use: int
+    irq: int
+    burst: int
+    remaining: int
+    next_ns: int
+    period_ns: int
+    fired: int
+
     _fields_ = [
         ("in_use", c_int32),
         ("irq", c_int32),
@@ -298,6 +453,31 @@ class IrqSource(ctypes.Structure):
 
 class TaskSlot(ctypes.Structure):
     """task_struct + struct kthread, as far as other processes need to see them."""
+
+    in_use: int
+    generation: int
+    pid: int
+    ppid: int
+    state: int
+    flags: int
+    kflags: int
+    cpu: int
+    recent_cpu: int
+    preempt_count: int
+    irqs_disabled: int
+    result: int
+    notify_signal: int
+    sigpending: int
+    sigallowed: int
+    sigkernel: int
+    wq_next: int
+    wq_on: int
+    exited: int
+    parked: int
+    nvcsw: int
+    start_ns: int
+    comm: bytes
+    full_name: bytes
 
     _fields_ = [
         ("in_use", c_int32),
@@ -329,6 +509,14 @@ class TaskSlot(ctypes.Structure):
 
 class LogRec(ctypes.Structure):
     """One printk record of the dmesg ring."""
+
+    seq: int
+    ts_ns: int
+    level: int
+    pid: int
+    length: int
+    cont: int
+    text: bytes
 
     _fields_ = [
         ("seq", c_uint64),
@@ -364,9 +552,26 @@ def image_type(max_tasks: int, max_completions: int, log_records: int,
     return Image
 
 
-def field_addr(obj: ctypes.Structure, name: str) -> int:
+class ImageView(Protocol):
+    """A mapped image, typed (image_type() makes its class at boot, sized by capacities)."""
+
+    hdr: Header
+    tasks: Table[TaskSlot]
+    completions: Table[CompletionRec]
+    atomics: Table[AtomicRec]
+    spinlocks: Table[SpinlockRec]
+    irqs: Table[IrqDesc]
+    percpu: Table[PerCpu]
+    tasklets: Table[TaskletRec]
+    irq_sources: Table[IrqSource]
+    log: Table[LogRec]
+    heap: ctypes.Array[ctypes.c_uint8]
+
+
+def field_addr(obj: ctypes.Structure | ImageView, name: str) -> int:
     """Absolute address of field `name` of a ctypes structure living in the image."""
-    return ctypes.addressof(obj) + getattr(type(obj), name).offset
+    rec = cast(ctypes.Structure, obj)
+    return ctypes.addressof(rec) + offsetof(type(rec), name)
 
 
 class SharedImage:
@@ -385,11 +590,12 @@ class SharedImage:
         finally:
             shm.close_fd()
             shm.unlink()
-        self.img: Any = itype.from_buffer(self.mm)
-        self.base = ctypes.addressof(self.img)
+        mapped = itype.from_buffer(self.mm)
+        self.img = cast(ImageView, mapped)
+        self.base = ctypes.addressof(mapped)
         self.sems: list[posix_ipc.Semaphore] = []
         #: native WaitCore: sleep/wake and completion queues
-        self.core: Any = _native.WaitCore(self._core_layout(), os.getpid())
+        self.core = _native.WaitCore(self._core_layout(), os.getpid())
         #: nanoseconds per jiffy (set at boot with HZ)
         self.jiffy_ns = 0
         #: this process's caches over this kernel's records (never shared across kernels)
@@ -446,12 +652,13 @@ class SharedImage:
 
     def close(self) -> None:
         """Unmap and close everything (idempotent)."""
-        self.core = self.irq_core = None
+        self.core = None  # type: ignore[assignment]
+        self.irq_core = None
         for sem in self.sems:
             sem.close()
         self.sems = []
         if self.mm is not None:
-            self.img = None
+            self.img = None  # type: ignore[assignment]
             try:
                 self.mm.close()
             except BufferError:

@@ -201,7 +201,7 @@ def free_irq(irq: int, dev: Any) -> str | None:
     addr = _lock(desc)
     try:
         action.in_use = 0
-        name = action.name.decode("utf-8", "replace")
+        name: str = action.name.decode("utf-8", "replace")
     finally:
         records.raw_spin_unlock(addr)
     synchronize_irq(irq)

@@ -83,7 +83,7 @@ class _Views:
 
 def _views() -> _Views:
     img = image.this()
-    views = img.irq_views
+    views: _Views | None = img.irq_views
     if views is None:
         views = img.irq_views = _Views(img)
     return views

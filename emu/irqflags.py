@@ -60,7 +60,8 @@ def this_cpu() -> int:
     return -1 if _rec is None else int(_rec.cpu)
 
 
-def _who() -> tuple[int, str]:
+def current_pid_comm() -> tuple[int, str]:
+    """The current task's pid and comm (this process's, "?", outside a task). Any context."""
     if _rec is None:
         return os.getpid(), "?"
     return int(_rec.pid), _rec.comm.decode("utf-8", "replace")

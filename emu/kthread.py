@@ -402,7 +402,7 @@ def request_stop(k: Task) -> bool:
 
 
 def _task_completion(task: Task, which: str) -> Completion:
-    index = getattr(task._rec, which)
+    index: int = getattr(task._rec, which)
     return _from_index(index, image.this().img.completions[index].generation)
 
 

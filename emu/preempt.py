@@ -24,8 +24,8 @@ from .irqflags import (
     SOFTIRQ_MASK,
     SOFTIRQ_OFFSET,
     IrqSaved,
-    _who,
     attach,
+    current_pid_comm,
     in_atomic,
     in_hardirq,
     in_interrupt,
@@ -53,7 +53,8 @@ from .irqflags import __preempt_count_add as preempt_count_add
 __all__ = [
     "HARDIRQ_MASK", "HARDIRQ_OFFSET", "NMI_MASK", "NMI_OFFSET", "PREEMPT_MASK",
     "PREEMPT_OFFSET", "SOFTIRQ_DISABLE_OFFSET", "SOFTIRQ_MASK", "SOFTIRQ_OFFSET",
-    "IrqSaved", "attach", "bh_enable_hooks", "in_atomic", "in_hardirq", "in_interrupt",
+    "IrqSaved", "attach", "bh_enable_hooks", "current_pid_comm", "in_atomic", "in_hardirq",
+    "in_interrupt",
     "in_irq", "in_nmi", "in_serving_softirq", "in_softirq", "in_task", "irq_enable_hooks",
     "irq_enter", "irq_exit", "irqs_disabled", "irqs_off_raw", "local_bh_disable",
     "local_bh_enable", "local_irq_disable", "local_irq_enable", "local_irq_restore",
@@ -112,7 +113,7 @@ def might_sleep(depth: int = 1) -> None:
     if _last_resched_splat and now - _last_resched_splat < 1_000_000_000:
         return
     _last_resched_splat = now
-    pid, name = _who()
+    pid, name = current_pid_comm()
     frame = bug._caller(depth)
     bug.bug_splat(
         f"BUG: sleeping function called from invalid context at {bug._where(frame)}",
@@ -130,7 +131,7 @@ def schedule_debug() -> None:
     count = irqflags._count
     if count == 0:
         return
-    pid, comm = _who()
+    pid, comm = current_pid_comm()
     bug.bug_splat(
         f"BUG: scheduling while atomic: {comm}/{pid}/0x{count + PREEMPT_OFFSET:08x}", [],
         depth=2,

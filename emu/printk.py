@@ -111,7 +111,7 @@ def _append(img: image.SharedImage, now: int, level: int, pid: int, data: bytes,
     rec.pid = pid
     rec.cont = int(cont)
     rec.length = len(data)
-    ctypes.memmove(ctypes.addressof(rec) + type(rec).text.offset, data, len(data))
+    ctypes.memmove(image.field_addr(rec, "text"), data, len(data))
     hdr.log_next_seq = seq + 1
     if seq + 1 - hdr.log_first_seq > n:
         hdr.log_first_seq = seq + 1 - n

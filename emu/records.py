@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import _emu_native as _native
 
@@ -146,6 +146,9 @@ def free_record(table: str, index: int, generation: int) -> bool:
 # --- the handle ------------------------------------------------------------------------------
 
 
+RecordT = TypeVar("RecordT", bound="Record")
+
+
 class Record:
     """A handle on a record of image table TABLE, freed with the handle that created it.
 
@@ -175,7 +178,7 @@ class Record:
         self._owner = 0
 
     @classmethod
-    def _from_index(cls, index: int, generation: int) -> Any:
+    def _from_index(cls: type[RecordT], index: int, generation: int) -> RecordT:
         obj = cls.__new__(cls)
         obj.index, obj.generation = index, generation
         obj._attach()

@@ -98,7 +98,7 @@ def _release(lock: Spinlock) -> None:
 def _spin_bug(lock: Spinlock, what: str) -> None:
     """spin_bug() (kernel/locking/spinlock_debug.c), then end the task instead of hanging."""
     owner = _native.lock_owner(lock._addr)
-    pid, comm = preempt._who()
+    pid, comm = preempt.current_pid_comm()
     bug.bug_splat(f"BUG: spinlock {what} on CPU#{preempt.this_cpu()}, {comm}/{pid}",
                   [f" lock: spinlock#{lock.index}, .magic: dead4ead, .owner: pid {owner}, "
                    f".owner_cpu: {lock._rec.owner_cpu}"], depth=3)
@@ -107,7 +107,7 @@ def _spin_bug(lock: Spinlock, what: str) -> None:
 
 
 def _soft_lockup(lock: Spinlock, start: int) -> None:
-    pid, comm = preempt._who()
+    pid, comm = preempt.current_pid_comm()
     secs = (time.monotonic_ns() - start) // 1_000_000_000
     bug.bug_splat(
         f"watchdog: BUG: soft lockup - CPU#{preempt.this_cpu()} stuck for {secs}s! [{comm}:{pid}]",

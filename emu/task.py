@@ -69,7 +69,7 @@ class Task:
     def __init__(self, slot: int, generation: int) -> None:
         self.slot = slot
         self.generation = generation
-        self._rec: Any = image.this().img.tasks[slot]
+        self._rec = image.this().img.tasks[slot]
         self.threadfn: Any = None
         self.data: Any = None
 
@@ -144,8 +144,8 @@ def check_task(task: object, name: str = "task") -> Task:
 
 def _check_state(state: Any, name: str) -> int:
     """A task state or mask (``unsigned int``) as native/ takes it: a signed 32-bit int."""
-    checks.check_int(state, name, "unsigned int")
-    return state - (1 << 32) if state > INT_MAX else state
+    value = checks.check_int(state, name, "unsigned int")
+    return value - (1 << 32) if value > INT_MAX else value
 
 
 # --- the task table ---------------------------------------------------------------------

@@ -786,7 +786,7 @@ def posix_ipc_baseline(ncpus: int, threads_per_cpu: int, seconds: float,
     for pid in pids:
         os.waitpid(pid, 0)
     sem.close()
-    total = sum(struct.unpack_from("q", counts, 8 * i)[0] for i in range(len(pids)))
+    total: int = sum(struct.unpack_from("q", counts, 8 * i)[0] for i in range(len(pids)))
     return total / seconds
 
 

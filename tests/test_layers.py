@@ -74,3 +74,25 @@ def test_no_import_below_code() -> None:
     found = [f"emu/{p.relative_to(PKG)}" for p in sorted(PKG.rglob("*.py"))
              if "noqa: E402" in p.read_text()]
     assert not found, f"late imports (an import circle held together): {found}"
+
+
+def test_every_shared_record_field_is_typed() -> None:
+    """mypy --strict sees a record's fields through its annotations: a field added to a
+    record's _fields_ without one would be typed Any and escape the check."""
+    import ctypes
+
+    from emu import image
+
+    records = [v for v in vars(image).values()
+               if isinstance(v, type) and issubclass(v, ctypes.Structure)
+               and v.__module__ == image.__name__]
+    assert len(records) > 10
+    untyped = {r.__name__: sorted({name for name, *_ in r._fields_} - set(r.__annotations__))
+               for r in records}
+    assert not {k: v for k, v in untyped.items() if v}, untyped
+
+
+def test_the_package_exports_exactly_its_public_names() -> None:
+    public = {n for n, v in vars(emu).items()
+              if not n.startswith("_") and not isinstance(v, type(emu))} - {"annotations"}
+    assert set(emu.__all__) - {"__version__"} == public
