@@ -4,6 +4,7 @@ lock-free from every task and context.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import _emu_native as _native
@@ -54,7 +55,7 @@ class Atomic64(Atomic):
     _cmpxchg = staticmethod(_native.cmpxchg64)
 
 
-def _atomic_ops(cls: type[Atomic]) -> dict[str, object]:
+def _atomic_ops(cls: type[Atomic]) -> dict[str, Any]:
     """The atomic_*() (or atomic64_*()) functions, each checking its arguments (a `cls`,
     values that fit cls.CTYPE) before it changes anything.
 
@@ -112,21 +113,25 @@ def _atomic_ops(cls: type[Atomic]) -> dict[str, object]:
         return add_new(v.addr(), -i)
 
     def inc(v: Atomic) -> None:
+        """Add 1."""
         if type(v) is not cls:
             check(v)
         add_new(v.addr(), 1)
 
     def dec(v: Atomic) -> None:
+        """Subtract 1."""
         if type(v) is not cls:
             check(v)
         add_new(v.addr(), -1)
 
     def inc_return(v: Atomic) -> int:
+        """Add 1; returns the new value."""
         if type(v) is not cls:
             check(v)
         return add_new(v.addr(), 1)
 
     def dec_return(v: Atomic) -> int:
+        """Subtract 1; returns the new value."""
         if type(v) is not cls:
             check(v)
         return add_new(v.addr(), -1)
@@ -171,34 +176,34 @@ def _atomic_ops(cls: type[Atomic]) -> dict[str, object]:
 
 _OPS32 = _atomic_ops(Atomic)
 _OPS64 = _atomic_ops(Atomic64)
-atomic_read: Any = _OPS32["atomic_read"]
-atomic_set: Any = _OPS32["atomic_set"]
-atomic_add: Any = _OPS32["atomic_add"]
-atomic_sub: Any = _OPS32["atomic_sub"]
-atomic_inc: Any = _OPS32["atomic_inc"]
-atomic_dec: Any = _OPS32["atomic_dec"]
-atomic_add_return: Any = _OPS32["atomic_add_return"]
-atomic_sub_return: Any = _OPS32["atomic_sub_return"]
-atomic_inc_return: Any = _OPS32["atomic_inc_return"]
-atomic_dec_return: Any = _OPS32["atomic_dec_return"]
-atomic_dec_and_test: Any = _OPS32["atomic_dec_and_test"]
-atomic_inc_and_test: Any = _OPS32["atomic_inc_and_test"]
-atomic_xchg: Any = _OPS32["atomic_xchg"]
-atomic_cmpxchg: Any = _OPS32["atomic_cmpxchg"]
-atomic64_read: Any = _OPS64["atomic64_read"]
-atomic64_set: Any = _OPS64["atomic64_set"]
-atomic64_add: Any = _OPS64["atomic64_add"]
-atomic64_sub: Any = _OPS64["atomic64_sub"]
-atomic64_inc: Any = _OPS64["atomic64_inc"]
-atomic64_dec: Any = _OPS64["atomic64_dec"]
-atomic64_add_return: Any = _OPS64["atomic64_add_return"]
-atomic64_sub_return: Any = _OPS64["atomic64_sub_return"]
-atomic64_inc_return: Any = _OPS64["atomic64_inc_return"]
-atomic64_dec_return: Any = _OPS64["atomic64_dec_return"]
-atomic64_dec_and_test: Any = _OPS64["atomic64_dec_and_test"]
-atomic64_inc_and_test: Any = _OPS64["atomic64_inc_and_test"]
-atomic64_xchg: Any = _OPS64["atomic64_xchg"]
-atomic64_cmpxchg: Any = _OPS64["atomic64_cmpxchg"]
+atomic_read: Callable[[Any], int] = _OPS32["atomic_read"]
+atomic_set: Callable[[Any, int], None] = _OPS32["atomic_set"]
+atomic_add: Callable[[int, Any], None] = _OPS32["atomic_add"]
+atomic_sub: Callable[[int, Any], None] = _OPS32["atomic_sub"]
+atomic_inc: Callable[[Any], None] = _OPS32["atomic_inc"]
+atomic_dec: Callable[[Any], None] = _OPS32["atomic_dec"]
+atomic_add_return: Callable[[int, Any], int] = _OPS32["atomic_add_return"]
+atomic_sub_return: Callable[[int, Any], int] = _OPS32["atomic_sub_return"]
+atomic_inc_return: Callable[[Any], int] = _OPS32["atomic_inc_return"]
+atomic_dec_return: Callable[[Any], int] = _OPS32["atomic_dec_return"]
+atomic_dec_and_test: Callable[[Any], bool] = _OPS32["atomic_dec_and_test"]
+atomic_inc_and_test: Callable[[Any], bool] = _OPS32["atomic_inc_and_test"]
+atomic_xchg: Callable[[Any, int], int] = _OPS32["atomic_xchg"]
+atomic_cmpxchg: Callable[[Any, int, int], int] = _OPS32["atomic_cmpxchg"]
+atomic64_read: Callable[[Any], int] = _OPS64["atomic64_read"]
+atomic64_set: Callable[[Any, int], None] = _OPS64["atomic64_set"]
+atomic64_add: Callable[[int, Any], None] = _OPS64["atomic64_add"]
+atomic64_sub: Callable[[int, Any], None] = _OPS64["atomic64_sub"]
+atomic64_inc: Callable[[Any], None] = _OPS64["atomic64_inc"]
+atomic64_dec: Callable[[Any], None] = _OPS64["atomic64_dec"]
+atomic64_add_return: Callable[[int, Any], int] = _OPS64["atomic64_add_return"]
+atomic64_sub_return: Callable[[int, Any], int] = _OPS64["atomic64_sub_return"]
+atomic64_inc_return: Callable[[Any], int] = _OPS64["atomic64_inc_return"]
+atomic64_dec_return: Callable[[Any], int] = _OPS64["atomic64_dec_return"]
+atomic64_dec_and_test: Callable[[Any], bool] = _OPS64["atomic64_dec_and_test"]
+atomic64_inc_and_test: Callable[[Any], bool] = _OPS64["atomic64_inc_and_test"]
+atomic64_xchg: Callable[[Any, int], int] = _OPS64["atomic64_xchg"]
+atomic64_cmpxchg: Callable[[Any, int, int], int] = _OPS64["atomic64_cmpxchg"]
 
 
 def ATOMIC_INIT(i: int) -> Atomic:

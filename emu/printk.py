@@ -142,20 +142,22 @@ def dmesg(img: image.SharedImage | None = None) -> list[str]:
     return out
 
 
-def _pr(level: str) -> Callable[..., int]:
+def _pr(level: str, name: str) -> Callable[..., int]:
     def pr(fmt: str, *args: object) -> int:
         return printk(level + _format(fmt, args))
 
+    pr.__doc__ = (f"printk({name} fmt, args...): `fmt` % `args` (C-style format). Any "
+                  "context; returns the number of characters logged.")
     return pr
 
 
-pr_emerg = _pr(KERN_EMERG)
-pr_alert = _pr(KERN_ALERT)
-pr_crit = _pr(KERN_CRIT)
-pr_err = _pr(KERN_ERR)
-pr_warn = _pr(KERN_WARNING)
+pr_emerg = _pr(KERN_EMERG, "KERN_EMERG")
+pr_alert = _pr(KERN_ALERT, "KERN_ALERT")
+pr_crit = _pr(KERN_CRIT, "KERN_CRIT")
+pr_err = _pr(KERN_ERR, "KERN_ERR")
+pr_warn = _pr(KERN_WARNING, "KERN_WARNING")
 pr_warning = pr_warn
-pr_notice = _pr(KERN_NOTICE)
-pr_info = _pr(KERN_INFO)
-pr_debug = _pr(KERN_DEBUG)
-pr_cont = _pr(KERN_CONT)
+pr_notice = _pr(KERN_NOTICE, "KERN_NOTICE")
+pr_info = _pr(KERN_INFO, "KERN_INFO")
+pr_debug = _pr(KERN_DEBUG, "KERN_DEBUG")
+pr_cont = _pr(KERN_CONT, "KERN_CONT")
