@@ -504,29 +504,16 @@ ic_locked(IrqCore *ic, PyObject *arg, ic_line_op op)
     return PyLong_FromLong(r);
 }
 
-static PyObject *
-IrqCore_disable(IrqCore *ic, PyObject *arg)
-{
-    return ic_locked(ic, arg, ic_disable);
-}
+#define IC_LOCKED_METHOD(name)                                                              \
+    static PyObject *IrqCore_##name(IrqCore *ic, PyObject *arg)                             \
+    {                                                                                       \
+        return ic_locked(ic, arg, ic_##name);                                               \
+    }
 
-static PyObject *
-IrqCore_enable(IrqCore *ic, PyObject *arg)
-{
-    return ic_locked(ic, arg, ic_enable);
-}
-
-static PyObject *
-IrqCore_oneshot_mask(IrqCore *ic, PyObject *arg)
-{
-    return ic_locked(ic, arg, ic_oneshot_mask);
-}
-
-static PyObject *
-IrqCore_finalize_oneshot(IrqCore *ic, PyObject *arg)
-{
-    return ic_locked(ic, arg, ic_finalize_oneshot);
-}
+IC_LOCKED_METHOD(disable)
+IC_LOCKED_METHOD(enable)
+IC_LOCKED_METHOD(oneshot_mask)
+IC_LOCKED_METHOD(finalize_oneshot)
 
 /*
  * startup(irq): __setup_irq() of a line's first action, which the caller is claiming
