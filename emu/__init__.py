@@ -152,6 +152,7 @@ from .kthread import (
     kthread_stop,
     kthread_unpark,
 )
+from .module import module_exit, module_init, module_param
 from .preempt import (
     in_atomic,
     in_hardirq,
