@@ -110,7 +110,11 @@ def schedule_timeout(timeout: int) -> int:
     checks.check_int(timeout, "timeout", "long")
     me = current()
     if timeout == MAX_SCHEDULE_TIMEOUT:
-        schedule()
+        prev = wchan_enter(WCHAN_SCHEDULE_TIMEOUT)
+        try:
+            schedule()
+        finally:
+            wchan_exit(prev)
         return MAX_SCHEDULE_TIMEOUT
     if timeout < 0:
         printk(KERN_ERR + "schedule_timeout: wrong timeout value %x",

@@ -74,7 +74,7 @@ def render(k: attach.Attached, prev: Sample, now: Sample, log: collections.deque
         cpus.add_column(col, justify=justify)  # type: ignore[arg-type]
     for c in range(k.img.hdr.ncpus):
         cpus.add_row(str(c), f"{irqs[c]:.0f}", f"{soft[c]:.0f}",
-                     " ".join(running.get(c, [])) or "(idle)")
+                     Text(" ".join(running.get(c, [])) or "(idle)"))
 
     tasks = Table(box=None, pad_edge=False)
     for col in ("PID", "CPU", "S", "WCHAN", "COMMAND"):
@@ -83,8 +83,8 @@ def render(k: attach.Attached, prev: Sample, now: Sample, log: collections.deque
     rows.sort(key=lambda sr: (_STATE_ORDER.find(sr[0]), sr[1].pid))
     for s, r in rows[:room]:
         name = r.full_name.decode("utf-8", "replace")
-        tasks.add_row(str(r.pid), str(r.cpu), s, task.wchan_of(k.img, r),
-                      f"[{name}]" if r.flags & PF_KTHREAD else name)
+        tasks.add_row(str(r.pid), str(r.cpu), s, Text(task.wchan_of(k.img, r)),
+                      Text(f"[{name}]" if r.flags & PF_KTHREAD else name))
     if len(rows) > room:
         tasks.add_row("", "", "", "", f"... {len(rows) - room} more")
     return Group(head, Text(""), cpus, Text(""), tasks, Text(""),
