@@ -74,7 +74,7 @@ def bench_ps(seconds: float, reps: int) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 res = subprocess.run([sys.executable, "-m", "emu", "ps", "--kernel",
                                       str(proc.pid)], cwd=ROOT, capture_output=True, text=True,
-                                     timeout=30)
+                                     timeout=120)
                 cmd.append(time.perf_counter() - t0)
                 assert res.returncode == 0, res
                 lines = max(lines, len(res.stdout.splitlines()) - 1)
