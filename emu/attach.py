@@ -51,7 +51,11 @@ class KernelRef:
 
 
 def _image_link(pid: int) -> str | None:
-    """The /proc/PID/fd/N link to the image of a kernel booted by `pid`, or None."""
+    """The /proc/PID/fd/N link to the image of a running kernel booted by `pid`, or None.
+
+    A process may still hold images of kernels it shut down (a mapping that Python code
+    still views keeps its descriptor): those say so in their header and are skipped.
+    """
     fd_dir = f"/proc/{pid}/fd"
     try:
         fds = os.listdir(fd_dir)
@@ -63,9 +67,27 @@ def _image_link(pid: int) -> str | None:
         except OSError:
             continue
         m = _SHM_LINK.match(target)
-        if m and int(m.group(1)) == pid:
+        if m and int(m.group(1)) == pid and _running(f"{fd_dir}/{fd}"):
             return f"{fd_dir}/{fd}"
     return None
+
+
+def _running(link: str) -> bool:
+    """The image behind `link` is of a booted kernel that is not shutting down and
+    whose supervisor lives. Reads the header only; maps nothing."""
+    try:
+        fd = os.open(link, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        data = os.pread(fd, ctypes.sizeof(image.Header), 0)
+    finally:
+        os.close(fd)
+    if len(data) < ctypes.sizeof(image.Header):
+        return False
+    hdr = image.Header.from_buffer_copy(data)
+    return bool(hdr.magic == image.IMAGE_MAGIC and not hdr.shutting_down
+                and hdr.supervisor_pid > 0 and not _native.pid_is_dead(hdr.supervisor_pid))
 
 
 def _owner(pid: int) -> int | None:

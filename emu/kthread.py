@@ -46,6 +46,7 @@ from .sched import install_show_stack, schedule
 from .task import (
     WCHAN_KTHREAD,
     WCHAN_KTHREAD_PARKME,
+    WCHAN_NONE,
     Task,
     alloc_slot,
     check_task,
@@ -143,6 +144,7 @@ def _create(threadfn: Callable[[Any], int], data: Any, name: str, cpu: int | Non
     flags = PF_KTHREAD | (PF_NO_SETAFFINITY if bound else 0)
     task = alloc_slot(name, flags, _place() if cpu is None else cpu, TASK_UNINTERRUPTIBLE)
     rec = task._rec
+    rec.wchan = WCHAN_KTHREAD  # until its first wake-up (see _kthread())
     try:
         exited, parked = Completion(), Completion()
     except BaseException:
@@ -273,9 +275,8 @@ def _kthread(task: Task) -> None:
     try:
         _become_kthread(task)
         rec = task._rec
-        prev = wchan_enter(WCHAN_KTHREAD)
-        schedule()  # created in TASK_UNINTERRUPTIBLE: wait for the first wake-up
-        wchan_exit(prev)
+        schedule()  # created in TASK_UNINTERRUPTIBLE (WCHAN_KTHREAD): wait for the first wake-up
+        wchan_exit(WCHAN_NONE)
         records.field_or(rec, "kflags", KTHREAD_STARTED)
         if rec.kflags & KTHREAD_SHOULD_STOP:
             result = -EINTR

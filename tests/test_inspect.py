@@ -322,3 +322,18 @@ def test_attached_image_is_read_only(kernel):
             cwd=ROOT, capture_output=True, timeout=TIMEOUT)
         assert proc.returncode == -signal.SIGSEGV
         assert kernel.hz == hz
+
+
+def test_a_kernel_shut_down_is_not_found_though_its_mapping_lingers():
+    k = emu.boot(cpus=1)
+    try:
+        assert attach.find_kernel(os.getpid()).pid == os.getpid()
+        view = k._img.img.hdr  # a view keeps the mapping (and its descriptor) after shutdown
+    finally:
+        k.shutdown()
+    assert any("/dev/shm/emu-" in os.readlink(f"/proc/self/fd/{fd}")
+               for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}"))
+    with pytest.raises(attach.AttachError, match="runs no emu kernel"):
+        attach.find_kernel(os.getpid())
+    assert os.getpid() not in [ref.pid for ref in attach.find_kernels()]
+    del view
