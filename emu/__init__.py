@@ -152,6 +152,7 @@ from .kthread import (
     kthread_stop,
     kthread_unpark,
 )
+from .module import module_exit, module_init, module_param
 from .preempt import (
     in_atomic,
     in_hardirq,
@@ -321,12 +322,13 @@ __all__ = [
     "kthread_parkme", "kthread_run", "kthread_run_on_cpu", "kthread_should_park",
     "kthread_should_stop", "kthread_should_stop_or_park", "kthread_stop", "kthread_unpark",
     "local_bh_disable", "local_bh_enable", "local_irq_disable", "local_irq_enable",
-    "local_irq_restore", "local_irq_save", "might_sleep", "msecs_to_jiffies", "msleep",
-    "msleep_interruptible", "pr_alert", "pr_cont", "pr_crit", "pr_debug", "pr_emerg",
-    "pr_err", "pr_info", "pr_notice", "pr_warn", "pr_warning", "preempt_count",
-    "preempt_disable", "preempt_enable", "preemptible", "printk", "reinit_completion",
-    "request_irq", "request_threaded_irq", "schedule", "schedule_timeout",
-    "schedule_timeout_idle", "schedule_timeout_interruptible", "schedule_timeout_killable",
+    "local_irq_restore", "local_irq_save", "might_sleep", "module_exit", "module_init",
+    "module_param", "msecs_to_jiffies", "msleep", "msleep_interruptible", "pr_alert",
+    "pr_cont", "pr_crit", "pr_debug", "pr_emerg", "pr_err", "pr_info", "pr_notice",
+    "pr_warn", "pr_warning", "preempt_count", "preempt_disable", "preempt_enable",
+    "preemptible", "printk", "reinit_completion", "request_irq", "request_threaded_irq",
+    "schedule", "schedule_timeout", "schedule_timeout_idle",
+    "schedule_timeout_interruptible", "schedule_timeout_killable",
     "schedule_timeout_uninterruptible", "send_sig", "set_current_state", "signal_pending",
     "spin_is_locked", "spin_lock", "spin_lock_bh", "spin_lock_init", "spin_lock_irq",
     "spin_lock_irqsave", "spin_trylock", "spin_unlock", "spin_unlock_bh", "spin_unlock_irq",

@@ -8,24 +8,91 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import emu
-from emu.examples import hello_kthread
+from emu import attach, top
+from emu.kernel import HZ_DEFAULT
+from emu.module import run_module
 from emu.torture import TYPES, Options, run_torture
+
+DEMO_MODULE = "emu.examples.hello_kthread"
+#: How often `emu dmesg -w` looks for new lines.
+DMESG_POLL = 0.05
 
 
 def _demo(args: argparse.Namespace) -> int:
-    with emu.boot(cpus=args.cpus) as kernel:
-        hello_kthread.hello_init(period_ms=args.period_ms)
-        deadline = time.monotonic() + args.seconds
-        time.sleep(max(0.0, min(args.seconds / 2, args.seconds)))
-        print("--- tasks (while running) ---")
-        print(kernel.ps())
-        time.sleep(max(0.0, deadline - time.monotonic()))
-        hello_kthread.hello_exit()
-        print("--- kernel log ---")
-        print("\n".join(kernel.dmesg()))
-        failed = kernel.warnings or kernel.bugs or kernel.oopses
-    return 1 if failed else 0
+    return run_module(DEMO_MODULE, False, {"period_ms": str(args.period_ms)}, cpus=args.cpus,
+                      duration=args.seconds)
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.trace is not None:
+        parser.error("--trace: tracing to Perfetto is not available in this version of emu yet")
+    words = list(args.args)
+    if args.module is None:
+        if not words:
+            parser.error("give a module: FILE.py or -m MODULE")
+        target, is_file = words.pop(0), True
+    else:
+        target, is_file = args.module, False
+    params: dict[str, str] = {}
+    for word in words:
+        name, eq, value = word.partition("=")
+        if not eq or not name:
+            parser.error(f"module parameters are name=value, got {word!r}")
+        params[name] = value
+    return run_module(target, is_file, params, cpus=args.cpus, hz=args.hz,
+                      duration=args.duration)
+
+
+# --- looking at a running kernel from another terminal (attach.py) -------------------------
+
+def _kernel_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernel", type=_positive(int), default=None, metavar="PID",
+                   help="the pid that booted the kernel (default: the only one running)")
+
+
+def _attach(args: argparse.Namespace) -> attach.Attached:
+    return attach.Attached(attach.find_kernel(args.kernel))
+
+
+def _kernels(args: argparse.Namespace) -> int:
+    print(f"{'PID':>7} {'CPUS':>4} {'UPTIME':>9} {'TASKS':>5} COMMAND")
+    for ref in attach.find_kernels():
+        try:
+            with attach.Attached(ref) as k:
+                print(f"{k.pid:>7} {k.img.hdr.ncpus:>4} {k.uptime:>8.1f}s "
+                      f"{len(k.task_recs()):>5} {k.boot_comm()}")
+        except attach.AttachError as exc:  # ended, still booting, or another emu version
+            print(f"{ref.pid:>7} {'?':>4} {'?':>9} {'?':>5} ({exc})")
+    return 0
+
+
+def _ps(args: argparse.Namespace) -> int:
+    with _attach(args) as k:
+        print("\n".join(k.ps()))
+    return 0
+
+
+def _dmesg(args: argparse.Namespace) -> int:
+    with _attach(args) as k:
+        reader = attach.LogReader(k.img)
+        lines = reader.read()
+        try:
+            while args.follow and k.alive:
+                if lines:
+                    print("\n".join(lines), flush=True)
+                time.sleep(DMESG_POLL)
+                lines = reader.poll()
+        except KeyboardInterrupt:
+            return 130
+        lines += reader.flush()
+        if lines:
+            print("\n".join(lines), flush=True)
+    return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    with _attach(args) as k:
+        return top.run(k)
 
 
 def _cpus(text: str) -> int | list[int]:
@@ -63,12 +130,47 @@ def _positive(kind: type) -> Callable[[str], Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emu", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the classic kthread example module and show "
-                                      "the kernel log and the task table")
-    demo.add_argument("--seconds", type=float, default=3.0, help="how long to run (default 3)")
-    demo.add_argument("--period-ms", type=int, default=1000, help="tick period (default 1000)")
-    demo.add_argument("--cpus", type=int, default=None, help="emulated CPUs (default: all)")
+    run = sub.add_parser("run", help="boot a kernel, load a module (its init runs), stream "
+                                     "the kernel log, unload it after --duration or Ctrl-C",
+                         usage="emu run [-h] [--cpus N|LIST] [--hz HZ] [--duration SECONDS] "
+                               "[--trace FILE] (FILE.py | -m MODULE) [name=value ...]")
+    run.add_argument("-m", dest="module", metavar="MODULE", default=None,
+                     help="load an importable module (e.g. emu.examples.hello_kthread)")
+    run.add_argument("--cpus", type=_cpus, default=None,
+                     help="emulated CPUs: a count or a list of real CPU ids (default: all)")
+    run.add_argument("--hz", type=_positive(int), default=HZ_DEFAULT, help="HZ (default 250)")
+    run.add_argument("--duration", type=_positive(float), default=None, metavar="SECONDS",
+                     help="unload after this many seconds (default: at Ctrl-C or SIGTERM)")
+    run.add_argument("--trace", default=None, metavar="FILE",
+                     help="write a Perfetto trace (not available yet)")
+    run.add_argument("args", nargs="*", metavar="FILE.py | name=value",
+                     help="the module's file (without -m), then its parameters")
+    run.set_defaults(func=lambda a: _run(a, run))
+
+    demo = sub.add_parser("demo", help=f"emu run -m {DEMO_MODULE} for a few seconds")
+    demo.add_argument("--seconds", type=_positive(float), default=3.0,
+                      help="how long to run (default 3)")
+    demo.add_argument("--period-ms", type=_positive(int), default=1000,
+                      help="tick period (default 1000)")
+    demo.add_argument("--cpus", type=_cpus, default=None, help="emulated CPUs (default: all)")
     demo.set_defaults(func=_demo)
+
+    k = sub.add_parser("kernels", help="list your running kernels: boot pid, CPUs, uptime, "
+                                       "tasks")
+    k.set_defaults(func=_kernels)
+    ps = sub.add_parser("ps", help="the task table of a running kernel (PID CPU S WCHAN "
+                                   "COMMAND)")
+    _kernel_option(ps)
+    ps.set_defaults(func=_ps)
+    dm = sub.add_parser("dmesg", help="the kernel log of a running kernel")
+    dm.add_argument("-w", "--follow", action="store_true",
+                    help="wait for new messages and print them as they are logged")
+    _kernel_option(dm)
+    dm.set_defaults(func=_dmesg)
+    tp = sub.add_parser("top", help="live view of a running kernel: CPUs, tasks, log "
+                                    "(q or Ctrl-C quits)")
+    _kernel_option(tp)
+    tp.set_defaults(func=_top)
 
     t = sub.add_parser("torture", help="load every CPU with kthreads and interrupts hammering "
                                        "the primitives, check invariants, end with a verdict")
@@ -95,7 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except attach.AttachError as exc:
+        print(f"emu {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

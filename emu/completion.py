@@ -18,9 +18,11 @@ not block).
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
-from . import bug, checks, preempt, records
+from . import bug, checks, image, preempt, records
 from .constants import (
     ERESTARTSYS,
     MAX_SCHEDULE_TIMEOUT,
@@ -30,7 +32,7 @@ from .constants import (
     TASK_UNINTERRUPTIBLE,
 )
 from .errors import StaleObjectError
-from .task import current
+from .task import Task, current, task_from_slot
 
 
 class Completion(records.Record):
@@ -47,6 +49,7 @@ class Completion(records.Record):
 
     def _init_record(self, rec: Any) -> None:
         rec.head = rec.tail = -1
+        rec.site = _creation_site()
 
     def _attach(self) -> None:
         super()._attach()
@@ -89,6 +92,18 @@ class Completion(records.Record):
         return int(self.rec.done)
 
 
+_EMU_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _creation_site() -> bytes:
+    """"file.py:LINE" of the nearest caller outside emu (for ps's WCHAN), cut to fit."""
+    frame = sys._getframe(2)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_EMU_DIR):
+        frame = frame.f_back
+    site = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
+    return site.encode("utf-8", "replace")[-image.SITE_LEN:]
+
+
 def DECLARE_COMPLETION() -> Completion:
     """A new initialised completion."""
     return Completion()
@@ -109,6 +124,29 @@ def _check(x: object) -> None:
     """Raise the TypeError naming `x` unless it is a Completion (using it failed)."""
     if not isinstance(x, Completion):
         raise checks.not_a("x", "an emu.Completion", x) from None
+
+
+def waiters(x: Completion) -> list[Task]:
+    """The tasks queued on `x`, in the order complete() will wake them (drgn's
+    completion_for_each_task()). A snapshot taken under the completion's lock; any
+    context, never sleeps."""
+    try:
+        rec = x.rec
+    except AttributeError:
+        _check(x)
+        raise
+    img = image.this().img
+    lock = image.field_addr(rec, "lock")
+    slots: list[tuple[int, int]] = []
+    records.raw_spin_lock(lock, "completion")
+    try:
+        slot = rec.head
+        while slot >= 0 and len(slots) < len(img.tasks):
+            slots.append((slot, img.tasks[slot].generation))
+            slot = img.tasks[slot].wq_next
+    finally:
+        records.raw_spin_unlock(lock)
+    return [task_from_slot(slot, gen) for slot, gen in slots]
 
 
 def remove_waiter(x: Completion, slot: int) -> bool:

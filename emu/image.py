@@ -93,6 +93,8 @@ def offsetof(rtype: type[ctypes.Structure], name: str) -> int:
 
 
 LOG_TEXT_LEN = 240
+#: Bytes of a completion's creation site ("file.py:LINE").
+SITE_LEN = 40
 
 
 class LockWord(ctypes.Structure):
@@ -230,6 +232,8 @@ class Header(ctypes.Structure):
     hung_reports_n: int
     hung_reports_pad: int
     hung_reports: Table[HungReport]
+    max_atomics: int
+    max_spinlocks: int
 
     _fields_ = [
         ("magic", c_uint64),
@@ -270,6 +274,9 @@ class Header(ctypes.Structure):
         ("hung_reports_n", c_int32),  # reports printed; the first HUNG_REPORTS_MAX are kept
         ("hung_reports_pad", c_int32),
         ("hung_reports", HungReport * HUNG_REPORTS_MAX),
+        # capacities an attaching inspector (attach.py) needs to rebuild image_type()
+        ("max_atomics", c_int32),
+        ("max_spinlocks", c_int32),
     ]
 
 
@@ -283,6 +290,7 @@ class CompletionRec(ctypes.Structure):
     done: int
     head: int
     tail: int
+    site: bytes
 
     _fields_ = [
         ("lock", LockWord),  # wait.lock, taken irqsave
@@ -292,6 +300,7 @@ class CompletionRec(ctypes.Structure):
         ("done", c_uint32),
         ("head", c_int32),  # first waiting task slot, -1 if none
         ("tail", c_int32),
+        ("site", c_char * SITE_LEN),  # where it was created, "file.py:LINE" (for WCHAN)
     ]
 
 
@@ -394,6 +403,7 @@ class PerCpu(ctypes.Structure):
     idle_slot: int
     tasklet_head: Table[int]
     tasklet_tail: Table[int]
+    softirq_count: int
 
     _fields_ = [
         ("lock", LockWord),  # tasklet lists
@@ -402,6 +412,7 @@ class PerCpu(ctypes.Structure):
         ("idle_slot", c_int32),  # this CPU's idle task, -1 until the IRQ layer starts
         ("tasklet_head", c_int32 * 2),  # [TASKLET_SOFTIRQ, HI_SOFTIRQ] FIFO lists
         ("tasklet_tail", c_int32 * 2),
+        ("softirq_count", c_int64),  # softirq vectors run (/proc/softirqs, for emu top)
     ]
 
 
@@ -478,6 +489,8 @@ class TaskSlot(ctypes.Structure):
     start_ns: int
     comm: bytes
     full_name: bytes
+    wchan: int
+    wchan_pad: int
 
     _fields_ = [
         ("in_use", c_int32),
@@ -504,6 +517,8 @@ class TaskSlot(ctypes.Structure):
         ("start_ns", c_int64),
         ("comm", c_char * TASK_COMM_LEN),
         ("full_name", c_char * KTHREAD_NAME_LEN),
+        ("wchan", c_int32),  # WCHAN_* (task.py): what a sleep outside a wait queue waits in
+        ("wchan_pad", c_int32),
     ]
 
 
@@ -587,11 +602,19 @@ class SharedImage:
         shm = posix_ipc.SharedMemory(prefix, posix_ipc.O_CREX, mode=0o600, size=self.size)
         try:
             self.mm = mmap.mmap(shm.fd, self.size)
-        finally:
+        except BaseException:
             shm.close_fd()
+            raise
+        finally:
             shm.unlink()
+        #: The segment stays open in every task: inspectors of the same user find it as
+        #: /proc/PID/fd/N -> "/dev/shm/emu-PID-... (deleted)" (attach.py), and it goes
+        #: away with the last task, so nothing can outlive the kernel.
+        self.fd = shm.fd
         mapped = itype.from_buffer(self.mm)
         self.img = cast(ImageView, mapped)
+        self.img.hdr.max_atomics = max_atomics
+        self.img.hdr.max_spinlocks = max_spinlocks
         self.base = ctypes.addressof(mapped)
         self.sems: list[posix_ipc.Semaphore] = []
         #: native WaitCore: sleep/wake and completion queues
@@ -664,6 +687,9 @@ class SharedImage:
             except BufferError:
                 pass  # views into the image still exist; the mapping goes with them
             self.mm = None  # type: ignore[assignment]
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def record_fields(rtype: Any) -> dict[str, tuple[int, int]]:

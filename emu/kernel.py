@@ -23,7 +23,20 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import bug, heap, image, irq, irqchip, kthread, preempt, records, sched, supervisor, task
+from . import (
+    bug,
+    completion,
+    heap,
+    image,
+    irq,
+    irqchip,
+    kthread,
+    preempt,
+    records,
+    sched,
+    supervisor,
+    task,
+)
 from .constants import PF_IDLE, PF_KTHREAD, TASK_RUNNING
 from .errors import AlreadyBootedError, EmuError, KernelDeadError, StaleObjectError
 from .kthread import KTHREAD_EXITED
@@ -149,8 +162,13 @@ class Kernel:
         supervisor.remove_irq_source(source)
 
     def ps(self) -> str:
-        """A ps-style table of the tasks."""
+        """A ps-style table of the tasks: ``PID CPU S WCHAN COMMAND``, WCHAN naming what
+        a sleeping task waits on (``completion#ID (file.py:LINE)``, ``msleep``, ...)."""
         return "\n".join(task.ps_lines())
+
+    def waiters(self, c: completion.Completion) -> list[task.Task]:
+        """The tasks queued on completion `c`, in the order they will be woken."""
+        return completion.waiters(c)
 
     @property
     def alive(self) -> bool:

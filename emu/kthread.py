@@ -44,6 +44,9 @@ from .errors import EmuError
 from .printk import log_store
 from .sched import install_show_stack, schedule
 from .task import (
+    WCHAN_KTHREAD,
+    WCHAN_KTHREAD_PARKME,
+    WCHAN_NONE,
     Task,
     alloc_slot,
     check_task,
@@ -53,6 +56,8 @@ from .task import (
     set_current_state,
     wake_up_process,
     wake_up_state,
+    wchan_enter,
+    wchan_exit,
 )
 
 # struct kthread flags (kernel/kthread.c), plus emu's own life-cycle bits.
@@ -139,12 +144,14 @@ def _create(threadfn: Callable[[Any], int], data: Any, name: str, cpu: int | Non
     flags = PF_KTHREAD | (PF_NO_SETAFFINITY if bound else 0)
     task = alloc_slot(name, flags, _place() if cpu is None else cpu, TASK_UNINTERRUPTIBLE)
     rec = task._rec
+    rec.wchan = WCHAN_KTHREAD  # until its first wake-up (see _kthread())
     try:
         exited, parked = Completion(), Completion()
     except BaseException:
         free_slot(task)
         raise
     exited._owner = parked._owner = 0  # owned by the task slot, freed with it
+    exited._rec.site, parked._rec.site = b"kthread->exited", b"kthread->parked"
     rec.exited, rec.parked = exited.index, parked.index
     task.threadfn, task.data = threadfn, data
     rec.ppid = os.getpid()  # before the pid: whoever sees the pid sees the parent
@@ -268,7 +275,8 @@ def _kthread(task: Task) -> None:
     try:
         _become_kthread(task)
         rec = task._rec
-        schedule()  # created in TASK_UNINTERRUPTIBLE: wait for the first wake-up
+        schedule()  # created in TASK_UNINTERRUPTIBLE (WCHAN_KTHREAD): wait for the first wake-up
+        wchan_exit(WCHAN_NONE)
         records.field_or(rec, "kflags", KTHREAD_STARTED)
         if rec.kflags & KTHREAD_SHOULD_STOP:
             result = -EINTR
@@ -552,12 +560,14 @@ def kthread_bind_mask(k: Task, cpus: Iterable[int]) -> None:
 
 def _kthread_parkme(me: Task) -> None:
     rec = me._rec
+    prev = wchan_enter(WCHAN_KTHREAD_PARKME)
     while True:
         records.field_xchg(rec, "state", TASK_PARKED)  # set_special_state()
         if not rec.kflags & KTHREAD_SHOULD_PARK:
             break
         complete(_task_completion(me, "parked"))
         schedule()
+    wchan_exit(prev)
     set_current_state(TASK_RUNNING)
 
 

@@ -23,7 +23,18 @@ from .constants import (
 )
 from .printk import KERN_ERR, log_store, printk
 from .signal import signal_pending, signal_pending_state
-from .task import current, current_state, set_current_state, sleep
+from .task import (
+    WCHAN_MSLEEP,
+    WCHAN_SCHEDULE,
+    WCHAN_SCHEDULE_TIMEOUT,
+    WCHAN_USLEEP_RANGE,
+    current,
+    current_state,
+    set_current_state,
+    sleep,
+    wchan_enter,
+    wchan_exit,
+)
 
 #: jiffies value at boot. Linux starts at -300 s to expose wrap bugs; emu starts at 0.
 INITIAL_JIFFIES = 0
@@ -85,7 +96,7 @@ def schedule() -> None:
         set_current_state(TASK_RUNNING)
         return
     preempt.schedule_debug()
-    sleep(None)
+    sleep(None, WCHAN_SCHEDULE)
 
 
 def schedule_timeout(timeout: int) -> int:
@@ -99,7 +110,11 @@ def schedule_timeout(timeout: int) -> int:
     checks.check_int(timeout, "timeout", "long")
     me = current()
     if timeout == MAX_SCHEDULE_TIMEOUT:
-        schedule()
+        prev = wchan_enter(WCHAN_SCHEDULE_TIMEOUT)
+        try:
+            schedule()
+        finally:
+            wchan_exit(prev)
         return MAX_SCHEDULE_TIMEOUT
     if timeout < 0:
         printk(KERN_ERR + "schedule_timeout: wrong timeout value %x",
@@ -116,7 +131,7 @@ def schedule_timeout(timeout: int) -> int:
             set_current_state(TASK_RUNNING)
         else:
             preempt.schedule_debug()
-            sleep(deadline)
+            sleep(deadline, WCHAN_SCHEDULE_TIMEOUT)
     if deadline is None:
         return timeout
     return core.jiffies_left(deadline - time.monotonic_ns())
@@ -158,8 +173,12 @@ def msleep(msecs: int) -> None:
     """Sleep uninterruptibly (D) for at least `msecs` ms, rounded up to whole jiffies."""
     _check_msecs(msecs)
     timeout = msecs_to_jiffies(msecs)
-    while timeout:
-        timeout = schedule_timeout_uninterruptible(timeout)
+    prev = wchan_enter(WCHAN_MSLEEP)
+    try:
+        while timeout:
+            timeout = schedule_timeout_uninterruptible(timeout)
+    finally:
+        wchan_exit(prev)
 
 
 def msleep_interruptible(msecs: int) -> int:
@@ -170,8 +189,12 @@ def msleep_interruptible(msecs: int) -> int:
     _check_msecs(msecs)
     timeout = msecs_to_jiffies(msecs)
     me = current()
-    while timeout and not signal_pending(me):
-        timeout = schedule_timeout_interruptible(timeout)
+    prev = wchan_enter(WCHAN_MSLEEP)
+    try:
+        while timeout and not signal_pending(me):
+            timeout = schedule_timeout_interruptible(timeout)
+    finally:
+        wchan_exit(prev)
     return jiffies_to_msecs(timeout)
 
 
@@ -195,7 +218,7 @@ def usleep_range(min_us: int, max_us: int) -> None:
     preempt.might_sleep()
     while time.monotonic_ns() < deadline:
         set_current_state(TASK_UNINTERRUPTIBLE)
-        sleep(deadline)
+        sleep(deadline, WCHAN_USLEEP_RANGE)
     set_current_state(TASK_RUNNING)
 
 

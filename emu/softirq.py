@@ -236,6 +236,7 @@ def do_softirq() -> None:
         pending = _native.xchg32(addr, 0)
         if not pending:
             return
+        records.field_add(image.this().img.percpu[cpu], "softirq_count", pending.bit_count())
         saved = preempt.softirq_enter()
         try:
             for nr in (HI_SOFTIRQ, TASKLET_SOFTIRQ):

@@ -40,6 +40,7 @@ from .constants import (
     TASK_REPORT,
     TASK_REPORT_IDLE,
     TASK_RTLOCK_WAIT,
+    TASK_RUNNING,
     TASK_UNINTERRUPTIBLE,
     UINT_MAX,
 )
@@ -245,20 +246,22 @@ def live_tasks() -> list[Task]:
 
 _current: Task | None = None
 _state_addr = 0
+_wchan_addr = 0
 
 
 def set_current(task: Task | None) -> None:
     """Make `task` this process's ``current`` (boot and kthread start-up only)."""
-    global _current, _state_addr
+    global _current, _state_addr, _wchan_addr
     _current = task
     core = image._this.core if image._this is not None else None
     if core is not None:
         core.set_current(-1 if task is None else task.slot)
     if task is None:
-        _state_addr = 0
+        _state_addr = _wchan_addr = 0
         preempt.attach(None)
         return
     _state_addr = image.field_addr(task._rec, "state")
+    _wchan_addr = image.field_addr(task._rec, "wchan")
     preempt.attach(task._rec)
 
 
@@ -328,15 +331,55 @@ def wake_up_process(task: Task) -> int:
     return wake_slot(_live_slot(task), TASK_NORMAL)
 
 
-def sleep(deadline_ns: int | None) -> bool:
+def sleep(deadline_ns: int | None, wchan: int = 0) -> bool:
     """Block until this task is woken (state TASK_RUNNING) or CLOCK_MONOTONIC passes `deadline_ns`.
 
     The caller has set a sleeping state. Returns True if woken, False on time-out (this
     task then put itself back to TASK_RUNNING). If the wait is abandoned by an exception
     (KeyboardInterrupt in the booting process) the state is reset before it propagates.
+    `wchan` (WCHAN_*) names the sleep in ps unless an outer wchan_enter() named it.
     """
     assert _current is not None
-    return bool(image.this().core.sleep(_current.slot, -1 if deadline_ns is None else deadline_ns))
+    prev = wchan_enter(wchan)
+    try:
+        return bool(image.this().core.sleep(_current.slot,
+                                            -1 if deadline_ns is None else deadline_ns))
+    finally:
+        wchan_exit(prev)
+
+
+# --- WCHAN: what a sleeping task waits in ------------------------------------------------------
+#
+# A task queued on a completion shows it (the task record's wq_on, kept by the wait core);
+# any other sleep publishes a small code in the task record, set by the outermost
+# sleeping function (msleep() sleeps in schedule_timeout(), but ps says msleep).
+
+WCHAN_NONE = 0
+WCHAN_SCHEDULE = 1
+WCHAN_SCHEDULE_TIMEOUT = 2
+WCHAN_MSLEEP = 3
+WCHAN_KTHREAD_PARKME = 4
+WCHAN_USLEEP_RANGE = 5
+WCHAN_KTHREAD = 6  # a created kthread waiting for its first wake-up
+WCHAN_NAMES = ("-", "schedule", "schedule_timeout", "msleep", "kthread_parkme",
+               "usleep_range", "kthread")
+
+
+def wchan_enter(code: int) -> int:
+    """Name the current task's sleeps `code` unless an outer caller named them already.
+
+    Returns what to give wchan_exit(). Process context; never sleeps.
+    """
+    prev = _native.load32(_wchan_addr)
+    if not prev:
+        _native.store32(_wchan_addr, code)
+    return prev
+
+
+def wchan_exit(prev: int) -> None:
+    """Undo the matching wchan_enter()."""
+    if not prev:
+        _native.store32(_wchan_addr, WCHAN_NONE)
 
 
 # --- reporting ------------------------------------------------------------------------------
@@ -362,15 +405,46 @@ def task_state_to_char(task: Task) -> str:
     return _STATE_LETTERS[task_state_index(state)]
 
 
-def ps_lines() -> list[str]:
-    """A ps-style table: pid, cpu, state letter, name ([brackets] for kthreads)."""
-    lines = [f"{'PID':>7} {'CPU':>3} S COMMAND"]
-    for t in live_tasks():
-        if t.flags & PF_IDLE:
-            continue  # like pid 0, the idle tasks are not listed
-        name = f"[{t.full_name}]" if t.is_kthread else t.full_name
-        lines.append(f"{t.pid:>7} {t.cpu:>3} {task_state_to_char(t)} {name}")
+def state_char(state: int) -> str:
+    """The ps letter of a raw TASK_* state value."""
+    return "X" if state == TASK_DEAD else _STATE_LETTERS[task_state_index(state)]
+
+
+def wchan_of(img: Any, rec: Any) -> str:
+    """What task record `rec` of image `img` (the ctypes image) sleeps on, for ps's WCHAN:
+    ``completion#ID (file.py:LINE)`` while queued on a completion, else the name of the
+    sleeping function; "-" when running."""
+    if rec.state == TASK_RUNNING:
+        return "-"
+    on = rec.wq_on
+    if 0 < on <= len(img.completions):
+        site = img.completions[on - 1].site.decode("utf-8", "replace")
+        return f"completion#{on - 1} ({site})" if site else f"completion#{on - 1}"
+    code = rec.wchan
+    return WCHAN_NAMES[code] if 0 <= code < len(WCHAN_NAMES) else "-"
+
+
+def ps_table(img: Any) -> list[str]:
+    """A ps-style table of the ctypes image `img`: ``PID CPU S WCHAN COMMAND`` (kthread
+    names in [brackets]); idle tasks are not listed, like pid 0. Reads without locks
+    (a racing row may be a moment old), so an inspector's read-only mapping serves too."""
+    rows = []
+    for i in range(min(img.hdr.task_high, len(img.tasks))):
+        rec = img.tasks[i]
+        if not rec.in_use or rec.flags & PF_IDLE:
+            continue
+        name = rec.full_name.decode("utf-8", "replace")
+        name = f"[{name}]" if rec.flags & PF_KTHREAD else name
+        rows.append((rec.pid, rec.cpu, state_char(rec.state), wchan_of(img, rec), name))
+    width = max([len("WCHAN"), *(len(r[3]) for r in rows)])
+    lines = [f"{'PID':>7} {'CPU':>3} S {'WCHAN':<{width}} COMMAND"]
+    lines += [f"{pid:>7} {cpu:>3} {s} {w:<{width}} {name}" for pid, cpu, s, w, name in rows]
     return lines
+
+
+def ps_lines() -> list[str]:
+    """A ps-style table of this kernel's tasks (see ps_table())."""
+    return ps_table(image.this().img)
 
 
 def _after_fork_in_child() -> None:

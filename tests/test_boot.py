@@ -126,9 +126,9 @@ def test_log_ring_keeps_the_newest_records():
 def test_ps_table(kernel):
     t = emu.kthread_create(lambda d: 0, None, "pstest")
     lines = kernel.ps().splitlines()
-    assert lines[0].split() == ["PID", "CPU", "S", "COMMAND"]
+    assert lines[0].split() == ["PID", "CPU", "S", "WCHAN", "COMMAND"]
     row = [line for line in lines if "[pstest]" in line][0].split()
-    assert row == [str(t.pid), str(t.cpu), "D", "[pstest]"]
+    assert row == [str(t.pid), str(t.cpu), "D", "kthread", "[pstest]"]
     assert any(line.split()[0] == str(os.getpid()) and "[" not in line for line in lines[1:])
     emu.kthread_stop(t)
 

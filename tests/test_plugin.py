@@ -57,7 +57,7 @@ def test_fails(kernel):
 """)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*emu kernel log*", "*something to see*", "*emu tasks*",
-                                 "*D ?visible?*"])
+                                 "*D kthread ?visible?*"])
 
 
 def test_boot_marker_passes_arguments(pytester):

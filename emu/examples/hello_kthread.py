@@ -1,17 +1,38 @@
 """The classic kthread module: init starts a kthread that logs once a second until
-kthread_should_stop(); exit stops it.
+kthread_should_stop(); exit stops it. (emu's kthread_run() raises instead of returning
+an ERR_PTR, so the init has no error path.) Run it with ``emu run -m emu.examples.hello_kthread``
+(``period_ms=200`` ticks faster).
 
 The C original::
+
+    static struct task_struct *task;
 
     static int hello_fn(void *data)
     {
             int n = 0;
             while (!kthread_should_stop()) {
                     pr_info("hello: tick %d on CPU %d\\n", n++, smp_processor_id());
-                    msleep_interruptible(1000);
+                    msleep_interruptible(period_ms);
             }
             return n;
     }
+
+    static int __init hello_init(void)
+    {
+            task = kthread_run(hello_fn, NULL, "hello/%d", 0);
+            if (IS_ERR(task))
+                    return PTR_ERR(task);
+            pr_info("hello: module loaded, started [%s] pid %d\n", task->comm, task->pid);
+            return 0;
+    }
+
+    static void __exit hello_exit(void)
+    {
+            pr_info("hello: module unloaded, kthread returned %d\\n", kthread_stop(task));
+    }
+
+    module_init(hello_init);
+    module_exit(hello_exit);
 """
 
 from __future__ import annotations
@@ -19,6 +40,8 @@ from __future__ import annotations
 from typing import Any
 
 import emu
+
+period_ms = emu.module_param("period_ms", 1000, "milliseconds between ticks")
 
 _task: emu.Task | None = None
 
@@ -33,7 +56,8 @@ def hello_fn(data: Any) -> int:
     return n
 
 
-def hello_init(period_ms: int = 1000) -> int:
+@emu.module_init
+def hello_init() -> int:
     """module_init: start the kthread; 0 on success, as init functions return."""
     global _task
     _task = emu.kthread_run(hello_fn, {"period_ms": period_ms}, "hello/%d", 0)
@@ -41,11 +65,10 @@ def hello_init(period_ms: int = 1000) -> int:
     return 0
 
 
-def hello_exit() -> int:
-    """module_exit: stop the kthread; returns its result (the tick count)."""
+@emu.module_exit
+def hello_exit() -> None:
+    """module_exit: stop the kthread and log its result (the tick count)."""
     global _task
     assert _task is not None, "hello_exit() without hello_init()"
-    ticks = emu.kthread_stop(_task)
-    emu.pr_info("hello: module unloaded, kthread returned %d", ticks)
+    emu.pr_info("hello: module unloaded, kthread returned %d", emu.kthread_stop(_task))
     _task = None
-    return ticks
