@@ -47,6 +47,8 @@ class Completion(records.Record):
 
     def _init_record(self, rec: Any) -> None:
         rec.head = rec.tail = -1
+        # For hung-task reports: where the user's code made it (emu frames skipped).
+        rec.origin = bug.caller_site().encode("utf-8", "replace")[: type(rec).origin.size]
 
     def _attach(self) -> None:
         super()._attach()

@@ -140,6 +140,39 @@ class HungReport(ctypes.Structure):
     ]
 
 
+#: Report kinds whose first report is kept apart from the log ring (kernel.first_reports).
+REPORT_KINDS = ("warning", "bug", "oops", "hung_task", "soft_lockup")
+#: Bytes of text kept of each first report (the rest is cut).
+FIRST_REPORT_LEN = 4096
+#: Rate-limit states of identical reports (printk_ratelimit), one per report site.
+RATELIMIT_SLOTS = 64
+#: Bytes of a call trace a task hands to khungtaskd (the rest is cut).
+STACK_TEXT_LEN = 8192
+#: Bytes of a completion's creation site ("file.py:LINE") kept for hung-task reports.
+ORIGIN_LEN = 48
+
+
+class FirstReport(ctypes.Structure):
+    """The first report of one kind, kept apart from the log ring (which wraps)."""
+
+    _fields_ = [
+        ("state", c_int32),  # 0 empty, 1 being written, 2 kept
+        ("length", c_int32),
+        ("text", c_char * FIRST_REPORT_LEN),
+    ]
+
+
+class RatelimitState(ctypes.Structure):
+    """struct ratelimit_state of one report site (lib/ratelimit.c)."""
+
+    _fields_ = [
+        ("key", c_uint64),  # hash of the report site, 0 = unused
+        ("begin_ns", c_int64),  # start of the current interval
+        ("printed", c_int32),
+        ("missed", c_int32),
+    ]
+
+
 class Header(ctypes.Structure):
     _fields_ = [
         ("magic", c_uint64),
@@ -180,6 +213,16 @@ class Header(ctypes.Structure):
         ("hung_reports_n", c_int32),  # reports printed; the first HUNG_REPORTS_MAX are kept
         ("hung_reports_pad", c_int32),
         ("hung_reports", HungReport * HUNG_REPORTS_MAX),
+        ("console_lock", LockWord),  # one report at a time on stderr, in log order
+        ("ratelimit_interval_ns", c_int64),  # printk_ratelimit (0: no limit)
+        ("ratelimit_burst", c_int32),  # printk_ratelimit_burst
+        ("stack_pid", c_int32),  # the task khungtaskd asked for its call trace
+        ("stack_state", c_int64),  # request sequence << 2 | phase (bug.request_stack())
+        ("stack_len", c_int32),
+        ("stack_pad", c_int32),
+        ("stack_text", c_char * STACK_TEXT_LEN),
+        ("ratelimits", RatelimitState * RATELIMIT_SLOTS),
+        ("first_reports", FirstReport * len(REPORT_KINDS)),
     ]
 
 
@@ -194,6 +237,7 @@ class CompletionRec(ctypes.Structure):
         ("done", c_uint32),
         ("head", c_int32),  # first waiting task slot, -1 if none
         ("tail", c_int32),
+        ("origin", c_char * ORIGIN_LEN),  # where it was created, "file.py:LINE"
     ]
 
 
