@@ -60,8 +60,12 @@ def _positive(kind: type) -> Callable[[str], Any]:
     return parse
 
 
+DESCRIPTION = ("Run Linux-kernel-style concurrent code for real: kthreads are processes "
+               "pinned to CPUs, interrupts are signals. Also runs as: python -m emu COMMAND.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emu", description=__doc__)
+    parser = argparse.ArgumentParser(prog="emu", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the classic kthread example module and show "
                                       "the kernel log and the task table")

@@ -84,6 +84,7 @@ class Kernel:
 
     def __init__(self, img: image.SharedImage, supervisor_pid: int, death_rfd: int) -> None:
         self._img = img
+        #: pid of the supervisor process (interrupt sources, khungtaskd, death watch)
         self.supervisor_pid = supervisor_pid
         self._down = False
         self._death_rfd = death_rfd  # read end of the death pipe (see the module's doc)

@@ -152,7 +152,7 @@ def first_reports(img: image.SharedImage | None = None) -> dict[str, list[str]]:
     (image.REPORT_KINDS: "warning", "bug", "oops", "hung_task", "soft_lockup")."""
     hdr = (img or image.this()).img.hdr
     kept: dict[str, list[str]] = {}
-    for kind, entry in zip(image.REPORT_KINDS, hdr.first_reports):
+    for kind, entry in zip(image.REPORT_KINDS, hdr.first_reports, strict=True):
         if records.field_load(entry, "state") == 2:
             kept[kind] = entry.text[: entry.length].decode("utf-8", "replace").split("\n")
     return kept
@@ -251,20 +251,23 @@ def dmesg(img: image.SharedImage | None = None) -> list[str]:
     return out
 
 
-def _pr(level: str) -> Callable[..., int]:
+def _pr(level: str, name: str, what: str) -> Callable[..., int]:
     def pr(fmt: str, *args: object) -> int:
         return printk(level + _format(fmt, args))
 
+    pr.__name__ = pr.__qualname__ = name
+    pr.__doc__ = (f"printk() of ``fmt % args`` {what}. Any context; never sleeps; returns "
+                  "the number of characters logged.")
     return pr
 
 
-pr_emerg = _pr(KERN_EMERG)
-pr_alert = _pr(KERN_ALERT)
-pr_crit = _pr(KERN_CRIT)
-pr_err = _pr(KERN_ERR)
-pr_warn = _pr(KERN_WARNING)
+pr_emerg = _pr(KERN_EMERG, "pr_emerg", "at KERN_EMERG (0): the system is unusable")
+pr_alert = _pr(KERN_ALERT, "pr_alert", "at KERN_ALERT (1): action must be taken at once")
+pr_crit = _pr(KERN_CRIT, "pr_crit", "at KERN_CRIT (2): critical conditions")
+pr_err = _pr(KERN_ERR, "pr_err", "at KERN_ERR (3): error conditions")
+pr_warn = _pr(KERN_WARNING, "pr_warn", "at KERN_WARNING (4): warning conditions")
 pr_warning = pr_warn
-pr_notice = _pr(KERN_NOTICE)
-pr_info = _pr(KERN_INFO)
-pr_debug = _pr(KERN_DEBUG)
-pr_cont = _pr(KERN_CONT)
+pr_notice = _pr(KERN_NOTICE, "pr_notice", "at KERN_NOTICE (5): normal but significant")
+pr_info = _pr(KERN_INFO, "pr_info", "at KERN_INFO (6): informational")
+pr_debug = _pr(KERN_DEBUG, "pr_debug", "at KERN_DEBUG (7): debug-level messages")
+pr_cont = _pr(KERN_CONT, "pr_cont", "continuing the previous line (KERN_CONT)")

@@ -104,7 +104,7 @@ def test_two_hung_tasks_and_a_warn_make_three_contiguous_reports(capfd):
         spans = sorted([hung_block(entries, "hung-one", a.pid, "waiter_one", "waiter_two", where),
                         hung_block(entries, "hung-two", b.pid, "waiter_two", "waiter_one", where),
                         warn_block(entries, test_fn)])
-        for (_, end), (start, _) in zip(spans, spans[1:]):
+        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
             assert end <= start, "reports do not overlap"
 
 
