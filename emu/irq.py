@@ -338,7 +338,9 @@ def irq_set_affinity(irq: int, cpus: Any) -> int:
 # --- /proc/interrupts ---------------------------------------------------------------------------
 
 def proc_interrupts() -> str:
-    """The interrupt counts laid out like /proc/interrupts (kernel/irq/proc.c)."""
+    """The interrupt counts laid out like /proc/interrupts (kernel/irq/proc.c): handler
+    entries per line and CPU. Edges that arrive while the line is pending merge, as on
+    real hardware (see Kernel.proc_interrupts())."""
     img = image.this()
     hdr = img.img.hdr
     ncpus = hdr.ncpus

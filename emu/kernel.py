@@ -166,14 +166,24 @@ class Kernel:
         return [t for t in task.live_tasks() if not t.flags & PF_IDLE]
 
     def proc_interrupts(self) -> str:
-        """Interrupt counts per CPU, laid out like /proc/interrupts."""
+        """Interrupt counts per CPU, laid out like /proc/interrupts: how many times each
+        line's handlers were entered on each CPU. Edges are not interrupts: an edge that
+        arrives while the line is already pending on its CPU (raised, not yet taken)
+        merges with it, as on real hardware, so a device that raised 2,000 edges in a
+        burst may show fewer. A re-arrival while the handlers run, or while the line is
+        disabled, is replayed once however many edges came."""
         return irq.proc_interrupts()
 
     def add_irq_source(self, irq_nr: int, *, delay: float = 0.0, rate_hz: float = 0.0,
                        burst: int = 1, count: int = 1) -> int:
         """Emulate a device: the supervisor raises `irq_nr` `burst` times after `delay`
         seconds, then every 1/`rate_hz` seconds, `count` times in all (-1: until removed).
-        Returns the source's id for remove_irq_source()."""
+        Returns the source's id for remove_irq_source().
+
+        Each raise is an edge. Edges that arrive while the line is still pending merge
+        into one interrupt, as on real hardware (see proc_interrupts()): a burst, or a
+        rate faster than the handler, gives fewer interrupts than edges. Periods the
+        supervisor misses while it is late are skipped, not made up."""
         return supervisor.add_irq_source(irq_nr, delay, rate_hz, burst, count)
 
     def remove_irq_source(self, source: int) -> None:
