@@ -295,6 +295,7 @@ class IrqDesc(ctypes.Structure):
         ("irqs_unhandled", c_int32),
         ("kstat", c_int64 * MAX_CPUS),  # /proc/interrupts counts per CPU
         ("actions", IrqAction * MAX_IRQ_ACTIONS),
+        ("merged", c_int64),  # edges raised while the line was pending on its CPU
     ]
 
 

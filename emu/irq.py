@@ -339,8 +339,8 @@ def irq_set_affinity(irq: int, cpus: Any) -> int:
 
 def proc_interrupts() -> str:
     """The interrupt counts laid out like /proc/interrupts (kernel/irq/proc.c): handler
-    entries per line and CPU. Edges that arrive while the line is pending merge, as on
-    real hardware (see Kernel.proc_interrupts())."""
+    entries per line and CPU, then one ``MRG:`` line per IRQ that had edges merge with
+    one already pending on its CPU (as on real hardware; see Kernel.proc_interrupts())."""
     img = image.this()
     hdr = img.img.hdr
     ncpus = hdr.ncpus
@@ -357,6 +357,8 @@ def proc_interrupts() -> str:
         if names:
             line += "      " + ", ".join(names)
         lines.append(line)
+    lines += [f"MRG: {desc.merged:10d}  IRQ {irq}: edges merged with one already pending"
+              for irq, desc in enumerate(img.img.irqs[: hdr.nr_irqs]) if desc.merged]
     return "\n".join(lines) + "\n"
 
 

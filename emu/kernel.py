@@ -101,7 +101,7 @@ class Kernel:
 
     @property
     def hz(self) -> int:
-        """HZ: jiffies per second, as booted (``emu.boot(hz=...)``, default 250)."""
+        """Jiffies per second (HZ), as booted (``emu.boot(hz=...)``, default 250)."""
         return int(self._img.img.hdr.hz)
 
     @property
@@ -170,8 +170,9 @@ class Kernel:
         line's handlers were entered on each CPU. Edges are not interrupts: an edge that
         arrives while the line is already pending on its CPU (raised, not yet taken)
         merges with it, as on real hardware, so a device that raised 2,000 edges in a
-        burst may show fewer. A re-arrival while the handlers run, or while the line is
-        disabled, is replayed once however many edges came."""
+        burst may show fewer: an ``MRG:`` line at the end counts, per IRQ, the edges that
+        merged so. A re-arrival while the handlers run on another CPU, or while the line
+        is disabled, is replayed once however many edges came."""
         return irq.proc_interrupts()
 
     def add_irq_source(self, irq_nr: int, *, delay: float = 0.0, rate_hz: float = 0.0,
@@ -181,7 +182,8 @@ class Kernel:
         Returns the source's id for remove_irq_source().
 
         Each raise is an edge. Edges that arrive while the line is still pending merge
-        into one interrupt, as on real hardware (see proc_interrupts()): a burst, or a
+        into one interrupt, as on real hardware, and are counted in proc_interrupts()'s
+        ``MRG:`` lines: a burst, or a
         rate faster than the handler, gives fewer interrupts than edges. Periods the
         supervisor misses while it is late are skipped, not made up."""
         return supervisor.add_irq_source(irq_nr, delay, rate_hz, burst, count)

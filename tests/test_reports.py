@@ -188,3 +188,30 @@ def test_a_task_blocked_in_kthread_stop_names_the_task_it_waits_for(kernel):
     want = (f"INFO: task stopper:{stopper.pid} is blocked in kthread_stop(), waiting for "
             f"task victim:{victim.pid} to exit.")
     assert any(line.endswith(want) for line in kernel.dmesg()), want
+
+
+def h_count(irq, dev):
+    emu.atomic_inc(dev)
+    return emu.IRQ_HANDLED
+
+
+def test_proc_interrupts_counts_the_edges_that_merged_while_pending(kernel):
+    """A burst of 200 edges from an emulated device: each is either taken (a handler
+    run, counted per CPU) or merged with one already pending on the CPU (MRG:)."""
+    irq, edges = 5, 200
+    runs = emu.Atomic()
+    assert emu.request_irq(irq, h_count, 0, "bursty", runs) == 0
+    assert emu.irq_set_affinity(irq, 0) == 0
+    src = kernel.add_irq_source(irq, burst=edges, count=1)
+    wait_until(lambda: not kernel._img.img.irq_sources[src].in_use, T, "the burst")
+    wait_until(lambda: not any(pc.irq_pending for pc in kernel._img.img.percpu), T,
+               "the pending edges to be taken")
+    emu.synchronize_irq(irq)
+    text = kernel.proc_interrupts()
+    merged = [line for line in text.splitlines() if line.startswith("MRG:")]
+    counted = sum(int(n) for n in text.splitlines()[1].split(":")[1].split()[: kernel.ncpus])
+    assert counted == emu.atomic_read(runs)
+    assert merged, "a burst merges on the CPU it targets"
+    assert merged == [f"MRG: {edges - counted:10d}  IRQ {irq}: edges merged with one "
+                      "already pending"], text
+    assert emu.free_irq(irq, runs) == "bursty"
