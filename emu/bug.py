@@ -328,7 +328,9 @@ def request_stack(pid: int, signo: int, timeout: float = 0.5) -> list[str] | Non
 def show_stack_reply(frame: FrameType | None) -> None:
     """Answer an open request_stack() for this task with the call trace ending at
     `frame` (the signal handler's interrupted frame); nothing if none is open."""
-    hdr = image.this().img.hdr
+    if image._this is None:
+        return  # a request that arrived after this process left the kernel
+    hdr = image._this.img.hdr
     state = records.field_load(hdr, "stack_state")
     if state & 3 != _REQUESTED or hdr.stack_pid != os.getpid():
         return
