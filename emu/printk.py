@@ -5,10 +5,10 @@ log, in order. ``kernel.dmesg()`` renders them as ``[    1.234567] text``, the t
 since boot. Messages below the console log level are also written to stderr.
 
 A message of several lines (a whole report) is stored as one unit under the log lock,
-and written to stderr with one ``write()`` under the console lock, which is taken
-before the log lock is released: reports of different tasks never interleave, and the
-console shows them in log order. The first report of each kind (image.REPORT_KINDS)
-is also kept apart from the ring, which wraps (``kernel.first_reports``).
+and written to stderr whole under the console lock: reports of different tasks never
+interleave, in the log or on stderr. The first report of each kind
+(image.REPORT_KINDS) is also kept apart from the ring, which wraps
+(``kernel.first_reports``).
 """
 
 from __future__ import annotations
@@ -105,12 +105,13 @@ def log_store(level: int, text: str, keep: tuple[str, ...] = ()) -> int:
                 _append(img, now, level, pid, data[off : off + image.LOG_TEXT_LEN],
                         cont=(cont and i == 0) or not first_chunk)
                 first_chunk = False
+        for kind in keep:  # under the log lock: the first kept is the first logged
+            _keep_first(hdr, kind, [_stamp(now) + line for line in lines])
         console = level < hdr.console_loglevel
-        if console:  # taken before the log lock is let go: stderr keeps the log's order
-            records.raw_spin_lock(image.field_addr(hdr, "console_lock"), "console")
     finally:
         records.raw_spin_unlock(lock)
-    if console:
+    if console:  # (a stderr that blocks holds up the console, never the log)
+        records.raw_spin_lock(image.field_addr(hdr, "console_lock"), "console")
         try:
             if cont:
                 _write_all(text.encode("utf-8", "replace"))
@@ -120,8 +121,6 @@ def log_store(level: int, text: str, keep: tuple[str, ...] = ()) -> int:
                            .encode("utf-8", "replace"))
         finally:
             records.raw_spin_unlock(image.field_addr(hdr, "console_lock"))
-    for kind in keep:
-        _keep_first(hdr, kind, [_stamp(now) + line for line in lines])
     return len(text)
 
 
