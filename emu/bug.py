@@ -299,7 +299,7 @@ def _where(frame: FrameType) -> str:
 _REQUESTED, _WRITING, _DONE = 1, 2, 3
 
 
-def request_stack(pid: int, signo: int, timeout: float = 0.5) -> list[str] | None:
+def request_stack(pid: int, signo: int, timeout: float = 1.0) -> list[str] | None:
     """Ask task `pid` for its call trace (signal `signo`, whose handler calls
     show_stack_reply()); the trace lines, or None if it did not answer in `timeout`
     seconds (it is dead, or its handler cannot run). Process context (the supervisor)."""
