@@ -147,26 +147,38 @@ def stack_lines(frame: FrameType | None) -> list[str]:
 def exception_lines(exc: BaseException) -> list[str]:
     """`exc`'s traceback as call-trace lines (the user's frames only), then its type and
     message, as Python prints them; causes and contexts first, as Python does."""
-    lines: list[str] = []
+    chain: list[tuple[BaseException, str]] = []  # newest first, each with its link on
     seen: set[int] = set()
-    chain: list[BaseException] = []
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        chain.append(cur)
-        cur = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
-    for i, e in enumerate(reversed(chain)):
-        if i:
-            lines.append(" During handling of the above exception, another exception occurred:")
-        frames: list[tuple[FrameType, int]] = []
-        tb: TracebackType | None = e.__traceback__
-        while tb is not None:
-            frames.append((tb.tb_frame, tb.tb_lineno))
-            tb = tb.tb_next
-        lines += _format(_user_frames(frames))
-        lines += [" " + part for part in
-                  "".join(traceback.format_exception_only(type(e), e)).rstrip("\n").split("\n")]
-    return lines
+        if cur.__cause__ is not None:
+            nxt, link = cur.__cause__, _CAUSE
+        elif cur.__context__ is not None and not cur.__suppress_context__:
+            nxt, link = cur.__context__, _CONTEXT
+        else:
+            nxt, link = None, ""
+        if nxt is not None:
+            chain.append((nxt, link))
+        cur = nxt
+    lines: list[str] = []
+    for older, link in reversed(chain):
+        lines += _one_exception(older) + [" " + link]
+    return lines + _one_exception(exc)
+
+
+_CAUSE = "The above exception was the direct cause of the following exception:"
+_CONTEXT = "During handling of the above exception, another exception occurred:"
+
+
+def _one_exception(e: BaseException) -> list[str]:
+    frames: list[tuple[FrameType, int]] = []
+    tb: TracebackType | None = e.__traceback__
+    while tb is not None:
+        frames.append((tb.tb_frame, tb.tb_lineno))
+        tb = tb.tb_next
+    text = "".join(traceback.format_exception_only(type(e), e)).rstrip("\n")
+    return _format(_user_frames(frames)) + [" " + part for part in text.split("\n")]
 
 
 def caller_site(depth: int = 1) -> str:
