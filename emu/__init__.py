@@ -11,8 +11,11 @@ them with completions that follow the kernel's semantics::
         emu.wait_for_completion(done)
         emu.kthread_stop(t)
 
-Every name here follows the kernel's API (see API.md); errors are negative errno
-values, misuse is reported in the kernel log the kernel's way.
+Every name here follows the kernel's API: names, argument order and return values
+are the kernel's; errors are negative errno values, timeouts are jiffies, misuse is
+reported in the kernel log the kernel's way. The documentation (a tutorial and the
+API reference built from these docstrings) is in the repository's docs/, built by
+tools/docs.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ class Atomic(records.Record):
 
     @property
     def counter(self) -> int:
+        """The value (``v->counter``), read atomically."""
         return int(self._load(self.addr()))
 
     def __repr__(self) -> str:
@@ -113,25 +114,25 @@ def _atomic_ops(cls: type[Atomic]) -> dict[str, Any]:
         return add_new(v.addr(), -i)
 
     def inc(v: Atomic) -> None:
-        """Add 1."""
+        """Add 1 (wraps like the C type). Any context; never sleeps."""
         if type(v) is not cls:
             check(v)
         add_new(v.addr(), 1)
 
     def dec(v: Atomic) -> None:
-        """Subtract 1."""
+        """Subtract 1 (wraps like the C type). Any context; never sleeps."""
         if type(v) is not cls:
             check(v)
         add_new(v.addr(), -1)
 
     def inc_return(v: Atomic) -> int:
-        """Add 1; returns the new value."""
+        """Add 1; returns the new value. Any context; never sleeps."""
         if type(v) is not cls:
             check(v)
         return add_new(v.addr(), 1)
 
     def dec_return(v: Atomic) -> int:
-        """Subtract 1; returns the new value."""
+        """Subtract 1; returns the new value. Any context; never sleeps."""
         if type(v) is not cls:
             check(v)
         return add_new(v.addr(), -1)

@@ -1,4 +1,4 @@
-"""Argument checks of the public API (API.md, "Conventions").
+"""Argument checks of the public API (the conventions of the API reference, docs/api).
 
 Misuse that Python itself would reject raises the ordinary exception before anything
 is changed, naming the argument by its API name: a wrong type is a TypeError

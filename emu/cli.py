@@ -127,8 +127,12 @@ def _positive(kind: type) -> Callable[[str], Any]:
     return parse
 
 
+DESCRIPTION = ("Run Linux-kernel-style concurrent code for real: kthreads are processes "
+               "pinned to CPUs, interrupts are signals. Also runs as: python -m emu COMMAND.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emu", description=__doc__)
+    parser = argparse.ArgumentParser(prog="emu", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="boot a kernel, load a module (its init runs), stream "
                                      "the kernel log, unload it after --duration or Ctrl-C",

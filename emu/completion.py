@@ -18,8 +18,6 @@ not block).
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Any
 
 from . import bug, checks, image, preempt, records
@@ -49,7 +47,8 @@ class Completion(records.Record):
 
     def _init_record(self, rec: Any) -> None:
         rec.head = rec.tail = -1
-        rec.site = _creation_site()
+        # For WCHAN and hung-task reports: where the user's code made it.
+        rec.site = bug.caller_site().encode("utf-8", "replace")[-image.SITE_LEN:]
 
     def _attach(self) -> None:
         super()._attach()
@@ -91,17 +90,6 @@ class Completion(records.Record):
         """The counter: completions posted and not yet consumed (UINT_MAX after complete_all)."""
         return int(self.rec.done)
 
-
-_EMU_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
-def _creation_site() -> bytes:
-    """"file.py:LINE" of the nearest caller outside emu (for ps's WCHAN), cut to fit."""
-    frame = sys._getframe(2)
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_EMU_DIR):
-        frame = frame.f_back
-    site = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
-    return site.encode("utf-8", "replace")[-image.SITE_LEN:]
 
 
 def DECLARE_COMPLETION() -> Completion:

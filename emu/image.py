@@ -93,8 +93,9 @@ def offsetof(rtype: type[ctypes.Structure], name: str) -> int:
 
 
 LOG_TEXT_LEN = 240
-#: Bytes of a completion's creation site ("file.py:LINE").
-SITE_LEN = 40
+#: Bytes of a completion's creation site ("file.py:LINE", for WCHAN and hung-task
+#: reports; a longer path keeps its end).
+SITE_LEN = 48
 
 
 class LockWord(ctypes.Structure):
@@ -193,6 +194,46 @@ class HungReport(ctypes.Structure):
     ]
 
 
+#: Report kinds whose first report is kept apart from the log ring (kernel.first_reports).
+REPORT_KINDS = ("warning", "bug", "oops", "hung_task", "soft_lockup")
+#: Bytes of text kept of each first report (the rest is cut).
+FIRST_REPORT_LEN = 4096
+#: Rate-limit states of identical reports (printk_ratelimit), one per report site.
+RATELIMIT_SLOTS = 64
+#: Bytes of a call trace a task hands to khungtaskd (the rest is cut).
+STACK_TEXT_LEN = 8192
+
+
+class FirstReport(ctypes.Structure):
+    """The first report of one kind, kept apart from the log ring (which wraps)."""
+
+    state: int
+    length: int
+    text: bytes
+
+    _fields_ = [
+        ("state", c_int32),  # 0 empty, 1 being written, 2 kept
+        ("length", c_int32),
+        ("text", c_char * FIRST_REPORT_LEN),
+    ]
+
+
+class RatelimitState(ctypes.Structure):
+    """struct ratelimit_state of one report site (lib/ratelimit.c)."""
+
+    key: int
+    begin_ns: int
+    printed: int
+    missed: int
+
+    _fields_ = [
+        ("key", c_uint64),  # hash of the report site, 0 = unused
+        ("begin_ns", c_int64),  # start of the current interval
+        ("printed", c_int32),
+        ("missed", c_int32),
+    ]
+
+
 class Header(ctypes.Structure):
     magic: int
     boot_ns: int
@@ -234,6 +275,16 @@ class Header(ctypes.Structure):
     hung_reports: Table[HungReport]
     max_atomics: int
     max_spinlocks: int
+    console_lock: LockWord
+    ratelimit_interval_ns: int
+    ratelimit_burst: int
+    stack_pid: int
+    stack_state: int
+    stack_len: int
+    stack_pad: int
+    stack_text: bytes
+    ratelimits: Table[RatelimitState]
+    first_reports: Table[FirstReport]
 
     _fields_ = [
         ("magic", c_uint64),
@@ -277,6 +328,16 @@ class Header(ctypes.Structure):
         # capacities an attaching inspector (attach.py) needs to rebuild image_type()
         ("max_atomics", c_int32),
         ("max_spinlocks", c_int32),
+        ("console_lock", LockWord),  # one report at a time on stderr, in log order
+        ("ratelimit_interval_ns", c_int64),  # printk_ratelimit (0: no limit)
+        ("ratelimit_burst", c_int32),  # printk_ratelimit_burst
+        ("stack_pid", c_int32),  # the task khungtaskd asked for its call trace
+        ("stack_state", c_int64),  # request sequence << 2 | phase (bug.request_stack())
+        ("stack_len", c_int32),
+        ("stack_pad", c_int32),
+        ("stack_text", c_char * STACK_TEXT_LEN),
+        ("ratelimits", RatelimitState * RATELIMIT_SLOTS),
+        ("first_reports", FirstReport * len(REPORT_KINDS)),
     ]
 
 
@@ -300,7 +361,7 @@ class CompletionRec(ctypes.Structure):
         ("done", c_uint32),
         ("head", c_int32),  # first waiting task slot, -1 if none
         ("tail", c_int32),
-        ("site", c_char * SITE_LEN),  # where it was created, "file.py:LINE" (for WCHAN)
+        ("site", c_char * SITE_LEN),  # where it was created, "file.py:LINE"
     ]
 
 
@@ -380,6 +441,7 @@ class IrqDesc(ctypes.Structure):
     irqs_unhandled: int
     kstat: Table[int]
     actions: Table[IrqAction]
+    merged: int
 
     _fields_ = [
         ("lock", LockWord),
@@ -391,6 +453,7 @@ class IrqDesc(ctypes.Structure):
         ("irqs_unhandled", c_int32),
         ("kstat", c_int64 * MAX_CPUS),  # /proc/interrupts counts per CPU
         ("actions", IrqAction * MAX_IRQ_ACTIONS),
+        ("merged", c_int64),  # edges raised while the line was pending on its CPU
     ]
 
 

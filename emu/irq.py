@@ -314,7 +314,9 @@ def irq_set_affinity(irq: int, cpus: Any) -> int:
 # --- /proc/interrupts ---------------------------------------------------------------------------
 
 def proc_interrupts() -> str:
-    """The interrupt counts laid out like /proc/interrupts (kernel/irq/proc.c)."""
+    """The interrupt counts laid out like /proc/interrupts (kernel/irq/proc.c): handler
+    entries per line and CPU, then one ``MRG:`` line per IRQ that had edges merge with
+    one already pending on its CPU (as on real hardware; see Kernel.proc_interrupts())."""
     img = image.this()
     hdr = img.img.hdr
     ncpus = hdr.ncpus
@@ -331,6 +333,8 @@ def proc_interrupts() -> str:
         if names:
             line += "      " + ", ".join(names)
         lines.append(line)
+    lines += [f"MRG: {desc.merged:10d}  IRQ {irq}: edges merged with one already pending"
+              for irq, desc in enumerate(img.img.irqs[: hdr.nr_irqs]) if desc.merged]
     return "\n".join(lines) + "\n"
 
 

@@ -126,13 +126,19 @@ def _lock(desc: Any) -> int:
 
 
 def irq_inject_interrupt(irq: int) -> None:
-    """Raise IRQ `irq` now on its target CPU (irq_set_affinity()). Any context, any process."""
+    """Raise IRQ `irq` now on its target CPU (irq_set_affinity()). Any context, any process.
+
+    An edge raised while the line is still pending on that CPU merges with the pending
+    one, as on real hardware; such edges are counted (kernel.proc_interrupts()).
+    """
     try:
-        ours = _core().raise_irq(irq)
+        raised = _core().raise_irq(irq)
     except ValueError:
         _check_irq(irq)  # the TypeError of a wrong type
         raise
-    if ours:
+    if raised & 2:
+        records.field_add(image.this().img.irqs[irq], "merged", 1)
+    if raised & 1:
         do_IRQ()  # our own CPU: take it now (or leave it pending if IRQs are off)
 
 

@@ -40,7 +40,14 @@ from . import (
 from .constants import PF_IDLE, PF_KTHREAD, TASK_RUNNING
 from .errors import AlreadyBootedError, EmuError, KernelDeadError, StaleObjectError
 from .kthread import KTHREAD_EXITED
-from .printk import CONSOLE_LOGLEVEL_DEFAULT, dmesg, log_store
+from .printk import (
+    CONSOLE_LOGLEVEL_DEFAULT,
+    RATELIMIT_BURST_DEFAULT,
+    RATELIMIT_INTERVAL_SECS_DEFAULT,
+    dmesg,
+    first_reports,
+    log_store,
+)
 from .spinlock import SOFTLOCKUP_THRESH_DEFAULT
 
 F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
@@ -90,18 +97,24 @@ class Kernel:
 
     def __init__(self, img: image.SharedImage, supervisor_pid: int, death_rfd: int) -> None:
         self._img = img
+        #: pid of the supervisor process (interrupt sources, khungtaskd, death watch)
         self.supervisor_pid = supervisor_pid
         self._down = False
         self._death_rfd = death_rfd  # read end of the death pipe (see the module's doc)
         self._cause = ""  # why the kernel died; empty while it lives
+        #: kthreads ("comm/pid") that shutdown() killed because they did not stop when
+        #: asked (they ignore kthread_should_stop()); Linux would never finish unloading.
+        self.killed_kthreads: list[str] = []
 
     # configuration and counters
     @property
     def ncpus(self) -> int:
+        """The number of emulated CPUs (0 to ncpus - 1), as booted."""
         return int(self._img.img.hdr.ncpus)
 
     @property
     def hz(self) -> int:
+        """Jiffies per second (HZ), as booted (``emu.boot(hz=...)``, default 250)."""
         return int(self._img.img.hdr.hz)
 
     @property
@@ -111,15 +124,34 @@ class Kernel:
 
     @property
     def warnings(self) -> int:
+        """WARNs reported so far (every one, also those the rate limit kept out of the log)."""
         return int(self._img.img.hdr.warnings)
 
     @property
     def bugs(self) -> int:
+        """BUGs reported so far: ``BUG()``, "BUG: ..." splats (sleeping in atomic context,
+        spinlock misuse) and soft lockups; every one, also those the rate limit kept out
+        of the log."""
         return int(self._img.img.hdr.bugs)
 
     @property
     def oopses(self) -> int:
+        """Oopses so far: exceptions escaping a threadfn or handler, ``BUG()``, tasks
+        that died outside emu; every one, also those the rate limit kept out of the log."""
         return int(self._img.img.hdr.oopses)
+
+    @property
+    def first_reports(self) -> dict[str, list[str]]:
+        """The first report of each kind made so far, as ``dmesg()`` lines, by kind:
+        "warning", "bug", "oops", "hung_task", "soft_lockup". Kept apart from the log,
+        so they survive the ring's wrapping and the rate limit: the report that explains
+        a flood of others. A report longer than 4 KiB is cut. Any context; never sleeps."""
+        return first_reports(self._img)
+
+    @property
+    def first_oops(self) -> list[str] | None:
+        """The first Oops as ``dmesg()`` lines (see first_reports), None if none yet."""
+        return self.first_reports.get("oops")
 
     @property
     def tainted(self) -> int:
@@ -147,14 +179,26 @@ class Kernel:
         return [t for t in task.live_tasks() if not t.flags & PF_IDLE]
 
     def proc_interrupts(self) -> str:
-        """Interrupt counts per CPU, laid out like /proc/interrupts."""
+        """Interrupt counts per CPU, laid out like /proc/interrupts: how many times each
+        line's handlers were entered on each CPU. Edges are not interrupts: an edge that
+        arrives while the line is already pending on its CPU (raised, not yet taken)
+        merges with it, as on real hardware, so a device that raised 2,000 edges in a
+        burst may show fewer: an ``MRG:`` line at the end counts, per IRQ, the edges that
+        merged so. A re-arrival while the handlers run on another CPU, or while the line
+        is disabled, is replayed once however many edges came."""
         return irq.proc_interrupts()
 
     def add_irq_source(self, irq_nr: int, *, delay: float = 0.0, rate_hz: float = 0.0,
                        burst: int = 1, count: int = 1) -> int:
         """Emulate a device: the supervisor raises `irq_nr` `burst` times after `delay`
         seconds, then every 1/`rate_hz` seconds, `count` times in all (-1: until removed).
-        Returns the source's id for remove_irq_source()."""
+        Returns the source's id for remove_irq_source().
+
+        Each raise is an edge. Edges that arrive while the line is still pending merge
+        into one interrupt, as on real hardware, and are counted in proc_interrupts()'s
+        ``MRG:`` lines: a burst, or a
+        rate faster than the handler, gives fewer interrupts than edges. Periods the
+        supervisor misses while it is late are skipped, not made up."""
         return supervisor.add_irq_source(irq_nr, delay, rate_hz, burst, count)
 
     def remove_irq_source(self, source: int) -> None:
@@ -225,7 +269,7 @@ class Kernel:
         """Stop every remaining kthread and free everything. Idempotent.
 
         kthreads get the stop request of kthread_stop(); those still running after
-        SHUTDOWN_GRACE_SECS are killed and named on stderr.
+        SHUTDOWN_GRACE_SECS are killed, named on stderr and in `killed_kthreads`.
         """
         if self._down:
             return
@@ -244,20 +288,35 @@ class Kernel:
             self._teardown()
 
     def _stop_kthreads(self) -> None:
-        kthreads = [t for t in task.live_tasks() if t.flags & PF_KTHREAD]
+        for t in self.stop_kthreads([t for t in task.live_tasks() if t.flags & PF_KTHREAD]):
+            self.killed_kthreads.append(f"{t.comm}/{t.pid}")
+            log_store(3, f"emu: kthread {t.comm}/{t.pid} did not stop at shutdown: killed")
+
+    def running_kthreads(self) -> list[task.Task]:
+        """The kthreads whose threadfn has not returned yet (created and not yet woken
+        ones included), in task-table order."""
+        return [t for t in task.live_tasks()
+                if t.flags & PF_KTHREAD and not t.flags & PF_IDLE and _still_running(t)]
+
+    def stop_kthreads(self, kthreads: list[task.Task],
+                      grace: float = SHUTDOWN_GRACE_SECS) -> list[task.Task]:
+        """Ask each of `kthreads` to stop, as kthread_stop() does (kthread_should_stop()
+        becomes true and the thread is woken, or it exits with -EINTR if it never ran),
+        without waiting for each; then wait up to `grace` seconds for them to return.
+        Returns those still running: they ignore kthread_should_stop(). Process context.
+        """
         for t in kthreads:
             try:
                 kthread.request_stop(t)
             except StaleObjectError:
                 pass  # its creator, a kthread, stopped and released it meanwhile
-        deadline = time.monotonic() + SHUTDOWN_GRACE_SECS
+        deadline = time.monotonic() + grace
         pending = kthreads
         while pending and time.monotonic() < deadline:
             pending = [t for t in pending if _still_running(t)]
             if pending:
                 time.sleep(0.002)
-        for t in pending:
-            log_store(3, f"emu: kthread {t.comm}/{t.pid} did not stop at shutdown: killed")
+        return [t for t in pending if _still_running(t)]
 
     def _teardown(self) -> None:
         global _booted
@@ -322,13 +381,18 @@ def boot(
     hung_task_warnings: int = 10,
     hung_task_panic: int = 0,
     heap_size: int = heap.HEAP_SIZE_DEFAULT,
+    printk_ratelimit: int = RATELIMIT_INTERVAL_SECS_DEFAULT,
+    printk_ratelimit_burst: int = RATELIMIT_BURST_DEFAULT,
 ) -> Kernel:
     """Boot a kernel in this process; use as ``with emu.boot(...) as kernel:``.
 
     `cpus` is a CPU count or a list of real CPU ids (default: the CPUs this process may
     run on). The booting process becomes a task in user context. The keyword arguments
     are capacity limits and the hung-task sysctls; hung_task_timeout_secs=0 disables
-    the detector and hung_task_warnings=-1 reports without limit.
+    the detector and hung_task_warnings=-1 reports without limit. printk_ratelimit and
+    printk_ratelimit_burst are the sysctls of the same names: at most that many
+    identical reports (same kind and place) are logged every that many seconds, then
+    "<function>: N callbacks suppressed"; printk_ratelimit=0 logs every report.
     """
     if image._this is not None:
         raise AlreadyBootedError(
@@ -350,6 +414,8 @@ def boot(
     _check_int(hung_task_warnings, "hung_task_warnings", -1, 1 << 30)
     _check_int(hung_task_panic, "hung_task_panic", 0, 1)
     _check_int(heap_size, "heap_size", 4096, (1 << 31) - 1)
+    _check_int(printk_ratelimit, "printk_ratelimit", 0, 1 << 20)
+    _check_int(printk_ratelimit_burst, "printk_ratelimit_burst", 1, 1 << 30)
 
     image.reclaim_orphans()
     img = image.SharedImage(max_tasks, max_completions + 2 * max_tasks, log_records,
@@ -374,6 +440,8 @@ def boot(
     hdr.hung_task_panic = hung_task_panic
     hdr.softlockup_thresh_secs = softlockup_thresh_secs
     hdr.nr_irqs = nr_irqs
+    hdr.ratelimit_interval_ns = printk_ratelimit * 1_000_000_000
+    hdr.ratelimit_burst = printk_ratelimit_burst
     for pc in img.img.percpu:
         pc.idle_slot = -1
         pc.tasklet_head[0] = pc.tasklet_head[1] = pc.tasklet_tail[0] = pc.tasklet_tail[1] = -1

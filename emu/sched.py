@@ -21,7 +21,7 @@ from .constants import (
     TASK_UNINTERRUPTIBLE,
     UINT_MAX,
 )
-from .printk import KERN_ERR, log_store, printk
+from .printk import log_store
 from .signal import signal_pending, signal_pending_state
 from .task import (
     WCHAN_MSLEEP,
@@ -117,9 +117,9 @@ def schedule_timeout(timeout: int) -> int:
             wchan_exit(prev)
         return MAX_SCHEDULE_TIMEOUT
     if timeout < 0:
-        printk(KERN_ERR + "schedule_timeout: wrong timeout value %x",
-                      timeout & 0xFFFFFFFFFFFFFFFF)
-        log_store(4, "\n".join(bug.stack_lines(bug._caller(1))))
+        log_store(3, "\n".join([f"schedule_timeout: wrong timeout value "
+                                f"{timeout & 0xFFFFFFFFFFFFFFFF:x}",
+                                *bug.stack_lines(bug._caller(1))]))
         set_current_state(TASK_RUNNING)
         return 0
     core = image.this().core
@@ -230,7 +230,7 @@ SIG_SHOW_STACK = _os_signal.SIGRTMIN + 2
 
 def _show_stack(signum: int, frame: Any) -> None:
     # Runs inside the task's sleep (the wait goes on afterwards), or between bytecodes.
-    log_store(3, "\n".join(["Call Trace:", *bug.stack_lines(frame)]))
+    bug.show_stack_reply(frame)
 
 
 def install_show_stack() -> None:

@@ -112,7 +112,7 @@ def _soft_lockup(lock: Spinlock, start: int) -> None:
     bug.bug_splat(
         f"watchdog: BUG: soft lockup - CPU#{preempt.this_cpu()} stuck for {secs}s! [{comm}:{pid}]",
         [f" waiting for spinlock#{lock.index} held by pid {_native.lock_owner(lock._addr)}"],
-        depth=4,
+        depth=4, kind="soft_lockup",
     )
 
 

@@ -29,6 +29,7 @@ from .completion import _from_index, complete_all, remove_waiter
 from .constants import (
     PF_EXITING,
     PF_IDLE,
+    PF_KTHREAD,
     TAINT_DIE,
     TASK_NOLOAD,
     TASK_UNINTERRUPTIBLE,
@@ -347,6 +348,9 @@ class HungTaskDetector:
         records.field_add(self.hdr, "hung_reports_n", 1)
 
     def report(self, rec: Any, blocked_secs: int) -> None:
+        """check_hung_task(): the report of one hung task, written as one unit: header,
+        the task's call trace (it hands it over, see bug.request_stack()), then what it
+        waits on (debug_show_blocker())."""
         records.field_add(self.hdr, "hung_task_detect_count", 1)
         warnings = self.hdr.hung_task_warnings
         if not warnings:
@@ -354,20 +358,44 @@ class HungTaskDetector:
         if warnings > 0:
             self.hdr.hung_task_warnings = warnings - 1
         comm = rec.comm.decode("utf-8", "replace")
+        pid = rec.pid
         lines = [
-            f"INFO: task {comm}:{rec.pid} blocked for more than {blocked_secs} seconds.",
+            f"INFO: task {comm}:{pid} blocked for more than {blocked_secs} seconds.",
             f"      {bug.tainted_str()} emu",
             '"echo 0 > /proc/sys/kernel/hung_task_timeout_secs" disables this message.',
-            f"task:{comm:<15.15} state:D stack:0     pid:{rec.pid} tgid:{rec.pid} "
+            f"task:{comm:<15.15} state:D stack:0     pid:{pid} tgid:{pid} "
             f"ppid:{rec.ppid} flags:0x{rec.flags:08x}",
+            "Call Trace:",
         ]
-        log_store(3, "\n".join(lines))
+        trace = bug.request_stack(pid, SIG_SHOW_STACK)
+        lines += trace if trace is not None else [" (the task did not hand over its stack)"]
+        blocker = self.blocker(rec)
+        if blocker:
+            lines.append(f"INFO: task {comm}:{pid} {blocker}.")
+        log_store(3, "\n".join(lines), keep=("hung_task",))
         self.keep_report(rec, blocked_secs)
-        try:
-            os.kill(rec.pid, SIG_SHOW_STACK)  # the task prints its own "Call Trace:"
-        except ProcessLookupError:
-            pass
         if warnings == 1:
             log_store(
                 3, "Future hung task reports are suppressed, see sysctl kernel.hung_task_warnings"
             )
+
+    def blocker(self, rec: Any) -> str:
+        """What hung task `rec` waits on, as the end of an "INFO: task ..." sentence: the
+        task it waits to exit (kthread_stop()) or to park (kthread_park()), else its
+        completion and where that was created; "" if it waits on no completion."""
+        if not rec.wq_on:
+            return ""
+        index = rec.wq_on - 1
+        tasks = self.img.img.tasks
+        for slot in range(self.hdr.task_high):
+            other = tasks[slot]
+            if not other.in_use or other.pid <= 0:
+                continue
+            who = f"{other.comm.decode('utf-8', 'replace')}:{other.pid}"
+            if other.exited == index and other.flags & PF_KTHREAD:
+                return f"is blocked in kthread_stop(), waiting for task {who} to exit"
+            if other.parked == index and other.flags & PF_KTHREAD:
+                return f"is blocked in kthread_park(), waiting for task {who} to park"
+        comp = self.img.img.completions[index]
+        origin = comp.site.decode("utf-8", "replace") or "?"
+        return f"is blocked on completion#{index} created at {origin}"

@@ -104,18 +104,22 @@ class Task:
 
     @property
     def pid(self) -> int:
+        """The task's process id (0 while a kthread's creator has not published it yet)."""
         return int(self._rec.pid)
 
     @property
     def comm(self) -> str:
+        """The task's name as ps shows it (``task->comm``, at most 15 bytes)."""
         return self._rec.comm.decode("utf-8", "replace")
 
     @property
     def full_name(self) -> str:
+        """The kthread's whole name (at most 63 bytes), of which `comm` is the start."""
         return self._rec.full_name.decode("utf-8", "replace")
 
     @property
     def cpu(self) -> int:
+        """The emulated CPU the task is pinned to (``task_cpu()``)."""
         return int(self._rec.cpu)
 
     @property
@@ -125,14 +129,17 @@ class Task:
 
     @property
     def flags(self) -> int:
+        """``task->flags``: PF_* bits (``emu.PF_KTHREAD``, ...)."""
         return int(self._rec.flags)
 
     @property
     def mm(self) -> Any:
+        """None for a kthread (no user address space), a stand-in object for a user task."""
         return None if self._rec.flags & PF_KTHREAD else USER_MM
 
     @property
     def is_kthread(self) -> bool:
+        """True for a kthread (PF_KTHREAD), False for the booting process."""
         return bool(self._rec.flags & PF_KTHREAD)
 
 

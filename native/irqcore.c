@@ -176,12 +176,16 @@ ic_kick_result(int r)
     return r < 0 ? NULL : PyBool_FromLong(r);
 }
 
-/* raise_irq(irq): irq_inject_interrupt() on the line's target CPU; see ic_kick(). */
+/* raise_irq(irq): irq_inject_interrupt() on the line's target CPU; see ic_kick().
+ * Returns 1 if the caller is to take it now, plus 2 if the edge merged with one
+ * already pending there (for /proc/interrupts' count of merged edges). */
 static PyObject *
 IrqCore_raise_irq(IrqCore *ic, PyObject *arg)
 {
     Py_ssize_t irq;
     int32_t cpu;
+    uint64_t old;
+    int r;
 
     if (ic_irq_arg(ic, arg, &irq) < 0)
         return NULL;
@@ -190,9 +194,11 @@ IrqCore_raise_irq(IrqCore *ic, PyObject *arg)
         PyErr_Format(PyExc_RuntimeError, "irq %zd has a bad affinity %d", irq, cpu);
         return NULL;
     }
-    __atomic_fetch_or(P_FIELD(ic, cpu, ic->p_irq_pending, uint64_t), 1ULL << irq,
-                      __ATOMIC_SEQ_CST);
-    return ic_kick_result(ic_kick(ic, cpu));
+    old = __atomic_fetch_or(P_FIELD(ic, cpu, ic->p_irq_pending, uint64_t), 1ULL << irq,
+                            __ATOMIC_SEQ_CST);
+    if ((r = ic_kick(ic, cpu)) < 0)
+        return NULL;
+    return PyLong_FromLong(r | (int)(old >> irq & 1) << 1);
 }
 
 /* kick(cpu): ring the CPU's doorbell; True if it is the caller's own CPU. */
@@ -644,8 +650,9 @@ IrqCore_dealloc(IrqCore *ic)
 
 static PyMethodDef IrqCore_methods[] = {
     {"raise_irq", (PyCFunction)IrqCore_raise_irq, METH_O,
-     "raise_irq(irq) -> mark irq pending on its target CPU and kick that CPU; True if it "
-     "is the caller's own CPU (the caller takes the interrupt now)"},
+     "raise_irq(irq) -> mark irq pending on its target CPU and kick that CPU; 1 if it "
+     "is the caller's own CPU (the caller takes the interrupt now), plus 2 if the irq was "
+     "pending there already (the edge merged)"},
     {"kick", (PyCFunction)IrqCore_kick, METH_O,
      "kick(cpu) -> ring the CPU's doorbell; True if it is the caller's own CPU"},
     {"ring", (PyCFunction)IrqCore_ring, METH_O,

@@ -275,7 +275,7 @@ def test_top_render_counts_rates_and_states(kernel):
     assert re.search(rf"kernel {os.getpid()} .* 2 tasks: 1 R, 1 D", screen), screen
     assert re.search(r"^\s*0\s+50\s+5\s", screen, re.M) and re.search(r"^\s*1\s+100\s+5\s",
                                                                       screen, re.M), screen
-    assert re.search(rf"{t.pid}\s+\d\s+D\s+completion#{c.index} \(test_inspect.py:\d+\)\s+"
+    assert re.search(rf"{t.pid}\s+\d\s+D\s+completion#{c.index} \(tests/test_inspect.py:\d+\)\s+"
                      r"\[topw\]", screen), screen
     assert "top test line" in screen
     emu.complete(c)
@@ -306,7 +306,7 @@ def test_kernel_ps_wchan_of_a_completion_names_where_it_was_created(kernel):
     t = emu.kthread_run(lambda c: emu.wait_for_completion(c) or 0, c, "psw")
     wait_until(lambda: kernel.waiters(c) == [t], what="psw to queue")
     row = next(r for r in kernel.ps().splitlines() if r.endswith("[psw]"))
-    assert row.split()[2:] == ["D", f"completion#{c.index}", f"(test_inspect.py:{line})",
+    assert row.split()[2:] == ["D", f"completion#{c.index}", f"(tests/test_inspect.py:{line})",
                                "[psw]"]
     emu.complete(c)
     emu.kthread_stop(t)

@@ -641,7 +641,7 @@ def test_exception_in_handler_is_an_oops_and_the_task_carries_on(kernel):
     assert kernel.oopses == 1
     log = log_text(kernel)
     assert re.search(rf"CPU: 1 PID: {t.pid} Comm: busy/1 ", log)
-    assert "Traceback" in log and "h_raise_first" in log
+    assert "Call Trace:" in log and "h_raise_first" in log
     wait_ticks(ticks)
     assert emu.task_state_to_char(t) == "R"
     emu.irq_inject_interrupt(IRQ)
