@@ -461,7 +461,12 @@ class KthreadWorker(records.Record):
     def task(self) -> Task | None:
         """worker->task: the worker's kthread, None once it stopped."""
         ent = self._rec.workers[0]
-        return None if ent.slot < 0 else task_from_slot(ent.slot, ent.generation)
+        if ent.slot < 0:
+            return None
+        slot = image.this().img.tasks[ent.slot]
+        if slot.generation != ent.generation or not slot.in_use:
+            return None  # stopped by kthread_stop() before it ever ran
+        return task_from_slot(ent.slot, ent.generation)
 
     def __repr__(self) -> str:
         t = self.task
