@@ -44,6 +44,7 @@ from .task import Task, current, set_current_state, task_from_slot, wake_slot, w
 
 WORK_STRUCT_PENDING = 1 << 0
 WORK_STRUCT_BARRIER = 1 << 8  # emu: the record is a flush barrier, not a work item
+WORK_STRUCT_FREE = 1 << 9  # emu: its handle was dropped while busy: its worker frees it
 
 POOL_UNBOUND = 1 << 0  # no concurrency management
 POOL_HIGHPRI = 1 << 1
@@ -176,14 +177,33 @@ class WorkBase(records.Record):
         rec = self._rec
         if rec.generation != self.generation:
             return
-        if rec.data & WORK_STRUCT_PENDING or rec.running or rec.queued:
-            bug.warn(f"ODEBUG: free active object type: work_struct hint: "
-                     f"{describe(rec)}: left allocated", depth=3)
-            return
-        if rec.ref:
-            callback_free(rec.ref, rec.ref_generation)
-            rec.ref = 0
-        super()._free()
+        if not _free_when_done(rec):
+            free_work(rec, self.index)
+
+
+def free_work(rec: Any, index: int) -> None:
+    """Free item `rec` (index `index`) and its function."""
+    if rec.ref:
+        callback_free(rec.ref, rec.ref_generation)
+        rec.ref = 0
+    records.free_record("works", index, rec.generation)
+
+
+def _free_when_done(rec: Any) -> bool:
+    """A handle dropped while its item is queued or runs (the kernel lets a function
+    free its own item): the item runs, then its worker frees it. False if it is idle."""
+    pool_id = rec.pool
+    if pool_id < 0:
+        return bool(rec.data & WORK_STRUCT_PENDING)  # stuck PENDING: left allocated
+    pool = pool_by_id(pool_id)
+    pool_lock(pool)
+    try:
+        if rec.running or rec.queued or rec.data & WORK_STRUCT_PENDING:
+            records.field_or(rec, "data", WORK_STRUCT_FREE)
+            return True
+        return False
+    finally:
+        pool_unlock(pool)
 
 
 def reset_work(rec: Any) -> None:
@@ -249,7 +269,15 @@ def finish_instance(rec: Any, ent: Any) -> list[tuple[int, int]]:
     ent.current = 0
     ent.current_wq = -1
     rec.done_seq = max(rec.start_seq, rec.stolen_seq)
-    return release_barriers(rec)
+    comps = release_barriers(rec)
+    if rec.data & WORK_STRUCT_FREE and not rec.queued and not rec.data & WORK_STRUCT_PENDING:
+        free_work(rec, _index_of(rec))
+    return comps
+
+
+def _index_of(rec: Any) -> int:
+    w = works()
+    return (ctypes.addressof(rec) - ctypes.addressof(w)) // ctypes.sizeof(rec)
 
 
 def release_barriers(rec: Any) -> list[tuple[int, int]]:
