@@ -198,23 +198,33 @@ def test_cancel_work_sync_stops_a_self_requeueing_item(kernel):
 
 
 def test_an_item_never_runs_on_two_workers_at_once(kernel):
-    inside, overlap, runs = emu.Atomic(), emu.Atomic(), emu.Atomic()
-    started = emu.Completion()
+    """Queued on CPU 1 while it runs on CPU 0, an item goes to the pool where it runs
+    and starts only after the running instance returned (non-reentrancy)."""
+    warm = emu.Work(lambda w: None)
+    emu.queue_work_on(1, emu.system_wq, warm)  # CPU 1's pool has idle workers now
+    emu.flush_work(warm)
+    inside, overlap, calls = emu.Atomic(), emu.Atomic(), emu.Atomic()
+    first, second, gate = emu.Completion(), emu.Completion(), emu.Completion()
 
     def item(work):
         if emu.atomic_inc_return(inside) > 1:
             emu.atomic_inc(overlap)
-        emu.complete(started)
-        emu.msleep(5)
+        if emu.atomic_inc_return(calls) == 1:
+            emu.complete(first)
+            emu.wait_for_completion(gate)
+        else:
+            emu.complete(second)
         emu.atomic_dec(inside)
-        emu.atomic_inc(runs)
 
     work = emu.Work(item)
     emu.queue_work_on(0, emu.system_wq, work)
-    emu.wait_for_completion(started)
-    assert emu.queue_work_on(1, emu.system_wq, work)  # runs: goes to its pool, after it
+    emu.wait_for_completion(first)
+    assert emu.queue_work_on(1, emu.system_wq, work) is True
+    assert emu.wait_for_completion_timeout(second, emu.msecs_to_jiffies(200)) == 0
+    emu.complete(gate)
+    emu.wait_for_completion(second)
     emu.flush_work(work)
-    assert emu.atomic_read(runs) == 2 and emu.atomic_read(overlap) == 0
+    assert emu.atomic_read(calls) == 2 and emu.atomic_read(overlap) == 0
 
 
 def test_flush_workqueue_waits_for_what_was_queued_before_not_for_chained_requeues(kernel):
