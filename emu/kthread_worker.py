@@ -256,10 +256,12 @@ def start_instance(rec: Any, ent: Any, worker_index: int, wq: int) -> None:
     """A worker takes popped item `rec`: it is no longer pending, this instance runs.
     Under the pool lock."""
     rec.queued = 0
-    records.field_and(rec, "data", ~WORK_STRUCT_PENDING)
     rec.start_seq = rec.queue_seq
     rec.running = worker_index + 1
     ent.current_wq = wq
+    # Last: whoever finds PENDING clear (cancel_work_sync() grabbing it without the
+    # pool lock) must find the instance running.
+    records.field_and(rec, "data", ~WORK_STRUCT_PENDING)
 
 
 def finish_instance(rec: Any, ent: Any) -> list[tuple[int, int]]:
