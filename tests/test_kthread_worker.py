@@ -13,6 +13,7 @@ import os
 import pytest
 
 import emu
+from emu.examples import kthread_worker as spi
 
 from util import wait_state, wait_until
 
@@ -267,3 +268,20 @@ def test_bad_arguments_name_the_argument(kernel):
         emu.KthreadWork(lambda wk: lock.acquire())
     emu.kthread_destroy_worker(w)
     assert os.getpid() == emu.current().pid
+
+
+# --- the example module ---------------------------------------------------------------------------
+
+def test_example_message_pump_transfers_every_message_in_order(kernel):
+    ctlr = spi.spi_init_queue("spi0", cpu=1)
+    assert ctlr.worker.task.comm == "spi0" and ctlr.worker.task.cpu == 1
+    sent = 0
+    for message in range(1, 201):
+        while not spi.spi_async(ctlr, message):  # ring full: let the pump catch up
+            emu.kthread_flush_work(ctlr.pump)
+        sent += message
+    pumps_before_flush = emu.atomic_read(ctlr.pumps)
+    spi.spi_destroy_queue(ctlr)
+    assert emu.atomic64_read(ctlr.total) == sent
+    assert emu.atomic_read(ctlr.tail) == 200
+    assert 1 <= pumps_before_flush <= emu.atomic_read(ctlr.pumps) <= 200

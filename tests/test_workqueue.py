@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import emu
+from emu.examples import wq_irq
 
 from util import wait_state, wait_until
 
@@ -546,3 +547,22 @@ TestOrderedWorkqueueModel = OrderedWorkqueueMachine.TestCase
 TestOrderedWorkqueueModel.settings = settings(
     max_examples=15, stateful_step_count=25, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
+
+
+# --- the example module ---------------------------------------------------------------------------
+
+def test_example_wq_irq_defers_from_the_interrupt_handler(kernel):
+    assert wq_irq.bottomhalf_init((6, 7)) == 0
+    emu.irq_inject_interrupt(6)  # button 0: LED on, and a bottom half
+    wait_until(lambda: "Bottom half workqueue ends" in "\n".join(kernel.dmesg()),
+               what="the bottom half to run")
+    src = kernel.add_irq_source(7, rate_hz=500, count=20)  # button 1, pressed 20 times
+    dev = wq_irq._dev
+    assert dev is not None
+    wait_until(lambda: emu.atomic_read(dev.presses) == 21, what="21 presses")
+    kernel.remove_irq_source(src)
+    dev = wq_irq.bottomhalf_exit()
+    assert emu.atomic_read(dev.led) == 0  # the last press was button 1's
+    runs = emu.atomic_read(dev.runs)
+    assert 2 <= runs <= 21  # presses while the bottom half was pending coalesced
+    assert not emu.work_pending(dev.work)
