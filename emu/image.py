@@ -406,6 +406,7 @@ class WorkerPoolRec(ctypes.Structure):
         ("nr_idle", c_int32),
         ("nr_running", c_int32),  # concurrency management: workers running work, awake
         ("manager", c_int32),  # pid creating a worker, 0 = none
+        ("idle_mask", c_int64),  # bit i: workers[i] is idle
         ("workers", WorkerEnt * MAX_POOL_WORKERS),
     ]
 
@@ -510,6 +511,7 @@ class SharedImage:
         #: this process's caches over this kernel's records (never shared across kernels)
         self.callback_cache: dict[tuple[int, int], Any] = {}  # callback.py: ref -> its copy
         self.irq_views: Any = None  # irq.py's per-kernel ctypes views
+        self.wq_views: Any = None  # kthread_worker.py's
         self.irq_core: Any = None  # native IrqCore, made by irq.py after boot
         #: emulated CPU i runs on real CPU cpu_map[i]
         self.cpu_map: list[int] = []

@@ -60,12 +60,45 @@ KTHREAD_WORKER_BASE = image.NR_WQ_POOLS
 
 # --- pools --------------------------------------------------------------------------------------
 
+class _Views:
+    """This process's ctypes views of one kernel's work tables (made once: every
+    access to a field of the image makes a new ctypes object)."""
+
+    __slots__ = ("works", "pools", "workqueues", "handles")
+
+    def __init__(self, img: Any) -> None:
+        self.works = img.works
+        self.workqueues = img.workqueues
+        self.pools = {i: p for i, p in enumerate(img.worker_pools)}
+        self.pools.update((KTHREAD_WORKER_BASE + i, p)
+                          for i, p in enumerate(img.kthread_workers))
+        #: (class, index, generation) -> the handle a worker passes to fn(work)
+        self.handles: dict[tuple[type, int, int], Any] = {}
+
+
+def views() -> _Views:
+    img = image.this()
+    v = img.wq_views
+    if v is None:
+        v = img.wq_views = _Views(img.img)
+    return v
+
+
 def pool_by_id(pool_id: int) -> Any:
     """The pool record that WorkRec.pool value `pool_id` names."""
-    img = image.this().img
-    if pool_id >= KTHREAD_WORKER_BASE:
-        return img.kthread_workers[pool_id - KTHREAD_WORKER_BASE]
-    return img.worker_pools[pool_id]
+    return views().pools[pool_id]
+
+
+def work_handle(cls: type, index: int, generation: int) -> Any:
+    """The handle on work `index` that a worker passes to its function (one per item)."""
+    handles = views().handles
+    key = (cls, index, generation)
+    handle = handles.get(key)
+    if handle is None:
+        if len(handles) > 4096:
+            handles.clear()
+        handle = handles[key] = cls._from_index(index, generation)  # type: ignore[attr-defined]
+    return handle
 
 
 def pool_lock(pool: Any) -> None:
@@ -87,7 +120,7 @@ def init_pool(pool: Any, pool_id: int, cpu: int, flags: int) -> None:
 
 
 def works() -> Any:
-    return image.this().img.works
+    return views().works
 
 
 def list_append(owner: Any, index: int) -> None:
@@ -535,7 +568,7 @@ def kthread_worker_fn(worker: KthreadWorker) -> int:
             schedule()
             continue
         set_current_state(TASK_RUNNING)
-        run_work(work, KthreadWork._from_index(index, work.generation))
+        run_work(work, work_handle(KthreadWork, index, work.generation))
         pool_lock(rec)
         comps = finish_instance(work, ent)
         pool_unlock(rec)
@@ -632,11 +665,12 @@ def kthread_queue_work(worker: KthreadWorker, work: KthreadWork) -> bool:
         rec.queue_seq += 1
         records.field_or(rec, "data", WORK_STRUCT_PENDING)
         ent = pool.workers[0]
-        if not ent.current:
-            wake_worker(ent)
-        return True
+        idle = not ent.current
     finally:
         pool_unlock(pool)
+    if idle:  # after the unlock: woken, it takes the lock at once
+        wake_worker(ent)
+    return True
 
 
 def kthread_flush_work(work: KthreadWork) -> None:

@@ -26,9 +26,11 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import _emu_native as _native
+
 from . import bug, checks, image, irqflags, preempt, records, task
 from .completion import Completion
-from .constants import TASK_IDLE, TASK_RUNNING
+from .constants import TASK_IDLE, TASK_NORMAL, TASK_RUNNING
 from .errors import EmuError, StaleObjectError
 from .kthread import kthread_create, kthread_create_on_cpu, kthread_should_stop
 from .kthread_worker import (
@@ -61,13 +63,14 @@ from .kthread_worker import (
     start_flush,
     start_instance,
     steal_queued,
+    views,
     wait_barriers,
-    wake_worker,
+    work_handle,
     works,
 )
 from .printk import KERN_ERR, KERN_WARNING, printk
 from .sched import schedule, schedule_timeout_uninterruptible
-from .task import set_current_state, wake_up_process
+from .task import set_current_state, wake_slot, wake_up_process
 
 WQ_BH = 1 << 0
 WQ_UNBOUND = 1 << 1
@@ -124,9 +127,10 @@ class Workqueue:
     def rec(self) -> Any:
         """The workqueue's record; StaleObjectError once it was destroyed."""
         if self._system:
-            wq_init()
-            return image.this().img.workqueues[self.index]
-        rec = image.this().img.workqueues[self.index]
+            if image.this().img.hdr.wq_ready != 2:
+                wq_init()
+            return views().workqueues[self.index]
+        rec = views().workqueues[self.index]
         if rec.generation != self.generation or not rec.in_use:
             raise StaleObjectError(f"workqueue #{self.index} was destroyed: "
                                    "destroy_workqueue() ends every use of its handle")
@@ -261,11 +265,11 @@ def create_worker(pool: Any) -> bool:
     pool_lock(pool)
     ent = pool.workers[index]
     ent.generation = t.generation
-    ent.flags = WORKER_ALIVE | WORKER_IDLE | WORKER_PREP
+    ent.flags = WORKER_ALIVE | WORKER_PREP
     ent.current, ent.current_wq = 0, -1
     ent.slot = t.slot
     pool.nr_workers += 1
-    pool.nr_idle += 1
+    _set_idle(pool, ent, index, True)
     pool_unlock(pool)
     wake_up_process(t)
     return True
@@ -284,12 +288,32 @@ def _keep_working(pool: Any) -> bool:
     return pool.head != -1 and (not _bound(pool) or pool.nr_running <= 1)
 
 
-def _kick_pool(pool: Any) -> None:
-    """Wake an idle worker of `pool` (under its lock)."""
-    for ent in pool.workers:
-        if ent.flags & WORKER_IDLE and ent.slot >= 0:
-            wake_worker(ent)
-            return
+def _idle_slot(pool: Any) -> int:
+    """kick_pool()'s choice, under the pool lock: the task slot of an idle worker to
+    wake once the lock is dropped (waking it under the lock would make it spin on
+    the lock at once), -1 if none is idle."""
+    mask = pool.idle_mask
+    if not mask:
+        return -1
+    return int(pool.workers[(mask & -mask).bit_length() - 1].slot)
+
+
+def _kick(slot: int) -> None:
+    """Wake the worker _idle_slot() chose (after dropping the pool lock)."""
+    if slot >= 0:
+        wake_slot(slot, TASK_NORMAL)
+
+
+def _set_idle(pool: Any, ent: Any, index: int, idle: bool) -> None:
+    """worker_enter_idle() / worker_leave_idle() (under the pool lock)."""
+    if idle:
+        ent.flags |= WORKER_IDLE
+        pool.nr_idle += 1
+        pool.idle_mask |= 1 << index
+    else:
+        ent.flags &= ~WORKER_IDLE
+        pool.nr_idle -= 1
+        pool.idle_mask &= ~(1 << index)
 
 
 def _pwq(wq: Any, pool: Any) -> Any:
@@ -301,7 +325,7 @@ def _dec_active(pool: Any, wq_index: int) -> None:
     inactive one (under the pool's lock)."""
     if wq_index < 0:
         return
-    wq = image.this().img.workqueues[wq_index]
+    wq = views().workqueues[wq_index]
     pwq = _pwq(wq, pool)
     pwq.nr_active -= 1
     if pwq.head != -1 and pwq.nr_active < wq.max_active:
@@ -342,11 +366,9 @@ def worker_thread(data: tuple[int, int]) -> int:
             pool_unlock(pool)
             return 0
         if ent.flags & WORKER_IDLE:
-            ent.flags &= ~WORKER_IDLE
-            pool.nr_idle -= 1
+            _set_idle(pool, ent, _my_index, False)
         _work(pool, ent)
-        ent.flags |= WORKER_IDLE
-        pool.nr_idle += 1
+        _set_idle(pool, ent, _my_index, True)
         set_current_state(TASK_IDLE)
         pool_unlock(pool)
         if kthread_should_stop():
@@ -358,7 +380,7 @@ def worker_thread(data: tuple[int, int]) -> int:
 
 def _worker_die(pool: Any, ent: Any) -> None:
     if ent.flags & WORKER_IDLE:
-        pool.nr_idle -= 1
+        _set_idle(pool, ent, _my_index, False)
     pool.nr_workers -= 1
     ent.flags = 0
     ent.slot = -1
@@ -409,11 +431,11 @@ def _process_one_work(pool: Any, ent: Any, index: int) -> None:
     wq_index = rec.wq
     start_instance(rec, ent, _my_index, wq_index)
     ent.current = index + 1
-    if _need_more_worker(pool):
-        _kick_pool(pool)
+    kick = _idle_slot(pool) if _need_more_worker(pool) else -1
     pool_unlock(pool)
+    _kick(kick)
     try:
-        run_work(rec, Work._from_index(index, rec.generation))
+        run_work(rec, work_handle(Work, index, rec.generation))
     finally:
         pool_lock(pool)
         comps = finish_instance(rec, ent)
@@ -431,16 +453,18 @@ def wq_worker_sched(sleeping: bool) -> None:
     pool = _my_pool
     if running_handle() is None or pool is None or not _bound(pool):
         return
+    kick = -1
     pool_lock(pool)
     try:
         if sleeping:
             pool.nr_running -= 1
             if _need_more_worker(pool):
-                _kick_pool(pool)
+                kick = _idle_slot(pool)
         else:
             pool.nr_running += 1
     finally:
         pool_unlock(pool)
+    _kick(kick)
 
 
 def _after_fork_in_child() -> None:
@@ -487,6 +511,7 @@ def _queue(cpu: int, wq: Workqueue, wqrec: Any, work: Work, rec: Any) -> None:
     if 0 <= last < image.NR_WQ_POOLS and last != pool_id:
         pool_id = _running_pool(last, rec, wq.index, pool_id)
     pool = pool_by_id(pool_id)
+    kick = -1
     pool_lock(pool)
     try:
         rec.pool = pool_id
@@ -498,12 +523,13 @@ def _queue(cpu: int, wq: Workqueue, wqrec: Any, work: Work, rec: Any) -> None:
             list_append(pool, work.index)
             rec.queued = 1
             if _need_more_worker(pool):
-                _kick_pool(pool)
+                kick = _idle_slot(pool)
         else:
             list_append(pwq, work.index)
             rec.queued = 2
     finally:
         pool_unlock(pool)
+    _kick(kick)
 
 
 def _running_pool(last: int, rec: Any, wq_index: int, pool_id: int) -> int:
@@ -526,10 +552,11 @@ def queue_work_on(cpu: int, wq: Workqueue, work: Work) -> bool:
     same time. Any context, hard interrupts included."""
     rec = live_work(work, "work", Work)
     wqrec = _live_wq(wq)
-    _check_cpu(cpu)
+    if cpu != WORK_CPU_UNBOUND:
+        _check_cpu(cpu)
     flags = irqflags.local_irq_save()
     try:
-        if records.field_or(rec, "data", WORK_STRUCT_PENDING) & WORK_STRUCT_PENDING:
+        if _native.or32(work._addr, WORK_STRUCT_PENDING) & WORK_STRUCT_PENDING:
             return False
         _queue(cpu, wq, wqrec, work, rec)
         return True
@@ -587,12 +614,13 @@ def _steal(work: Work, rec: Any, comps: list[tuple[int, int]]) -> bool:
     if not 0 <= pool_id < image.NR_WQ_POOLS:
         return False
     pool = pool_by_id(pool_id)
+    kick = -1
     pool_lock(pool)
     try:
         if rec.pool != pool_id or not rec.queued:
             return False
         wq_index = rec.wq
-        wqrec = image.this().img.workqueues[wq_index]
+        wqrec = views().workqueues[wq_index]
         if rec.queued == 2:
             list_remove(_pwq(wqrec, pool), work.index)
             comps += steal_queued(pool, rec, work.index)
@@ -600,10 +628,11 @@ def _steal(work: Work, rec: Any, comps: list[tuple[int, int]]) -> bool:
             comps += steal_queued(pool, rec, work.index)
             _dec_active(pool, wq_index)
             if _need_more_worker(pool):
-                _kick_pool(pool)
+                kick = _idle_slot(pool)
         return True
     finally:
         pool_unlock(pool)
+        _kick(kick)
 
 
 def cancel_work_sync(work: Work) -> bool:
