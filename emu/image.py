@@ -336,7 +336,7 @@ class TaskSlot(ctypes.Structure):
 
 #: Work items (work_struct, kthread_work) and flush barriers, all kernels alike.
 MAX_WORKS = 4096
-MAX_WORKQUEUES = 64
+MAX_WORKQUEUES = 256
 MAX_KTHREAD_WORKERS = 64
 #: The kworkers one pool grows to at most; a kthread worker uses one.
 MAX_POOL_WORKERS = 32

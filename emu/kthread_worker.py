@@ -30,7 +30,7 @@ from . import bug, checks, image, irqflags, preempt, records
 from .callback import callback_free, callback_load, callback_store, qualname
 from .completion import Completion, complete, wait_for_completion
 from .constants import TASK_INTERRUPTIBLE, TASK_NORMAL, TASK_RUNNING
-from .errors import StaleObjectError
+from .errors import CapacityError, StaleObjectError
 from .kthread import (
     check_cpu,
     kthread_create,
@@ -183,11 +183,16 @@ class WorkBase(records.Record):
     TABLE = "works"
     FIELD = "data"
     __slots__ = ("_fn",)
+    _fn: Any  # the function as given: what it captures lives as long as this handle
 
     def __init__(self, fn: Callable[[Any], None]) -> None:
         ref = store_fn(fn)  # first: a function that cannot be carried takes nothing
         try:
             super().__init__()
+        except CapacityError:
+            callback_free(*ref)
+            raise CapacityError(f"all {image.MAX_WORKS} work items of emu are in use: free "
+                                "unused ones (drop their handles)") from None
         except BaseException:
             callback_free(*ref)
             raise
@@ -581,7 +586,11 @@ def _worker_flags(flags: object) -> None:
 
 def _create_worker(cpu: int | None, flags: int, name: str) -> KthreadWorker:
     _worker_flags(flags)
-    worker = KthreadWorker()
+    try:
+        worker = KthreadWorker()
+    except CapacityError:
+        raise CapacityError(f"all {image.MAX_KTHREAD_WORKERS} kthread workers of emu are in "
+                            "use: kthread_destroy_worker() unused ones") from None
     try:
         if cpu is None:
             t = kthread_create(kthread_worker_fn, worker, "%s", name)

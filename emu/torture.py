@@ -794,8 +794,9 @@ IRQ_LINE_BASE = 8
 
 def _irq_lines(ncpus: int) -> int:
     """How many CPUs get an irq-torture device: one each, as far as IRQ lines and
-    emulated devices go (two devices are the completion torture's and THREADED_LINE's)."""
-    return min(ncpus, NR_IRQS_MAX - IRQ_LINE_BASE, MAX_IRQ_SOURCES - 2)
+    emulated devices go (three devices are the completion torture's, THREADED_LINE's and
+    the workqueue torture's)."""
+    return min(ncpus, NR_IRQS_MAX - IRQ_LINE_BASE, MAX_IRQ_SOURCES - 3)
 
 
 def _ncpus(cpus: Any) -> int:
@@ -823,8 +824,8 @@ def boot_capacities(opts: Options) -> dict[str, int]:
         per_cpu += 1
     ncpus = _ncpus(opts.cpus)
     tasks = 1 + 3 + ncpus * per_cpu
-    if "workqueue" in opts.types:  # a queuer per CPU; kworkers: pools grow as items sleep
-        tasks += ncpus * 21 + 20
+    if "workqueue" in opts.types:  # a queuer per CPU; kworkers: 2 pools per CPU, which
+        tasks += ncpus * 8 + 32    # grow while items sleep, and the unbound pool
     return {"max_tasks": max(256, tasks + tasks // 4),
             "nr_irqs": max(32, IRQ_LINE_BASE + _irq_lines(ncpus))}
 

@@ -31,7 +31,7 @@ import _emu_native as _native
 from . import bug, checks, image, irqflags, preempt, records, task
 from .completion import Completion
 from .constants import TASK_IDLE, TASK_NORMAL, TASK_RUNNING
-from .errors import EmuError, StaleObjectError
+from .errors import CapacityError, EmuError, StaleObjectError
 from .kthread import kthread_create, kthread_create_on_cpu, kthread_should_stop
 from .kthread_worker import (
     POOL_HIGHPRI,
@@ -794,7 +794,11 @@ def alloc_workqueue(fmt: str, flags: int, max_active: int, *args: Any) -> Workqu
                "between %d and %d", max_active, name, 1, WQ_MAX_ACTIVE)
         max_active = min(max(max_active, 1), WQ_MAX_ACTIVE)
     wq_init()
-    index, generation = records.alloc_record("workqueues")
+    try:
+        index, generation = records.alloc_record("workqueues")
+    except CapacityError:
+        raise CapacityError(f"all {image.MAX_WORKQUEUES} workqueues of emu are in use: "
+                            "destroy_workqueue() unused ones") from None
     _init_wq(image.this().img.workqueues[index], name, flags, max_active)
     return Workqueue(index, generation)
 
