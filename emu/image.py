@@ -184,7 +184,7 @@ class Header(ctypes.Structure):
         ("workqueues_pool", PoolHdr),
         ("kthread_workers_pool", PoolHdr),
         ("wq_ready", c_int32),  # worker pools: 0 not started, 1 starting, 2 running
-        ("wq_pad", c_int32),
+        ("wq_highpri", c_int32),  # the highpri pools' first workers: the same
     ]
 
 

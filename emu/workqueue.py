@@ -127,8 +127,11 @@ class Workqueue:
     def rec(self) -> Any:
         """The workqueue's record; StaleObjectError once it was destroyed."""
         if self._system:
-            if image.this().img.hdr.wq_ready != 2:
+            hdr = image.this().img.hdr
+            if hdr.wq_ready != 2:
                 wq_init()
+            if self.index == 1 and hdr.wq_highpri != 2 and not preempt.in_interrupt():
+                _start_once("wq_highpri", _start_highpri)
             return views().workqueues[self.index]
         rec = views().workqueues[self.index]
         if rec.generation != self.generation or not rec.in_use:
@@ -196,18 +199,25 @@ def wq_init() -> None:
     """Start the worker pools and the system workqueues of this kernel, once.
 
     Process context: it creates the first kworker of every pool."""
-    hdr = image.this().img.hdr
-    while hdr.wq_ready != 2:
+    if image.this().img.hdr.wq_ready != 2:
         if preempt.in_interrupt():
             raise EmuError("workqueues are not started yet: create a Work or a workqueue "
                            "in process context before queueing from interrupt context")
-        if records.field_cmpxchg(hdr, "wq_ready", 0, 1) == 0:
+        _start_once("wq_ready", _start_pools)
+
+
+def _start_once(field: str, start: Callable[[], None]) -> None:
+    """Run `start` once per kernel, header `field` going 0 -> 1 (starting) -> 2 (done);
+    a task that finds it starting waits."""
+    hdr = image.this().img.hdr
+    while getattr(hdr, field) != 2:
+        if records.field_cmpxchg(hdr, field, 0, 1) == 0:
             try:
-                _start_pools()
+                start()
             except BaseException:
-                records.field_store(hdr, "wq_ready", 0)
+                records.field_store(hdr, field, 0)
                 raise
-            records.field_store(hdr, "wq_ready", 2)
+            records.field_store(hdr, field, 2)
         else:
             schedule_timeout_uninterruptible(1)  # another task is starting them
 
@@ -224,9 +234,22 @@ def _start_pools() -> None:
     pools.append((UNBOUND_POOL, -1, POOL_UNBOUND))
     for pool_id, cpu, flags in pools:
         init_pool(img.worker_pools[pool_id], pool_id, cpu, flags)
-    for pool_id, _, _ in pools:
-        if not create_worker(img.worker_pools[pool_id]):
-            raise EmuError("no task slot left for a kworker: boot with a larger max_tasks=")
+    for pool_id, _, flags in pools:
+        if not flags & POOL_HIGHPRI:  # those start with the first highpri workqueue
+            _first_worker(img.worker_pools[pool_id])
+
+
+def _first_worker(pool: Any) -> None:
+    if not create_worker(pool):
+        raise EmuError("no task slot left for a kworker: boot with a larger max_tasks=")
+
+
+def _start_highpri() -> None:
+    """The highpri pools' first workers (for system_highpri_wq or a WQ_HIGHPRI
+    workqueue, in process context): a kernel that never uses them does not have them."""
+    v = views()
+    for cpu in range(image.this().img.hdr.ncpus):
+        _first_worker(v.pools[_HIGHPRI_BASE + cpu])
 
 
 def _init_wq(rec: Any, name: str, flags: int, max_active: int) -> None:
@@ -506,7 +529,9 @@ def _queue(cpu: int, wq: Workqueue, wqrec: Any, work: Work, rec: Any) -> None:
     else:
         if cpu == WORK_CPU_UNBOUND:
             cpu = max(irqflags.this_cpu(), 0)
-        pool_id = cpu + (_HIGHPRI_BASE if wqrec.flags & WQ_HIGHPRI else 0)
+        pool_id = cpu
+        if wqrec.flags & WQ_HIGHPRI and image.this().img.hdr.wq_highpri == 2:
+            pool_id += _HIGHPRI_BASE  # else (only from an interrupt): the normal pool
     last = rec.pool
     if 0 <= last < image.NR_WQ_POOLS and last != pool_id:
         pool_id = _running_pool(last, rec, wq.index, pool_id)
@@ -669,8 +694,11 @@ def _wq_pools(wqrec: Any) -> list[Any]:
     img = image.this().img
     if wqrec.flags & WQ_UNBOUND:
         return [img.worker_pools[UNBOUND_POOL]]
-    base = _HIGHPRI_BASE if wqrec.flags & WQ_HIGHPRI else 0
-    return [img.worker_pools[base + cpu] for cpu in range(img.hdr.ncpus)]
+    v = views()
+    pools = [v.pools[cpu] for cpu in range(img.hdr.ncpus)]
+    if wqrec.flags & WQ_HIGHPRI:  # items queued before the highpri pools started: normal
+        pools += [v.pools[_HIGHPRI_BASE + cpu] for cpu in range(img.hdr.ncpus)]
+    return pools
 
 
 def _items_of(pool: Any, wqrec: Any, wq_index: int) -> list[int]:
@@ -794,6 +822,8 @@ def alloc_workqueue(fmt: str, flags: int, max_active: int, *args: Any) -> Workqu
                "between %d and %d", max_active, name, 1, WQ_MAX_ACTIVE)
         max_active = min(max(max_active, 1), WQ_MAX_ACTIVE)
     wq_init()
+    if flags & WQ_HIGHPRI:
+        _start_once("wq_highpri", _start_highpri)
     try:
         index, generation = records.alloc_record("workqueues")
     except CapacityError:

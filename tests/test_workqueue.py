@@ -97,6 +97,25 @@ def test_schedule_work_uses_the_system_workqueue(kernel):
     assert emu.system_unbound_wq.name == "events_unbound"
 
 
+def test_highpri_items_run_in_the_highpri_pool_started_on_first_use(kernel):
+    emu.Work(lambda w: None)  # starts the normal pools only
+    assert kworkers(kernel, "kworker/0:0H") == []
+    comm = emu.Atomic()
+    done = emu.Completion()
+
+    def fn(work):
+        emu.atomic_set(comm, int(emu.current().comm.startswith("kworker/1:")
+                                 and emu.current().comm.endswith("H")))
+        emu.complete(done)
+
+    assert emu.queue_work_on(1, emu.system_highpri_wq, emu.Work(fn))
+    emu.wait_for_completion(done)
+    assert emu.atomic_read(comm) == 1
+    wq = emu.alloc_workqueue("hi", emu.WQ_HIGHPRI, 0)
+    emu.flush_workqueue(wq)
+    emu.destroy_workqueue(wq)
+
+
 def test_queue_from_an_interrupt_handler_defers_to_a_kworker_of_its_cpu(kernel):
     ran, cpu, results = emu.Completion(), emu.Atomic(-1), emu.Atomic(-1)
 
