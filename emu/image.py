@@ -367,7 +367,7 @@ class WorkRec(ctypes.Structure):
         ("barriers", c_int32),  # first flush barrier waiting on this item, -1 = none
         ("comp", c_int32),  # a barrier's: the flusher's completion (index, generation)
         ("comp_generation", c_int32),
-        ("pad", c_int32),
+        ("cpu", c_int32),  # a delayed work's: the CPU its timer queues it on
         ("queue_seq", c_int64),  # successful queueings
         ("start_seq", c_int64),  # queue_seq of the instance that runs or ran last
         ("done_seq", c_int64),  # the last instance finished (or cancelled)

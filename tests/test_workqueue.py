@@ -585,3 +585,49 @@ def test_example_wq_irq_defers_from_the_interrupt_handler(kernel):
     runs = emu.atomic_read(dev.runs)
     assert 2 <= runs <= 21  # presses while the bottom half was pending coalesced
     assert not emu.work_pending(dev.work)
+
+
+# --- delayed work (the timer side waits for emu's timers) -----------------------------------------
+
+def test_delayed_work_with_no_delay_is_queued_at_once(kernel):
+    runs = emu.Atomic()
+    dwork = emu.DelayedWork(counting(runs))
+    assert emu.queue_delayed_work(emu.system_wq, dwork, 0) is True
+    assert emu.flush_delayed_work(dwork) in (True, False)  # it may have run already
+    assert emu.atomic_read(runs) == 1
+    assert emu.mod_delayed_work(emu.system_wq, dwork, 0) is False  # idle: queued now
+    emu.flush_work(dwork.work)
+    assert emu.atomic_read(runs) == 2
+    assert emu.cancel_delayed_work_sync(dwork) is False
+    assert emu.schedule_delayed_work(dwork, 0) is True
+    emu.flush_delayed_work(dwork)
+    assert emu.cancel_delayed_work(dwork) is False
+    assert emu.atomic_read(runs) == 3
+
+
+def test_delayed_work_queued_while_pending_returns_false_and_mod_replaces_it(kernel):
+    wq = emu.alloc_ordered_workqueue("dw", 0)
+    started, gate, runs = emu.Completion(), emu.Completion(), emu.Atomic()
+    emu.queue_work(wq, emu.Work(gated(started, gate)))
+    emu.wait_for_completion(started)
+    dwork = emu.DelayedWork(counting(runs))
+    assert emu.queue_delayed_work(wq, dwork, 0) is True
+    assert emu.queue_delayed_work(wq, dwork, 0) is False
+    assert emu.mod_delayed_work(wq, dwork, 0) is True  # it was pending: replaced
+    assert emu.cancel_delayed_work(dwork) is True
+    emu.complete(gate)
+    emu.flush_workqueue(wq)
+    assert emu.atomic_read(runs) == 0
+    emu.destroy_workqueue(wq)
+
+
+@pytest.mark.xfail(raises=NotImplementedError, strict=True,
+                   reason="delayed work with a delay waits for emu's timers (timer.py)")
+def test_delayed_work_runs_after_its_delay(kernel):
+    done = emu.Completion()
+    dwork = emu.DelayedWork(lambda w: emu.complete(done))
+    start = emu.jiffies()
+    assert emu.schedule_delayed_work(dwork, emu.msecs_to_jiffies(20)) is True
+    assert emu.schedule_delayed_work(dwork, 1) is False  # its timer is armed: pending
+    emu.wait_for_completion(done)
+    assert emu.jiffies() - start >= emu.msecs_to_jiffies(20)
