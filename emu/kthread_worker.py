@@ -26,6 +26,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import _emu_native as _native
+
 from . import bug, checks, image, irqflags, preempt, records
 from .callback import callback_free, callback_load, callback_store, qualname
 from .completion import Completion, complete, wait_for_completion
@@ -64,9 +66,10 @@ class _Views:
     """This process's ctypes views of one kernel's work tables (made once: every
     access to a field of the image makes a new ctypes object)."""
 
-    __slots__ = ("works", "pools", "workqueues", "handles")
+    __slots__ = ("hdr", "works", "pools", "workqueues", "handles")
 
     def __init__(self, img: Any) -> None:
+        self.hdr = img.hdr
         self.works = img.works
         self.workqueues = img.workqueues
         self.pools = {i: p for i, p in enumerate(img.worker_pools)}
@@ -101,13 +104,17 @@ def work_handle(cls: type, index: int, generation: int) -> Any:
     return handle
 
 
+_LOCK_OFF = image.WorkerPoolRec.lock.offset
+_DATA_OFF = image.WorkRec.data.offset
+
+
 def pool_lock(pool: Any) -> None:
     """raw_spin_lock_irq(&pool->lock): any context."""
-    records.raw_spin_lock(image.field_addr(pool, "lock"), "worker pool")
+    records.raw_spin_lock(ctypes.addressof(pool) + _LOCK_OFF, "worker pool")
 
 
 def pool_unlock(pool: Any) -> None:
-    records.raw_spin_unlock(image.field_addr(pool, "lock"))
+    records.raw_spin_unlock(ctypes.addressof(pool) + _LOCK_OFF)
 
 
 def init_pool(pool: Any, pool_id: int, cpu: int, flags: int) -> None:
@@ -137,6 +144,13 @@ def list_append(owner: Any, index: int) -> None:
 def list_remove(owner: Any, index: int) -> bool:
     """Unlink work `index` from `owner`'s list; False if it was not on it."""
     w = works()
+    if owner.head == index:  # the common case: the worker takes the first item
+        rec = w[index]
+        owner.head = rec.next
+        if owner.tail == index:
+            owner.tail = -1
+        rec.next = -1
+        return True
     prev, cur = -1, owner.head
     while cur != -1 and cur != index:
         prev, cur = cur, w[cur].next
@@ -299,7 +313,7 @@ def start_instance(rec: Any, ent: Any, worker_index: int, wq: int) -> None:
     ent.current_wq = wq
     # Last: whoever finds PENDING clear (cancel_work_sync() grabbing it without the
     # pool lock) must find the instance running.
-    records.field_and(rec, "data", ~WORK_STRUCT_PENDING)
+    _native.and32(ctypes.addressof(rec) + _DATA_OFF, ~WORK_STRUCT_PENDING)
 
 
 def finish_instance(rec: Any, ent: Any) -> list[tuple[int, int]]:
@@ -309,7 +323,7 @@ def finish_instance(rec: Any, ent: Any) -> list[tuple[int, int]]:
     ent.current = 0
     ent.current_wq = -1
     rec.done_seq = max(rec.start_seq, rec.stolen_seq)
-    comps = release_barriers(rec)
+    comps = release_barriers(rec) if rec.barriers != -1 else []
     if rec.data & WORK_STRUCT_FREE and not rec.queued and not rec.data & WORK_STRUCT_PENDING:
         free_work(rec, _index_of(rec))
     return comps

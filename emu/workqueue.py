@@ -129,12 +129,12 @@ class Workqueue:
     def rec(self) -> Any:
         """The workqueue's record; StaleObjectError once it was destroyed."""
         if self._system:
-            hdr = image.this().img.hdr
-            if hdr.wq_ready != 2:
+            v = views()
+            if v.hdr.wq_ready != 2:
                 wq_init()
-            if self.index == 1 and hdr.wq_highpri != 2 and not preempt.in_interrupt():
+            if self.index == 1 and v.hdr.wq_highpri != 2 and not preempt.in_interrupt():
                 _start_once("wq_highpri", _start_highpri)
-            return views().workqueues[self.index]
+            return v.workqueues[self.index]
         rec = views().workqueues[self.index]
         if rec.generation != self.generation or not rec.in_use:
             raise StaleObjectError(f"workqueue #{self.index} was destroyed: "
