@@ -47,6 +47,7 @@ from .task import Task, current, set_current_state, task_from_slot, wake_slot, w
 WORK_STRUCT_PENDING = 1 << 0
 WORK_STRUCT_BARRIER = 1 << 8  # emu: the record is a flush barrier, not a work item
 WORK_STRUCT_FREE = 1 << 9  # emu: its handle was dropped while busy: its worker frees it
+WORK_STRUCT_CLAIMED = 1 << 11  # emu: being freed
 
 POOL_UNBOUND = 1 << 0  # no concurrency management
 POOL_HIGHPRI = 1 << 1
@@ -226,36 +227,26 @@ class WorkBase(records.Record):
                 f"running={bool(rec.running)}>")
 
     def _free(self) -> None:
+        # No pool lock here: the garbage collector may run this while this very
+        # process holds one. The FREE flag hands the item to its worker if it is busy.
         rec = self._rec
         if rec.generation != self.generation:
             return
-        if not _free_when_done(rec):
-            free_work(rec, self.index)
+        records.field_or(rec, "data", WORK_STRUCT_FREE)
+        if not rec.running and not rec.queued and not rec.data & WORK_STRUCT_PENDING:
+            free_work(rec, self.index, self.generation)
 
 
-def free_work(rec: Any, index: int) -> None:
-    """Free item `rec` (index `index`) and its function."""
+def free_work(rec: Any, index: int, generation: int) -> None:
+    """Free item `rec` (index `index`, of `generation`) and its function, once: of its
+    dropped handle and its worker, whoever claims it first."""
+    if rec.generation != generation:
+        return
+    if records.field_or(rec, "data", WORK_STRUCT_CLAIMED) & WORK_STRUCT_CLAIMED:
+        return
     if rec.ref:
         callback_free(rec.ref, rec.ref_generation)
-        rec.ref = 0
-    records.free_record("works", index, rec.generation)
-
-
-def _free_when_done(rec: Any) -> bool:
-    """A handle dropped while its item is queued or runs (the kernel lets a function
-    free its own item): the item runs, then its worker frees it. False if it is idle."""
-    pool_id = rec.pool
-    if pool_id < 0:
-        return bool(rec.data & WORK_STRUCT_PENDING)  # stuck PENDING: left allocated
-    pool = pool_by_id(pool_id)
-    pool_lock(pool)
-    try:
-        if rec.running or rec.queued or rec.data & WORK_STRUCT_PENDING:
-            records.field_or(rec, "data", WORK_STRUCT_FREE)
-            return True
-        return False
-    finally:
-        pool_unlock(pool)
+    records.free_record("works", index, generation)
 
 
 def reset_work(rec: Any) -> None:
@@ -316,7 +307,7 @@ def start_instance(rec: Any, ent: Any, worker_index: int, wq: int) -> None:
     _native.and32(ctypes.addressof(rec) + _DATA_OFF, ~WORK_STRUCT_PENDING)
 
 
-def finish_instance(rec: Any, ent: Any) -> list[tuple[int, int]]:
+def finish_instance(rec: Any, ent: Any, generation: int) -> list[tuple[int, int]]:
     """The worker is done with `rec`'s instance: returns the barriers' completions to
     complete once the pool lock is dropped. Under the pool lock."""
     rec.running = 0
@@ -325,7 +316,7 @@ def finish_instance(rec: Any, ent: Any) -> list[tuple[int, int]]:
     rec.done_seq = max(rec.start_seq, rec.stolen_seq)
     comps = release_barriers(rec) if rec.barriers != -1 else []
     if rec.data & WORK_STRUCT_FREE and not rec.queued and not rec.data & WORK_STRUCT_PENDING:
-        free_work(rec, _index_of(rec))
+        free_work(rec, _index_of(rec), generation)
     return comps
 
 
@@ -587,9 +578,10 @@ def kthread_worker_fn(worker: KthreadWorker) -> int:
             schedule()
             continue
         set_current_state(TASK_RUNNING)
-        run_work(work, work_handle(KthreadWork, index, work.generation))
+        generation = work.generation
+        run_work(work, work_handle(KthreadWork, index, generation))
         pool_lock(rec)
-        comps = finish_instance(work, ent)
+        comps = finish_instance(work, ent, generation)
         pool_unlock(rec)
         complete_barriers(comps)
 

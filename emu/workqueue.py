@@ -459,11 +459,12 @@ def _process_one_work(pool: Any, ent: Any, index: int) -> None:
     kick = _idle_slot(pool) if _need_more_worker(pool) else -1
     pool_unlock(pool)
     _kick(kick)
+    generation = rec.generation
     try:
-        run_work(rec, work_handle(Work, index, rec.generation))
+        run_work(rec, work_handle(Work, index, generation))
     finally:
         pool_lock(pool)
-        comps = finish_instance(rec, ent)
+        comps = finish_instance(rec, ent, generation)
         _dec_active(pool, wq_index)
     if comps:
         pool_unlock(pool)

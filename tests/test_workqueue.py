@@ -9,6 +9,7 @@ runs from a completion it posts, and keep it running by making it wait on a gate
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -631,3 +632,27 @@ def test_delayed_work_runs_after_its_delay(kernel):
     assert emu.schedule_delayed_work(dwork, 1) is False  # its timer is armed: pending
     emu.wait_for_completion(done)
     assert emu.jiffies() - start >= emu.msecs_to_jiffies(20)
+
+
+def test_a_work_handle_dropped_while_queued_still_runs_and_is_freed_then(kernel):
+    wq = emu.alloc_ordered_workqueue("drop", 0)
+    started, gate, runs = emu.Completion(), emu.Completion(), emu.Atomic()
+    emu.queue_work(wq, emu.Work(gated(started, gate)))
+    emu.wait_for_completion(started)
+    work = emu.Work(counting(runs))
+    index = work.index
+    works = emu.image.this().img.works
+    emu.queue_work(wq, work)
+    del work  # the kernel would call this a use-after-free; emu keeps the item
+    gc.collect()
+    assert works[index].in_use
+    emu.complete(gate)
+    emu.flush_workqueue(wq)
+    assert emu.atomic_read(runs) == 1
+    assert not works[index].in_use  # its worker freed it
+    idle = emu.Work(counting(runs))
+    index = idle.index
+    del idle
+    gc.collect()
+    assert not works[index].in_use  # an idle item goes at once
+    emu.destroy_workqueue(wq)
