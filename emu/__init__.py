@@ -153,8 +153,10 @@ from .kthread import (
     kthread_unpark,
 )
 from .kthread_worker import (
+    KthreadDelayedWork,
     KthreadWork,
     KthreadWorker,
+    kthread_cancel_delayed_work_sync,
     kthread_cancel_work_sync,
     kthread_create_worker,
     kthread_create_worker_on_cpu,
@@ -162,6 +164,8 @@ from .kthread_worker import (
     kthread_flush_work,
     kthread_flush_worker,
     kthread_init_work,
+    kthread_mod_delayed_work,
+    kthread_queue_delayed_work,
     kthread_queue_work,
     kthread_run_worker,
     kthread_run_worker_on_cpu,

@@ -41,12 +41,13 @@ from .kthread import (
     kthread_stop,
 )
 from .printk import log_store
-from .sched import schedule
+from .sched import jiffies, schedule
 from .task import Task, current, set_current_state, task_from_slot, wake_slot, wake_up_process
 
 WORK_STRUCT_PENDING = 1 << 0
 WORK_STRUCT_BARRIER = 1 << 8  # emu: the record is a flush barrier, not a work item
 WORK_STRUCT_FREE = 1 << 9  # emu: its handle was dropped while busy: its worker frees it
+WORK_STRUCT_TIMER = 1 << 10  # emu: a delayed work's timer is armed (the kernel asks it)
 WORK_STRUCT_CLAIMED = 1 << 11  # emu: being freed
 
 POOL_UNBOUND = 1 << 0  # no concurrency management
@@ -505,6 +506,26 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+# --- the timer of a delayed work ---------------------------------------------------------------
+
+def arm_work_timer(work: WorkBase, expires: int, fn: Callable[[Any], None]) -> None:
+    """Arm the timer of delayed work `work`: ``fn(work)`` in softirq context on this CPU
+    at jiffies `expires` (a TIMER_IRQSAFE timer_list). The caller set
+    WORK_STRUCT_TIMER.
+
+    Not wired yet: it waits for emu's timers (timer.py), which land separately."""
+    raise NotImplementedError("delayed work with a delay needs emu's timers, which are not "
+                              "merged into this branch yet")
+
+
+def disarm_work_timer(work: WorkBase) -> bool:
+    """timer_delete() of the armed timer of `work` (WORK_STRUCT_TIMER set): True if it
+    had not fired (it will not now: clear the bit then), False if it fired already.
+
+    Not wired yet: no timer is ever armed (see arm_work_timer())."""
+    return False
+
+
 # --- kthread workers ---------------------------------------------------------------------------
 
 class KthreadWork(WorkBase):
@@ -669,23 +690,147 @@ def kthread_queue_work(worker: KthreadWorker, work: KthreadWork) -> bool:
     rec = live_work(work, "work", KthreadWork)
     pool_lock(pool)
     try:
-        if rec.queued or rec.canceling:
+        if rec.queued or rec.canceling or rec.data & WORK_STRUCT_TIMER:
             return False
-        if rec.pool not in (-1, pool.id):
-            bug.warn(f"kthread_queue_work(): {describe(rec)} was used with another worker",
-                     depth=3)
-        rec.pool = pool.id
-        list_append(pool, work.index)
-        rec.queued = 1
-        rec.queue_seq += 1
-        records.field_or(rec, "data", WORK_STRUCT_PENDING)
-        ent = pool.workers[0]
-        idle = not ent.current
+        _kthread_check_worker(pool, rec, "kthread_queue_work")
+        wake = _kthread_insert(pool, rec, work.index)
     finally:
         pool_unlock(pool)
-    if idle:  # after the unlock: woken, it takes the lock at once
-        wake_worker(ent)
+    if wake:  # after the unlock: woken, it takes the lock at once
+        wake_worker(pool.workers[0])
     return True
+
+
+def _kthread_check_worker(pool: Any, rec: Any, what: str) -> None:
+    if rec.pool not in (-1, pool.id):
+        bug.warn(f"{what}(): {describe(rec)} was used with another worker", depth=4)
+    rec.pool = pool.id
+
+
+def _kthread_insert(pool: Any, rec: Any, index: int) -> bool:
+    """kthread_insert_work(): append, PENDING; True if the worker is to be woken (it
+    runs nothing). Under the worker's lock."""
+    list_append(pool, index)
+    rec.queued = 1
+    rec.queue_seq += 1
+    records.field_or(rec, "data", WORK_STRUCT_PENDING)
+    return not pool.workers[0].current
+
+
+# --- kthread delayed work -----------------------------------------------------------------------
+
+class KthreadDelayedWork(KthreadWork):
+    """struct kthread_delayed_work: a kthread work and a timer that queues it."""
+
+    __slots__ = ()
+
+    @property
+    def work(self) -> KthreadDelayedWork:
+        """&dwork->work: the item itself (kthread_flush_work() takes it)."""
+        return self
+
+
+def kthread_delayed_work_timer_fn(dwork: KthreadDelayedWork) -> None:
+    """The timer's callback: queue the work on its worker unless a cancel runs."""
+    rec = dwork._rec
+    pool = pool_by_id(rec.pool)
+    pool_lock(pool)
+    try:
+        # A mod or cancel that took the timer's instance while this callback waited
+        # for the lock cleared the bit: nothing to queue then.
+        armed = records.field_and(rec, "data", ~WORK_STRUCT_TIMER) & WORK_STRUCT_TIMER
+        wake = bool(armed) and not rec.canceling and _kthread_insert(pool, rec, dwork.index)
+    finally:
+        pool_unlock(pool)
+    if wake:
+        wake_worker(pool.workers[0])
+
+
+def _kthread_queue_delayed(pool: Any, dwork: KthreadDelayedWork, rec: Any,
+                           delay: int) -> bool:
+    """__kthread_queue_delayed_work() under the worker's lock: now, or arm the timer;
+    True if the worker is to be woken."""
+    if delay == 0:
+        return _kthread_insert(pool, rec, dwork.index)
+    records.field_or(rec, "data", WORK_STRUCT_TIMER | WORK_STRUCT_PENDING)
+    try:
+        arm_work_timer(dwork, jiffies() + delay, kthread_delayed_work_timer_fn)
+    except BaseException:
+        records.field_and(rec, "data", ~(WORK_STRUCT_TIMER | WORK_STRUCT_PENDING))
+        raise
+    return False
+
+
+def _delayed_args(worker: object, dwork: object, delay: object) -> tuple[Any, Any]:
+    pool = _live_worker(worker)
+    rec = live_work(dwork, "dwork", KthreadDelayedWork)
+    checks.check_int(delay, "delay", "unsigned long")
+    return pool, rec
+
+
+def kthread_queue_delayed_work(worker: KthreadWorker, dwork: KthreadDelayedWork,
+                               delay: int) -> bool:
+    """Queue `dwork` on `worker` after `delay` jiffies (0: now). False if it is already
+    pending (its timer armed, or queued) or being cancelled. Any context."""
+    pool, rec = _delayed_args(worker, dwork, delay)
+    pool_lock(pool)
+    try:
+        if rec.queued or rec.canceling or rec.data & WORK_STRUCT_TIMER:
+            return False
+        _kthread_check_worker(pool, rec, "kthread_queue_delayed_work")
+        wake = _kthread_queue_delayed(pool, dwork, rec, delay)
+    finally:
+        pool_unlock(pool)
+    if wake:
+        wake_worker(pool.workers[0])
+    return True
+
+
+def kthread_mod_delayed_work(worker: KthreadWorker, dwork: KthreadDelayedWork,
+                             delay: int) -> bool:
+    """Queue `dwork` after `delay` jiffies whatever its state: False if it was idle
+    (queued now like kthread_queue_delayed_work()), True if it was pending (its timer
+    or queued instance replaced), True too if a cancel is running (the cancel wins, it
+    is not queued). Any context."""
+    pool, rec = _delayed_args(worker, dwork, delay)
+    comps: list[tuple[int, int]] = []
+    wake = False
+    pool_lock(pool)
+    try:
+        _kthread_check_worker(pool, rec, "kthread_mod_delayed_work")
+        pending = bool(rec.queued or rec.data & WORK_STRUCT_TIMER)
+        if pending and rec.canceling:
+            return True
+        if rec.data & WORK_STRUCT_TIMER:
+            disarm_work_timer(dwork)
+        elif rec.queued:
+            comps = steal_queued(pool, rec, dwork.index)
+        records.field_and(rec, "data", ~(WORK_STRUCT_TIMER | WORK_STRUCT_PENDING))
+        wake = _kthread_queue_delayed(pool, dwork, rec, delay)
+        return pending
+    finally:
+        pool_unlock(pool)
+        complete_barriers(comps)
+        if wake:
+            wake_worker(pool.workers[0])
+
+
+def kthread_cancel_delayed_work_sync(dwork: KthreadDelayedWork) -> bool:
+    """kthread_cancel_work_sync() of a delayed work: its timer is killed too (True if
+    it was armed)."""
+    rec = live_work(dwork, "dwork", KthreadDelayedWork)
+    disarmed = False
+    if rec.pool >= 0 and rec.data & WORK_STRUCT_TIMER:
+        pool = pool_by_id(rec.pool)
+        pool_lock(pool)
+        try:
+            if rec.data & WORK_STRUCT_TIMER:  # a callback already due finds it cleared
+                disarm_work_timer(dwork)
+                records.field_and(rec, "data", ~(WORK_STRUCT_TIMER | WORK_STRUCT_PENDING))
+                disarmed = True
+        finally:
+            pool_unlock(pool)
+    return kthread_cancel_work_sync(dwork) or disarmed
 
 
 def kthread_flush_work(work: KthreadWork) -> None:
@@ -772,6 +917,8 @@ def kthread_destroy_worker(worker: KthreadWorker) -> None:
 
 
 __all__ = [
+    "KthreadDelayedWork", "kthread_queue_delayed_work", "kthread_mod_delayed_work",
+    "kthread_cancel_delayed_work_sync",
     "KthreadWork", "KthreadWorker", "kthread_create_worker", "kthread_run_worker",
     "kthread_create_worker_on_cpu", "kthread_run_worker_on_cpu", "kthread_init_work",
     "kthread_queue_work", "kthread_flush_work", "kthread_flush_worker",

@@ -37,14 +37,17 @@ from .kthread_worker import (
     POOL_HIGHPRI,
     POOL_UNBOUND,
     WORK_STRUCT_PENDING,
+    WORK_STRUCT_TIMER,
     WORKER_ALIVE,
     WORKER_IDLE,
     WORKER_PREP,
     WorkBase,
     add_barrier,
+    arm_work_timer,
     check_self_flush,
     complete_barriers,
     describe,
+    disarm_work_timer,
     finish_instance,
     flush_one,
     flush_target,
@@ -83,8 +86,6 @@ WQ_POWER_EFFICIENT = 1 << 7
 __WQ_DESTROYING = 1 << 15
 __WQ_DRAINING = 1 << 16
 __WQ_ORDERED = 1 << 17
-#: emu: a delayed work's timer is armed (the kernel asks the timer).
-WORK_STRUCT_TIMER = 1 << 10
 
 WQ_MAX_ACTIVE = 512 * 4
 WQ_DFL_ACTIVE = WQ_MAX_ACTIVE // 2
@@ -715,20 +716,13 @@ def INIT_DELAYED_WORK(dwork: DelayedWork, fn: Callable[[Work], None]) -> None:
 
 
 def _arm_timer(dwork: DelayedWork, expires: int) -> None:
-    """Arm `dwork`'s timer: delayed_work_timer_fn(dwork) in softirq context on this CPU
-    at jiffies `expires` (add_timer() of a TIMER_IRQSAFE timer).
-
-    Not wired yet: it waits for emu's timers (timer.py), which land separately."""
-    raise NotImplementedError("delayed work with a delay needs emu's timers, which are not "
-                              "merged into this branch yet")
+    """Arm `dwork`'s timer: delayed_work_timer_fn(dwork) at jiffies `expires`."""
+    arm_work_timer(dwork, expires, delayed_work_timer_fn)
 
 
 def _disarm_timer(dwork: Work) -> bool:
-    """timer_delete() of the armed timer of `dwork` (WORK_STRUCT_TIMER set): True if it
-    had not fired (it will not now; clear the bit then), False if it fired already.
-
-    Not wired yet: no timer is ever armed (see _arm_timer())."""
-    return False
+    """del_timer() of `dwork`'s armed timer: True if it had not fired."""
+    return disarm_work_timer(dwork)
 
 
 def delayed_work_timer_fn(dwork: DelayedWork) -> None:

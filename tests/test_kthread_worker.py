@@ -285,3 +285,37 @@ def test_example_message_pump_transfers_every_message_in_order(kernel):
     assert emu.atomic64_read(ctlr.total) == sent
     assert emu.atomic_read(ctlr.tail) == 200
     assert 1 <= pumps_before_flush <= emu.atomic_read(ctlr.pumps) <= 200
+
+
+# --- delayed work (the timer side waits for emu's timers) -----------------------------------------
+
+def test_kthread_delayed_work_with_no_delay_and_mod_and_cancel(kernel):
+    w = emu.kthread_run_worker(0, "kw")
+    started, gate, runs = emu.Completion(), emu.Completion(), emu.Atomic()
+    emu.kthread_queue_work(w, emu.KthreadWork(gated(started, gate)))
+    emu.wait_for_completion(started)  # the worker is held: what follows stays queued
+    dwork = emu.KthreadDelayedWork(lambda wk: emu.atomic_inc(runs))
+    assert emu.kthread_queue_delayed_work(w, dwork, 0) is True
+    assert emu.kthread_queue_delayed_work(w, dwork, 0) is False  # pending
+    assert emu.kthread_mod_delayed_work(w, dwork, 0) is True  # pending: replaced
+    assert emu.kthread_cancel_delayed_work_sync(dwork) is True
+    assert emu.kthread_mod_delayed_work(w, dwork, 0) is False  # idle: queued now
+    emu.complete(gate)
+    emu.kthread_flush_work(dwork.work)
+    assert emu.atomic_read(runs) == 1
+    emu.kthread_destroy_worker(w)
+
+
+@pytest.mark.xfail(raises=NotImplementedError, strict=True,
+                   reason="delayed work with a delay waits for emu's timers (timer.py)")
+def test_kthread_delayed_work_runs_after_its_delay(kernel):
+    w = emu.kthread_run_worker(0, "kw")
+    done = emu.Completion()
+    dwork = emu.KthreadDelayedWork(lambda wk: emu.complete(done))
+    start = emu.jiffies()
+    try:
+        assert emu.kthread_queue_delayed_work(w, dwork, emu.msecs_to_jiffies(20)) is True
+        emu.wait_for_completion(done)
+        assert emu.jiffies() - start >= emu.msecs_to_jiffies(20)
+    finally:
+        emu.kthread_destroy_worker(w)
