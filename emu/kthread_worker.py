@@ -476,7 +476,7 @@ def run_work(rec: Any, handle: Any) -> None:
         fn(handle)
     except bug.TaskKilled:
         pass  # BUG() in the function, already reported
-    except Exception as exc:
+    except BaseException as exc:  # kthread_exit() or SystemExit too: the worker lives on
         bug.oops(exc, f"{type(exc).__name__} in work item {qualname(fn)}: {exc}")
     finally:
         _running_here = _running_handle = None

@@ -445,6 +445,18 @@ def test_an_exception_in_an_item_is_an_oops_and_the_kworker_goes_on(kernel):
     assert "RuntimeError in work item" in "\n".join(kernel.dmesg())
 
 
+@pytest.mark.emu_expect(oopses=1)
+def test_kthread_exit_in_an_item_is_an_oops_and_the_kworker_goes_on(kernel):
+    ok = emu.Completion()
+    bad = emu.Work(lambda w: emu.kthread_exit(3))
+    emu.queue_work_on(0, emu.system_wq, bad)
+    emu.flush_work(bad)
+    good = emu.Work(lambda w: emu.complete(ok))
+    emu.queue_work_on(0, emu.system_wq, good)
+    emu.wait_for_completion(ok)
+    assert "KthreadExit in work item" in "\n".join(kernel.dmesg())
+
+
 @pytest.mark.emu_expect(bugs=1)
 def test_an_item_leaving_preemption_disabled_is_reported(kernel):
     leaky = emu.Work(lambda w: emu.preempt_disable())
