@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import bug, checks, image, preempt, records
+from . import bug, checks, image, preempt, records, task
 from .constants import (
     ERESTARTSYS,
     MAX_SCHEDULE_TIMEOUT,
@@ -220,12 +220,29 @@ def _wait(x: Completion, timeout: int, state: int) -> int:
     WaitCore.wait_for() does the common case (a live handle, a task in process context)
     entirely in native code; everything else goes through _wait_slow().
     """
+    if task.sched_hook is not None:  # in a kworker
+        return _wait_hooked(x, timeout, state, task.sched_hook)
     try:
         left = x._core.wait_for(x.index, x.generation, timeout, state)
     except AttributeError:
         _check(x)
         raise
     return _wait_slow(x, timeout, state) if left is None else left
+
+
+def _wait_hooked(x: Completion, timeout: int, state: int, hook: Any) -> int:
+    """_wait() in a kworker: the workqueue hears when it blocks and runs again."""
+    _check(x)
+    if x._rec.done:
+        left = x._core.wait_for(x.index, x.generation, timeout, state)
+        if left is not None:
+            return int(left)
+    hook(True)
+    try:
+        left = x._core.wait_for(x.index, x.generation, timeout, state)
+        return _wait_slow(x, timeout, state) if left is None else left
+    finally:
+        hook(False)
 
 
 def _wait_slow(x: Completion, timeout: int, state: int) -> int:

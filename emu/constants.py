@@ -43,6 +43,7 @@ TASK_SPECIAL_STATES = __TASK_STOPPED | __TASK_TRACED | TASK_PARKED | TASK_DEAD
 # Task flags (include/linux/sched.h).
 PF_IDLE = 0x00000002
 PF_EXITING = 0x00000004
+PF_WQ_WORKER = 0x00000020  # a kworker: the workqueue's, not a module's
 PF_KTHREAD = 0x00200000
 PF_NO_SETAFFINITY = 0x04000000
 

@@ -285,6 +285,11 @@ class Header(ctypes.Structure):
     stack_text: bytes
     ratelimits: Table[RatelimitState]
     first_reports: Table[FirstReport]
+    works_pool: PoolHdr
+    workqueues_pool: PoolHdr
+    kthread_workers_pool: PoolHdr
+    wq_ready: int
+    wq_highpri: int
 
     _fields_ = [
         ("magic", c_uint64),
@@ -338,6 +343,11 @@ class Header(ctypes.Structure):
         ("stack_text", c_char * STACK_TEXT_LEN),
         ("ratelimits", RatelimitState * RATELIMIT_SLOTS),
         ("first_reports", FirstReport * len(REPORT_KINDS)),
+        ("works_pool", PoolHdr),  # workqueue.py, kthread_worker.py
+        ("workqueues_pool", PoolHdr),
+        ("kthread_workers_pool", PoolHdr),
+        ("wq_ready", c_int32),  # worker pools: 0 not started, 1 starting, 2 running
+        ("wq_highpri", c_int32),  # the highpri pools' first workers: the same
     ]
 
 
@@ -585,6 +595,169 @@ class TaskSlot(ctypes.Structure):
     ]
 
 
+# --- deferred work: work items, worker pools, workqueues (kthread_worker.py, workqueue.py) ---
+
+#: Work items (work_struct, kthread_work) and flush barriers, all kernels alike.
+MAX_WORKS = 4096
+MAX_WORKQUEUES = 256
+MAX_KTHREAD_WORKERS = 64
+#: The kworkers one pool grows to at most; a kthread worker uses one.
+MAX_POOL_WORKERS = 32
+#: Per-CPU pools (normal, then highpri) and the unbound pool.
+NR_WQ_POOLS = 2 * MAX_CPUS + 1
+WQ_NAME_LEN = 32
+
+
+class WorkRec(ctypes.Structure):
+    """struct work_struct / kthread_work, or a flush barrier (wq_barrier) waiting on one.
+
+    Everything but `data` and the pool bookkeeping is changed under the lock of the
+    pool the item is queued on or runs on (`pool`)."""
+    in_use: int
+    generation: int
+    free_next: int
+    data: int
+    ref: int
+    ref_generation: int
+    next: int
+    pool: int
+    wq: int
+    queued: int
+    running: int
+    canceling: int
+    barriers: int
+    comp: int
+    comp_generation: int
+    cpu: int
+    queue_seq: int
+    start_seq: int
+    done_seq: int
+    stolen_seq: int
+    target: int
+
+    _fields_ = [
+        ("in_use", c_int32),
+        ("generation", c_int32),
+        ("free_next", c_int32),
+        ("data", c_int32),  # WORK_STRUCT_PENDING, ... (atomic)
+        ("ref", c_int32),  # the work function: callback heap offset and seq (callback.py)
+        ("ref_generation", c_int32),
+        ("next", c_int32),  # worklist, inactive list or barrier list link, -1 = last
+        ("pool", c_int32),  # pool id queued on or last run on, -1 = none yet
+        ("wq", c_int32),  # workqueue index queued on / last, -1 = none
+        ("queued", c_int32),  # 0 off-list, 1 on the pool's worklist, 2 on an inactive list
+        ("running", c_int32),  # worker index + 1 while its function runs, else 0
+        ("canceling", c_int32),  # cancel_*_sync() in progress: queueing fails
+        ("barriers", c_int32),  # first flush barrier waiting on this item, -1 = none
+        ("comp", c_int32),  # a barrier's: the flusher's completion (index, generation)
+        ("comp_generation", c_int32),
+        ("cpu", c_int32),  # a delayed work's: the CPU its timer queues it on
+        ("queue_seq", c_int64),  # successful queueings
+        ("start_seq", c_int64),  # queue_seq of the instance that runs or ran last
+        ("done_seq", c_int64),  # the last instance finished (or cancelled)
+        ("stolen_seq", c_int64),  # an instance cancelled while an older one runs
+        ("target", c_int64),  # a barrier's: the done_seq it waits for
+    ]
+
+
+class WorkerEnt(ctypes.Structure):
+    """struct worker: one kworker of a pool (or a kthread worker's thread)."""
+    slot: int
+    generation: int
+    flags: int
+    current: int
+    current_wq: int
+    pad: int
+
+    _fields_ = [
+        ("slot", c_int32),  # task slot, -1 = free entry
+        ("generation", c_int32),
+        ("flags", c_int32),  # WORKER_* (kthread_worker.py)
+        ("current", c_int32),  # work index + 1 being run, 0 = none
+        ("current_wq", c_int32),  # its workqueue, -1 = none
+        ("pad", c_int32),
+    ]
+
+
+class WorkerPoolRec(ctypes.Structure):
+    """struct worker_pool (a per-CPU or unbound pool of kworkers) or struct kthread_worker."""
+    lock: LockWord
+    in_use: int
+    generation: int
+    free_next: int
+    id: int
+    cpu: int
+    flags: int
+    head: int
+    tail: int
+    nr_workers: int
+    nr_idle: int
+    nr_running: int
+    manager: int
+    idle_mask: int
+    workers: Table[WorkerEnt]
+
+    _fields_ = [
+        ("lock", LockWord),  # taken irqsave
+        ("in_use", c_int32),
+        ("generation", c_int32),
+        ("free_next", c_int32),
+        ("id", c_int32),  # what WorkRec.pool holds for this pool
+        ("cpu", c_int32),  # -1 = unbound
+        ("flags", c_int32),  # POOL_* (kthread_worker.py)
+        ("head", c_int32),  # worklist (work indices), -1 = empty
+        ("tail", c_int32),
+        ("nr_workers", c_int32),
+        ("nr_idle", c_int32),
+        ("nr_running", c_int32),  # concurrency management: workers running work, awake
+        ("manager", c_int32),  # pid creating a worker, 0 = none
+        ("idle_mask", c_int64),  # bit i: workers[i] is idle
+        ("workers", WorkerEnt * MAX_POOL_WORKERS),
+    ]
+
+
+class PwqEnt(ctypes.Structure):
+    """struct pool_workqueue: a workqueue's share of one pool (under the pool's lock)."""
+    nr_active: int
+    head: int
+    tail: int
+    pad: int
+
+    _fields_ = [
+        ("nr_active", c_int32),
+        ("head", c_int32),  # inactive list (beyond max_active), -1 = empty
+        ("tail", c_int32),
+        ("pad", c_int32),
+    ]
+
+
+class WorkqueueRec(ctypes.Structure):
+    """struct workqueue_struct."""
+    in_use: int
+    generation: int
+    free_next: int
+    flags: int
+    max_active: int
+    state: int
+    warned: int
+    pad: int
+    name: bytes
+    pwqs: Table[PwqEnt]
+
+    _fields_ = [
+        ("in_use", c_int32),
+        ("generation", c_int32),
+        ("free_next", c_int32),
+        ("flags", c_int32),  # WQ_*
+        ("max_active", c_int32),
+        ("state", c_int32),  # __WQ_DRAINING, __WQ_DESTROYING (atomic)
+        ("warned", c_int32),  # "cannot queue" printed (WARN_ONCE)
+        ("pad", c_int32),
+        ("name", c_char * WQ_NAME_LEN),
+        ("pwqs", PwqEnt * MAX_CPUS),  # per CPU; an unbound workqueue uses [0]
+    ]
+
+
 class LogRec(ctypes.Structure):
     """One printk record of the dmesg ring."""
 
@@ -624,6 +797,10 @@ def image_type(max_tasks: int, max_completions: int, log_records: int,
             ("tasklets", TaskletRec * max_tasklets),
             ("irq_sources", IrqSource * MAX_IRQ_SOURCES),
             ("log", LogRec * log_records),
+            ("works", WorkRec * MAX_WORKS),
+            ("workqueues", WorkqueueRec * MAX_WORKQUEUES),
+            ("worker_pools", WorkerPoolRec * NR_WQ_POOLS),
+            ("kthread_workers", WorkerPoolRec * MAX_KTHREAD_WORKERS),
             ("heap", c_uint8 * heap_size),  # last: its pages are touched only when used
         ]
 
@@ -643,6 +820,10 @@ class ImageView(Protocol):
     tasklets: Table[TaskletRec]
     irq_sources: Table[IrqSource]
     log: Table[LogRec]
+    works: Table[WorkRec]
+    workqueues: Table[WorkqueueRec]
+    worker_pools: Table[WorkerPoolRec]
+    kthread_workers: Table[WorkerPoolRec]
     heap: ctypes.Array[ctypes.c_uint8]
 
 
@@ -687,6 +868,7 @@ class SharedImage:
         #: this process's caches over this kernel's records (never shared across kernels)
         self.callback_cache: dict[tuple[int, int], Any] = {}  # callback.py: ref -> its copy
         self.irq_views: Any = None  # irq.py's per-kernel ctypes views
+        self.wq_views: Any = None  # kthread_worker.py's
         self.irq_core: Any = None  # native IrqCore, made by irq.py after boot
         #: emulated CPU i runs on real CPU cpu_map[i]
         self.cpu_map: list[int] = []

@@ -37,7 +37,7 @@ from . import (
     supervisor,
     task,
 )
-from .constants import PF_IDLE, PF_KTHREAD, TASK_RUNNING
+from .constants import PF_IDLE, PF_KTHREAD, PF_WQ_WORKER, TASK_RUNNING
 from .errors import AlreadyBootedError, EmuError, KernelDeadError, StaleObjectError
 from .kthread import KTHREAD_EXITED
 from .printk import (
@@ -294,9 +294,11 @@ class Kernel:
 
     def running_kthreads(self) -> list[task.Task]:
         """The kthreads whose threadfn has not returned yet (created and not yet woken
-        ones included), in task-table order."""
+        ones included), in task-table order; not the kernel's own (idle tasks and
+        kworkers), which live as long as the kernel."""
         return [t for t in task.live_tasks()
-                if t.flags & PF_KTHREAD and not t.flags & PF_IDLE and _still_running(t)]
+                if t.flags & PF_KTHREAD and not t.flags & (PF_IDLE | PF_WQ_WORKER)
+                and _still_running(t)]
 
     def stop_kthreads(self, kthreads: list[task.Task],
                       grace: float = SHUTDOWN_GRACE_SECS) -> list[task.Task]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import posix_ipc
@@ -338,6 +339,12 @@ def wake_up_process(task: Task) -> int:
     return wake_slot(_live_slot(task), TASK_NORMAL)
 
 
+#: The scheduler's notice to the workqueue that this task blocks (``sched_hook(True)``,
+#: wq_worker_sleeping()) and runs again (``sched_hook(False)``, wq_worker_running()).
+#: None but in a kworker process, where workqueue.py sets it.
+sched_hook: Callable[[bool], None] | None = None
+
+
 def sleep(deadline_ns: int | None, wchan: int = 0) -> bool:
     """Block until this task is woken (state TASK_RUNNING) or CLOCK_MONOTONIC passes `deadline_ns`.
 
@@ -347,10 +354,17 @@ def sleep(deadline_ns: int | None, wchan: int = 0) -> bool:
     `wchan` (WCHAN_*) names the sleep in ps unless an outer wchan_enter() named it.
     """
     assert _current is not None
+    deadline = -1 if deadline_ns is None else deadline_ns
     prev = wchan_enter(wchan)
+    hook = sched_hook
     try:
-        return bool(image.this().core.sleep(_current.slot,
-                                            -1 if deadline_ns is None else deadline_ns))
+        if hook is None:
+            return bool(image.this().core.sleep(_current.slot, deadline))
+        hook(True)
+        try:
+            return bool(image.this().core.sleep(_current.slot, deadline))
+        finally:
+            hook(False)
     finally:
         wchan_exit(prev)
 

@@ -12,6 +12,13 @@ Types:
   wake-ups (a probe at every stat interval).
 * ``kthread``: create/run/stop/park/unpark/bind churn. Checks: results (-EINTR only
   when threadfn never ran), states, placement (the OS affinity of every thread).
+* ``workqueue``: per CPU a kthread queueing, flushing and cancelling its own work items
+  on the system, an unbound and a max_active=2 workqueue (items that sleep or not), and
+  keeping its own ordered workqueue full; an interrupt handler queues items too.
+  Checks: each item runs exactly once per successful queue_work() (after every flush
+  and cancel of it, and at the end), cancel_work_sync() really stops it (neither
+  pending nor running afterwards), ordered workqueues run items one at a time in
+  queueing order.
 * ``irq``: interrupt storms on every CPU whose handlers share data with kthreads under
   spin_lock_irqsave and schedule tasklets, plus a threaded handler (an ``irq/N``
   thread) doing the same. Checks: no update is lost, no handler or tasklet runs
@@ -96,8 +103,23 @@ from .spinlock import (
     spin_unlock_irqrestore,
 )
 from .task import Task, current, task_state_to_char
+from .workqueue import (
+    WQ_UNBOUND,
+    Work,
+    Workqueue,
+    alloc_ordered_workqueue,
+    alloc_workqueue,
+    cancel_work_sync,
+    destroy_workqueue,
+    flush_work,
+    queue_work,
+    queue_work_on,
+    schedule_work,
+    system_wq,
+    work_pending,
+)
 
-TYPES = ("completion", "kthread", "irq")
+TYPES = ("completion", "kthread", "irq", "workqueue")
 SIGNAL = int(_os_signal.SIGUSR1)
 
 
@@ -347,6 +369,192 @@ def _irq_worker(data: tuple[IrqState, Atomic, Counters]) -> int:
     return 0
 
 
+# --- workqueue torture ---------------------------------------------------------------------
+
+WQ_ITEMS = 6  # items each queuer owns on the shared workqueues
+WQ_ORDERED_ITEMS = 8  # items in each queuer's ordered ring
+WQ_LINE = 3  # the IRQ line whose handler queues work items
+
+
+@dataclass
+class WqItem:
+    """One work item and its books: successful queueings, cancelled ones, runs."""
+
+    work: Work
+    queued: Atomic64
+    cancelled: Atomic64
+    runs: Atomic64
+    inside: Atomic
+
+
+def _wq_item_fn(runs: Atomic64, inside: Atomic, nap: bool) -> Callable[[Work], None]:
+    def fn(work: Work) -> None:
+        if atomic_inc_return(inside) > 1:
+            fail("workqueue", "non-reentrancy", "an item ran on two workers at once")
+        if nap:
+            usleep_range(50, 300)  # sleeps: the pool's next item must not wait for it
+        atomic_dec(inside)
+        atomic64_add(1, runs)  # last: a flush that returned sees every run counted
+    return fn
+
+
+def _wq_item(nap: bool) -> WqItem:
+    runs, inside = Atomic64(), Atomic()
+    return WqItem(Work(_wq_item_fn(runs, inside, nap)), Atomic64(), Atomic64(), runs, inside)
+
+
+def _wq_check_once(item: WqItem, what: str, counters: Counters) -> None:
+    """At rest (flushed or cancelled, nobody else queues it): runs == queued - cancelled."""
+    q, c, r = (atomic64_read(v) for v in (item.queued, item.cancelled, item.runs))
+    if r != q - c or atomic_read(item.inside) or work_pending(item.work):
+        atomic64_add(1, counters.failures)
+        fail("workqueue", "exactly once", f"after {what}: {r} runs for {q} queued, {c} "
+             f"cancelled (running: {atomic_read(item.inside)}, pending: "
+             f"{work_pending(item.work)})")
+
+
+@dataclass
+class WqOrdered:
+    """A queuer's ordered workqueue and its ring of items, each stamped with a ticket."""
+
+    wq: Workqueue
+    works: list[Work]
+    tickets: list[Atomic64]  # the ticket of each item's queued instance
+    ran: list[Atomic64]  # the ticket each item last ran with
+    last: Atomic64  # the last ticket run
+    inside: Atomic
+
+
+def _wq_ordered_fn(o_ticket: Atomic64, o_ran: Atomic64, last: Atomic64, inside: Atomic,
+                   failures: Atomic64) -> Callable[[Work], None]:
+    def fn(work: Work) -> None:
+        if atomic_inc_return(inside) > 1:
+            atomic64_add(1, failures)
+            fail("workqueue", "ordered", "two items of an ordered workqueue ran at once")
+        ticket = atomic64_read(o_ticket)
+        if ticket != atomic64_read(last) + 1:
+            atomic64_add(1, failures)
+            fail("workqueue", "ordered", f"ticket {ticket} ran after {atomic64_read(last)}")
+        atomic64_set(last, ticket)
+        atomic64_set(o_ran, ticket)
+        atomic_dec(inside)
+    return fn
+
+
+def _wq_ordered(cpu: int, failures: Atomic64) -> WqOrdered:
+    o = WqOrdered(alloc_ordered_workqueue("torture-ordered/%d", 0, cpu), [],
+                  [Atomic64() for _ in range(WQ_ORDERED_ITEMS)],
+                  [Atomic64() for _ in range(WQ_ORDERED_ITEMS)], Atomic64(), Atomic())
+    o.works = [Work(_wq_ordered_fn(o.tickets[i], o.ran[i], o.last, o.inside, failures))
+               for i in range(WQ_ORDERED_ITEMS)]
+    return o
+
+
+@dataclass
+class WqState:
+    wqs: list[Workqueue]
+    counters: Counters
+    stop: Atomic
+    items: list[list[WqItem]] = field(default_factory=list)  # per CPU
+    ordered: list[WqOrdered] = field(default_factory=list)  # per CPU
+    irq_items: list[WqItem] = field(default_factory=list)
+
+
+def _wq_queue(item: WqItem, ok: bool) -> None:
+    if ok:
+        atomic64_add(1, item.queued)
+
+
+def _wq_ordered_step(o: WqOrdered, ticket: int, counters: Counters) -> bool:
+    """Queue ticket `ticket` on its ring slot if that slot's last ticket ran; True if so."""
+    i = ticket % WQ_ORDERED_ITEMS
+    if atomic64_read(o.ran[i]) != atomic64_read(o.tickets[i]):
+        return False  # still queued: the ring is full
+    atomic64_set(o.tickets[i], ticket)
+    if not queue_work(o.wq, o.works[i]):
+        atomic64_add(1, counters.failures)
+        fail("workqueue", "return value", "queue_work() of an idle item returned false")
+    return True
+
+
+def _wq_queuer(data: tuple[WqState, int, int]) -> int:
+    st, cpu, seed = data
+    rng = random.Random(seed)
+    items, o, counters = st.items[cpu], st.ordered[cpu], st.counters
+    ncpus = len(st.items)
+    ticket = 1
+    while not _stopped(st.stop):
+        n = rng.randrange(len(items))
+        item = items[n]
+        op = rng.random()
+        if op < 0.55:
+            wq = st.wqs[n % len(st.wqs)]  # one workqueue per item: on two, it may overlap
+            target = rng.randrange(ncpus)
+            _wq_queue(item, queue_work_on(target, wq, item.work) if op < 0.3
+                      else queue_work(wq, item.work))
+        elif op < 0.7:
+            flush_work(item.work)
+            _wq_check_once(item, "flush_work()", counters)
+        elif op < 0.85:
+            if cancel_work_sync(item.work):
+                atomic64_add(1, item.cancelled)
+            _wq_check_once(item, "cancel_work_sync()", counters)
+        elif _wq_ordered_step(o, ticket, counters):
+            ticket += 1
+        counters.add(cpu)
+    return 0
+
+
+def wq_torture_handler(irq_nr: int, dev: tuple[list[WqItem], Atomic]) -> int:
+    items, turn = dev
+    item = items[atomic_inc_return(turn) % len(items)]
+    _wq_queue(item, schedule_work(item.work))
+    return _irq.IRQ_HANDLED
+
+
+def _start_workqueue(run: Run, rng: random.Random) -> None:
+    k, opts = run.kernel, run.opts
+    counters = run.counters["workqueue"] = Counters(k.ncpus)
+    wqs = [system_wq, alloc_workqueue("torture-unbound", WQ_UNBOUND, 0),
+           alloc_workqueue("torture-2", 0, 2)]
+    st = WqState(wqs, counters, run.stop)
+    for cpu in range(k.ncpus):
+        st.items.append([_wq_item(nap=i % 2 == 0) for i in range(WQ_ITEMS)])
+        st.ordered.append(_wq_ordered(cpu, counters.failures))
+    st.irq_items = [_wq_item(nap=False) for _ in range(2)]
+    for cpu in range(k.ncpus):
+        run.threads.append(kthread_run_on_cpu(_gated(run, _wq_queuer),
+                                              (st, cpu, rng.randrange(1 << 30)), cpu, "wqq/%u"))
+    dev = (st.irq_items, Atomic())
+    sources: list[int] = []
+    if opts.irq_rate > 0:
+        _irq.request_irq(WQ_LINE, wq_torture_handler, 0, "torture-wq", dev)
+        _irq.irq_set_affinity(WQ_LINE, k.ncpus - 1)
+        run.on_go.append(lambda: sources.append(
+            k.add_irq_source(WQ_LINE, rate_hz=opts.irq_rate, count=-1)))
+
+    def finish() -> list[str]:
+        for source in sources:
+            k.remove_irq_source(source)
+        if opts.irq_rate > 0:
+            _irq.free_irq(WQ_LINE, dev)
+        _wait_exited([t for t in run.threads if t.comm.startswith("wqq")])
+        problems = []
+        for item in [*(i for per_cpu in st.items for i in per_cpu), *st.irq_items]:
+            flush_work(item.work)
+            q, c, r = (atomic64_read(v) for v in (item.queued, item.cancelled, item.runs))
+            if r != q - c:
+                problems.append(f"workqueue: exactly once: {r} runs for {q} queued, "
+                                f"{c} cancelled")
+        for o in st.ordered:
+            destroy_workqueue(o.wq)
+        for wq in wqs[1:]:
+            destroy_workqueue(wq)
+        return problems
+
+    run.finish.append(finish)
+
+
 # --- the run ---------------------------------------------------------------------------------
 
 @dataclass
@@ -575,7 +783,8 @@ def _start_irq(run: Run, rng: random.Random) -> None:
     run.finish.append(finish)
 
 
-STARTERS = {"completion": _start_completion, "kthread": _start_kthread, "irq": _start_irq}
+STARTERS = {"completion": _start_completion, "kthread": _start_kthread, "irq": _start_irq,
+            "workqueue": _start_workqueue}
 
 #: IRQ lines: 1 is the completion torture's, THREADED_LINE the irq torture's threaded
 #: one, and the irq torture's device of CPU i raises line IRQ_LINE_BASE + i.
@@ -585,8 +794,9 @@ IRQ_LINE_BASE = 8
 
 def _irq_lines(ncpus: int) -> int:
     """How many CPUs get an irq-torture device: one each, as far as IRQ lines and
-    emulated devices go (two devices are the completion torture's and THREADED_LINE's)."""
-    return min(ncpus, NR_IRQS_MAX - IRQ_LINE_BASE, MAX_IRQ_SOURCES - 2)
+    emulated devices go (three devices are the completion torture's, THREADED_LINE's and
+    the workqueue torture's)."""
+    return min(ncpus, NR_IRQS_MAX - IRQ_LINE_BASE, MAX_IRQ_SOURCES - 3)
 
 
 def _ncpus(cpus: Any) -> int:
@@ -614,6 +824,8 @@ def boot_capacities(opts: Options) -> dict[str, int]:
         per_cpu += 1
     ncpus = _ncpus(opts.cpus)
     tasks = 1 + 3 + ncpus * per_cpu
+    if "workqueue" in opts.types:  # a queuer per CPU; kworkers: 2 pools per CPU, which
+        tasks += ncpus * 8 + 32    # grow while items sleep, and the unbound pool
     return {"max_tasks": max(256, tasks + tasks // 4),
             "nr_irqs": max(32, IRQ_LINE_BASE + _irq_lines(ncpus))}
 

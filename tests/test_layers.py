@@ -96,3 +96,12 @@ def test_the_package_exports_exactly_its_public_names() -> None:
     public = {n for n, v in vars(emu).items()
               if not n.startswith("_") and not isinstance(v, type(emu))} - {"annotations"}
     assert set(emu.__all__) - {"__version__"} == public
+
+
+def test_the_typed_view_of_the_image_lists_every_table() -> None:
+    """image.ImageView is what mypy checks image accesses against: a table added to
+    image_type() without it would be typed as missing."""
+    from emu import image
+
+    fields = {name for name, *_ in image.image_type(1, 1, 1, 1, 1)._fields_}
+    assert set(image.ImageView.__annotations__) == fields
