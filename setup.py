@@ -12,7 +12,7 @@ setup(
     ext_modules=[
         Extension(
             "_emu_native",
-            ["native/emu_native.c"],
+            ["native/emu_native.c", "native/slab.c"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
         )
     ],

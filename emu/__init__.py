@@ -224,6 +224,19 @@ from .signal import (
     send_sig,
     signal_pending,
 )
+from .slab import (
+    GFP_ATOMIC,
+    GFP_KERNEL,
+    GFP_NOWAIT,
+    Kbuf,
+    kcalloc,
+    kfree,
+    kmalloc,
+    kmalloc_array,
+    ksize,
+    kzalloc,
+    kzalloc_struct,
+)
 from .softirq import (
     Tasklet,
     tasklet_disable,

@@ -2064,11 +2064,15 @@ add_type(PyObject *module, const char *name, PyType_Spec *spec)
     return 0;
 }
 
+/* native/slab.c: SharedBuffer, the buffer behind emu.kmalloc(). */
+int emu_slab_exec(PyObject *module);
+
 static int
 emu_native_exec(PyObject *module)
 {
     if (add_type(module, "WaitCore", &WaitCore_spec) < 0 ||
-        add_type(module, "IrqCore", &IrqCore_spec) < 0)
+        add_type(module, "IrqCore", &IrqCore_spec) < 0 ||
+        emu_slab_exec(module) < 0)
         return -1;
     if (PyModule_AddIntConstant(module, "IRQS_INPROGRESS", IRQS_INPROGRESS) < 0 ||
         PyModule_AddIntConstant(module, "IRQS_REPLAY", IRQS_REPLAY) < 0 ||
