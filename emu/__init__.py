@@ -133,6 +133,26 @@ from .irq import (
 )
 from .kernel import HZ_DEFAULT as HZ
 from .kernel import Kernel, boot
+from .kfifo import (
+    Kfifo,
+    kfifo_alloc,
+    kfifo_avail,
+    kfifo_esize,
+    kfifo_free,
+    kfifo_get,
+    kfifo_in,
+    kfifo_in_spinlocked,
+    kfifo_is_empty,
+    kfifo_is_full,
+    kfifo_len,
+    kfifo_out,
+    kfifo_out_spinlocked,
+    kfifo_peek,
+    kfifo_put,
+    kfifo_reset,
+    kfifo_reset_out,
+    kfifo_size,
+)
 from .kthread import (
     kthread_bind,
     kthread_bind_mask,

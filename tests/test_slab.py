@@ -85,6 +85,27 @@ def test_a_kmalloced_struct_written_by_one_kthread_is_read_by_another(kernel):
     emu.kfree(dev)
 
 
+def test_a_struct_carried_by_value_to_a_handler_stays_shared(kernel):
+    # IRQ handlers and their dev are pickled into the tasks that run them: a plain
+    # ctypes structure would arrive as a copy of its bytes, a kmalloc'd one as itself.
+    dev = emu.kzalloc_struct(MyDev, emu.GFP_KERNEL)
+    raw = emu.kzalloc(4, emu.GFP_KERNEL)
+
+    def handler(irq, d):
+        d.count += 1
+        raw[0] += 1
+        return emu.IRQ_HANDLED
+
+    assert emu.request_irq(4, handler, 0, "mydev", dev) == 0
+    for n in (1, 2, 3):
+        emu.irq_inject_interrupt(4)
+        wait_until(lambda n=n: dev.count == n, what=f"interrupt {n} seen through dev")
+    assert raw[0] == 3
+    emu.free_irq(4, dev)
+    emu.kfree(dev)
+    emu.kfree(raw)
+
+
 def test_as_struct_views_the_buffer_and_checks_its_class(kernel):
     buf = emu.kzalloc(ctypes.sizeof(MyDev) + 8, emu.GFP_KERNEL)
     dev = buf.as_struct(MyDev)
