@@ -5,6 +5,9 @@ from __future__ import annotations
 import array
 import collections
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
@@ -303,3 +306,14 @@ class KfifoModel(RuleBasedStateMachine):
 
 def test_kfifo_behaves_like_a_bounded_deque(kernel):
     run_state_machine_as_test(KfifoModel, settings=settings(max_examples=60, deadline=None))
+
+
+def test_the_readme_producer_consumer_example_runs(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Sharing memory: kmalloc and kfifo", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.split() == ["1000", "499500"] and out.stderr == ""
