@@ -13,6 +13,11 @@ on a lock of their own: the ``_spinlocked`` variants take an emu spinlock irqsav
 An element is a fixed-size record described by a :mod:`struct` format (``"B"`` bytes by
 default, ``"i"`` ints, ``"2d"`` pairs of doubles...). kfifo_put()/kfifo_get() move one
 element as a Python value; kfifo_in()/kfifo_out() move whole elements as raw bytes.
+
+Context: every function here may be called from any context (interrupt handlers
+included) and never sleeps, except kfifo_alloc() with a sleeping gfp mask
+(GFP_KERNEL), which is process context only, as kmalloc(). Using a freed fifo raises
+StaleObjectError.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 import emu
 from emu import heap, image
 
-from util import stop_after_exit
+from util import stop_after_exit, wait_until
 
 
 @pytest.mark.parametrize(("asked", "size"), [(2, 2), (3, 4), (5, 8), (8, 8), (1000, 1024)])
@@ -182,6 +182,26 @@ def test_two_producers_two_consumers_with_spinlocked_variants(kernel):
     assert emu.kfifo_is_empty(fifo)
     for buf in seen:
         emu.kfree(buf)
+    emu.kfifo_free(fifo)
+
+
+def test_an_interrupt_handler_writes_a_task_reads(kernel):
+    # The driver pattern: the handler is the only writer, a task the only reader.
+    fifo = emu.Kfifo(64, "I")
+    irqs = emu.Atomic()
+
+    def handler(irq, f):
+        emu.kfifo_put(f, emu.atomic_inc_return(irqs))
+        return emu.IRQ_HANDLED
+
+    assert emu.request_irq(6, handler, 0, "fifo-dev", fifo) == 0
+    got = []
+    for n in range(1, 41):
+        emu.irq_inject_interrupt(6)
+        wait_until(lambda: not emu.kfifo_is_empty(fifo), what=f"interrupt {n}'s element")
+        got.append(emu.kfifo_get(fifo))
+    assert got == list(range(1, 41))
+    emu.free_irq(6, fifo)
     emu.kfifo_free(fifo)
 
 
