@@ -66,12 +66,15 @@ class Kbuf(_native.SharedBuffer):
     tag: int
     _keep: Any
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Kbuf:
+        raise TypeError("emu.Kbuf cannot be created directly: use emu.kmalloc()")
+
     @classmethod
     def _at(cls, offset: int, size: int, tag: int) -> Kbuf:
         """The handle on the payload at heap `offset` (its header just before it)."""
         img = image.this()
         addr = heap.heap_addr(offset)
-        obj = cls.__new__(cls, addr, size, addr - _HDR + _TAG, tag)
+        obj = _native.SharedBuffer.__new__(cls, addr, size, addr - _HDR + _TAG, tag)
         obj.offset, obj.size, obj.tag = offset, size, tag
         obj._keep = img.img  # keeps the image mapped while this handle exists
         return obj

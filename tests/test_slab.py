@@ -263,3 +263,5 @@ def test_handles_compare_by_allocation(kernel):
     assert "8 bytes" in repr(a)
     emu.kfree(b)
     assert "freed" in repr(a)
+    with pytest.raises(TypeError, match="use emu.kmalloc"):
+        emu.Kbuf(1, 8, 8, 1)  # a buffer at an arbitrary address would crash, not fail
