@@ -50,8 +50,8 @@ class Kfifo:
     :func:`kfifo_free` (then every handle on it raises StaleObjectError).
     """
 
-    __slots__ = ("_buf", "_fmt", "_struct", "_esize", "_mask", "_in", "_out", "_data",
-                 "_view", "_tag_addr", "_tag", "_freed")
+    __slots__ = ("_buf", "_fmt", "_struct", "_esize", "_mask", "_in", "_out", "_view",
+                 "_tag_addr", "_tag", "_freed")
 
     def __init__(self, size: int = 0, fmt: str = "B") -> None:
         self._init_fmt(fmt)
@@ -81,26 +81,26 @@ class Kfifo:
         """Point the handle at kmalloc'd block `buf` (None: unallocated)."""
         self._buf = buf
         if buf is None:
-            self._mask = self._in = self._out = self._data = self._tag_addr = self._tag = 0
+            self._mask = self._in = self._out = self._tag_addr = self._tag = 0
             self._view = memoryview(b"")
             return
         hdr = image.KfifoHdr.from_buffer(buf)
         self._mask = int(hdr.mask)
         base = ctypes.addressof(hdr)
-        self._in, self._out, self._data = base + _IN, base + _OUT, base + _HDR
+        self._in, self._out = base + _IN, base + _OUT
         self._view = memoryview(buf)[_HDR:]
         self._tag_addr, self._tag = base - slab._HDR + slab._TAG, buf.tag
 
     @classmethod
-    def _attach(cls, buf: slab.Kbuf | None, fmt: str) -> Kfifo:
+    def _attach(cls, buf: slab.Kbuf | None, fmt: str, freed: bool) -> Kfifo:
         obj = cls.__new__(cls)
         obj._init_fmt(fmt)
-        obj._set_buffer(buf)
-        obj._freed = False
+        obj._freed = freed or (buf is not None and not buf._live())  # freed on the way
+        obj._set_buffer(None if obj._freed else buf)
         return obj
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (Kfifo._attach, (self._buf, self._fmt))
+        return (Kfifo._attach, (self._buf, self._fmt, self._freed))
 
     def _stale(self) -> None:
         what = "was freed with kfifo_free()" if self._freed or self._buf else "was never allocated"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import collections
+import pickle
 import struct
 import subprocess
 import sys
@@ -223,6 +224,7 @@ def test_a_freed_fifo_is_stale_everywhere(kernel):
     t = emu.kthread_run(user, fifo, "user")
     emu.wait_for_completion(ready)
     assert emu.kfifo_len(fifo) == 1
+    in_flight = pickle.dumps(fifo)  # on its way to a task while it is freed
     emu.kfifo_free(fifo)
     emu.complete(freed)
     assert stop_after_exit(t) == 1
@@ -232,6 +234,9 @@ def test_a_freed_fifo_is_stale_everywhere(kernel):
             use(fifo)
     with pytest.raises(emu.StaleObjectError, match="never allocated"):
         emu.kfifo_put(emu.Kfifo(), 1)
+    for carried in (pickle.loads(in_flight), pickle.loads(pickle.dumps(fifo))):
+        with pytest.raises(emu.StaleObjectError, match="freed with kfifo_free"):
+            emu.kfifo_get(carried)
     assert emu.kfifo_alloc(fifo, 4, emu.GFP_KERNEL) == 0  # the handle can be used again
     assert emu.kfifo_put(fifo, 2) == 1 and emu.kfifo_get(fifo) == 2
     emu.kfifo_free(fifo)
