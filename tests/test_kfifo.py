@@ -110,6 +110,7 @@ def test_reset_and_reset_out(kernel):
 
 
 N_ITEMS = 100_000
+WAIT_MS = 30_000  # bound on a run that takes well under a second alone on 2 CPUs
 
 
 @pytest.mark.emu_boot(cpus=2)
@@ -134,7 +135,8 @@ def test_one_reader_one_writer_need_no_lock(kernel):
 
     c = emu.kthread_run_on_cpu(consumer, fifo, 1, "consumer")
     p = emu.kthread_run_on_cpu(producer, fifo, 0, "producer")
-    emu.wait_for_completion(done)
+    assert emu.wait_for_completion_timeout(done, emu.msecs_to_jiffies(WAIT_MS)), \
+        f"the consumer got only part of the items: {emu.kfifo_len(fifo)} left in the fifo"
     assert stop_after_exit(p) == 0
     assert stop_after_exit(c) == 0  # every item, in order
     assert emu.kfifo_is_empty(fifo)
@@ -174,7 +176,8 @@ def test_two_producers_two_consumers_with_spinlocked_variants(kernel):
 
     consumers = [emu.kthread_run_on_cpu(consumer, c, c, "consumer/%u") for c in (0, 1)]
     producers = [emu.kthread_run_on_cpu(producer, k, k, "producer/%u") for k in (0, 1)]
-    emu.wait_for_completion(done)
+    assert emu.wait_for_completion_timeout(done, emu.msecs_to_jiffies(WAIT_MS)), \
+        f"items lost: the consumers took {emu.atomic_read(taken)} of {N_ITEMS}"
     assert [stop_after_exit(t) for t in producers] == [0, 0]
     assert [stop_after_exit(t) for t in consumers] == [0, 0]
     counts = [a + b for a, b in zip(bytes(seen[0]), bytes(seen[1]), strict=True)]
