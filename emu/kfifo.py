@@ -6,9 +6,11 @@ count elements and wrap as unsigned ints; the element at index i lies at slot
 ``i & mask``, which is why the size is a power of two. Only the writer moves ``in`` and
 only the reader moves ``out``, so one reader and one writer need no lock: the writer
 copies the elements in, then publishes ``in`` (the kernel's smp_wmb() before it; here a
-sequentially consistent store), and the reader reads ``in`` before it copies them out,
-then publishes ``out`` the same way. Several readers or several writers must serialise
-on a lock of their own: the ``_spinlocked`` variants take an emu spinlock irqsave.
+release store in kfifo_put(), whose element step is native/slab.c's kfifo_put1(), and a
+sequentially consistent one in kfifo_in()), and the reader reads ``in`` before it
+copies them out, then publishes ``out`` the same way. Several readers or several
+writers must serialise on a lock of their own: the ``_spinlocked`` variants take an emu
+spinlock irqsave.
 
 An element is a fixed-size record described by a :mod:`struct` format (``"B"`` bytes by
 default, ``"i"`` ints, ``"2d"`` pairs of doubles...). kfifo_put()/kfifo_get() move one
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from typing import Any
+from typing import Any, NoReturn
 
 import _emu_native as _native
 
@@ -36,6 +38,7 @@ _HDR = ctypes.sizeof(image.KfifoHdr)
 _IN = image.KfifoHdr.in_.offset
 _OUT = image.KfifoHdr.out.offset
 _U32 = 0xFFFFFFFF
+_put1, _get1 = _native.kfifo_put1, _native.kfifo_get1
 
 
 class Kfifo:
@@ -50,8 +53,8 @@ class Kfifo:
     :func:`kfifo_free` (then every handle on it raises StaleObjectError).
     """
 
-    __slots__ = ("_buf", "_fmt", "_struct", "_esize", "_mask", "_in", "_out", "_view",
-                 "_tag_addr", "_tag", "_freed")
+    __slots__ = ("_buf", "_fmt", "_struct", "_esize", "_mask", "_hdr", "_in", "_out",
+                 "_view", "_tag_addr", "_tag", "_freed")
 
     def __init__(self, size: int = 0, fmt: str = "B") -> None:
         self._init_fmt(fmt)
@@ -81,13 +84,13 @@ class Kfifo:
         """Point the handle at kmalloc'd block `buf` (None: unallocated)."""
         self._buf = buf
         if buf is None:
-            self._mask = self._in = self._out = self._tag_addr = self._tag = 0
+            self._mask = self._hdr = self._in = self._out = self._tag_addr = self._tag = 0
             self._view = memoryview(b"")
             return
         hdr = image.KfifoHdr.from_buffer(buf)
         self._mask = int(hdr.mask)
         base = ctypes.addressof(hdr)
-        self._in, self._out = base + _IN, base + _OUT
+        self._hdr, self._in, self._out = base, base + _IN, base + _OUT
         self._view = memoryview(buf)[_HDR:]
         self._tag_addr, self._tag = base - slab._HDR + slab._TAG, buf.tag
 
@@ -102,7 +105,7 @@ class Kfifo:
     def __reduce__(self) -> tuple[object, ...]:
         return (Kfifo._attach, (self._buf, self._fmt, self._freed))
 
-    def _stale(self) -> None:
+    def _stale(self) -> NoReturn:
         what = "was freed with kfifo_free()" if self._freed or self._buf else "was never allocated"
         raise StaleObjectError(f"this kfifo {what}: it has no buffer")
 
@@ -215,32 +218,28 @@ def kfifo_put(fifo: Kfifo, val: Any) -> int:
     """Put one element `val` (a value for ``fmt``, e.g. an int for ``"i"``, a tuple for
     ``"2d"``) in the fifo; returns 1, or 0 if the fifo is full. Lock-free for one writer.
     ValueError if `val` does not fit the fifo's element format."""
-    f = _fifo(fifo)
-    i = _native.load32(f._in)
-    if (i - _native.load32(f._out)) & _U32 > f._mask:
-        return 0
-    pos = (i & f._mask) * f._esize
+    f = fifo if type(fifo) is Kfifo else _fifo(fifo)
     try:
-        if type(val) is tuple:
-            f._struct.pack_into(f._view, pos, *val)
-        else:
-            f._struct.pack_into(f._view, pos, val)
+        item = f._struct.pack(*val) if type(val) is tuple else f._struct.pack(val)
     except struct.error as exc:
         raise ValueError(f"val {val!r} does not fit the fifo's element format "
                          f"{f._fmt!r}: {exc}") from None
-    _native.store32(f._in, i + 1)  # publishes the element (smp_wmb() in the kernel)
-    return 1
+    done = _put1(f._hdr, f._tag_addr, f._tag, item)  # copies, then publishes in
+    if done < 0:
+        f._stale()
+    return done
 
 
 def kfifo_get(fifo: Kfifo) -> Any:
     """Take the oldest element out of the fifo and return it (a value, or a tuple for a
     format of several fields); None if the fifo is empty. Lock-free for one reader."""
-    f = _fifo(fifo)
-    o = _native.load32(f._out)
-    if _native.load32(f._in) == o:
+    f = fifo if type(fifo) is Kfifo else _fifo(fifo)
+    item = _get1(f._hdr, f._tag_addr, f._tag)  # copies, then publishes out
+    if item is None:
         return None
-    vals = f._struct.unpack_from(f._view, (o & f._mask) * f._esize)
-    _native.store32(f._out, o + 1)  # the slot may be reused from here
+    if isinstance(item, int):
+        f._stale()
+    vals = f._struct.unpack(item)
     return vals[0] if len(vals) == 1 else vals
 
 

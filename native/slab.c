@@ -102,9 +102,103 @@ static PyType_Spec SharedBuffer_spec = {
     .slots = SharedBuffer_slots,
 };
 
+/*
+ * The kfifo fast path (emu/kfifo.py): one element in or out of the ring whose head is
+ * { u32 in, out, mask, esize } at `hdr`, the elements right after it, in a kmalloc'd
+ * block whose tag word is at tag_addr. As lib/kfifo.c: the element is copied before
+ * `in` (`out`) is published with a release store (the kernel's smp_wmb()), and the
+ * other side's index is read with an acquire load. In C because the Python version
+ * of these few steps costs several native calls per element.
+ */
+struct kfifo_head {
+    uint32_t in, out, mask, esize;
+};
+
+static int
+kfifo_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *name,
+           struct kfifo_head **head, int *live)
+{
+    unsigned long long hdr, tag_addr;
+    long long tag;
+
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments", name, want);
+        return -1;
+    }
+    hdr = PyLong_AsUnsignedLongLong(args[0]);
+    tag_addr = PyLong_AsUnsignedLongLong(args[1]);
+    tag = PyLong_AsLongLong(args[2]);
+    if (PyErr_Occurred())
+        return -1;
+    *live = tag != 0 && tag_addr % 8 == 0 && tag_addr != 0 &&
+            __atomic_load_n((int64_t *)(uintptr_t)tag_addr, __ATOMIC_SEQ_CST) == tag;
+    *head = (struct kfifo_head *)(uintptr_t)hdr;
+    return 0;
+}
+
+static PyObject *
+emu_kfifo_put1(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct kfifo_head *h;
+    uint32_t in, out;
+    int live;
+
+    if (kfifo_args(args, nargs, 4, "kfifo_put1", &h, &live) < 0)
+        return NULL;
+    if (!live)
+        return PyLong_FromLong(-1);
+    if (!PyBytes_Check(args[3]) || PyBytes_GET_SIZE(args[3]) != h->esize) {
+        PyErr_SetString(PyExc_ValueError, "kfifo_put1() needs bytes of the element size");
+        return NULL;
+    }
+    in = __atomic_load_n(&h->in, __ATOMIC_RELAXED);  /* only writers move it */
+    out = __atomic_load_n(&h->out, __ATOMIC_ACQUIRE);
+    if (in - out > h->mask)
+        return PyLong_FromLong(0);
+    memcpy((char *)(h + 1) + (size_t)(in & h->mask) * h->esize, PyBytes_AS_STRING(args[3]),
+           h->esize);
+    __atomic_store_n(&h->in, in + 1, __ATOMIC_RELEASE);
+    return PyLong_FromLong(1);
+}
+
+static PyObject *
+emu_kfifo_get1(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct kfifo_head *h;
+    uint32_t in, out;
+    PyObject *item;
+    int live;
+
+    if (kfifo_args(args, nargs, 3, "kfifo_get1", &h, &live) < 0)
+        return NULL;
+    if (!live)
+        return PyLong_FromLong(-1);
+    out = __atomic_load_n(&h->out, __ATOMIC_RELAXED);  /* only readers move it */
+    in = __atomic_load_n(&h->in, __ATOMIC_ACQUIRE);
+    if (in == out)
+        Py_RETURN_NONE;
+    item = PyBytes_FromStringAndSize((char *)(h + 1) + (size_t)(out & h->mask) * h->esize,
+                                     h->esize);
+    if (item != NULL)
+        __atomic_store_n(&h->out, out + 1, __ATOMIC_RELEASE);
+    return item;
+}
+
+static PyMethodDef slab_methods[] = {
+    {"kfifo_put1", (PyCFunction)(void (*)(void))emu_kfifo_put1, METH_FASTCALL,
+     "kfifo_put1(hdr, tag_addr, tag, item, /): put bytes `item` (one element) in the kfifo "
+     "at hdr; 1 if put, 0 if full, -1 if the block's tag no longer holds tag"},
+    {"kfifo_get1", (PyCFunction)(void (*)(void))emu_kfifo_get1, METH_FASTCALL,
+     "kfifo_get1(hdr, tag_addr, tag, /): the oldest element of the kfifo at hdr as bytes, "
+     "None if empty, -1 if the block's tag no longer holds tag"},
+    {NULL, NULL, 0, NULL},
+};
+
 int
 emu_slab_exec(PyObject *module)
 {
+    if (PyModule_AddFunctions(module, slab_methods) < 0)
+        return -1;
     PyObject *type = PyType_FromSpec(&SharedBuffer_spec);
 
     if (type == NULL)
