@@ -176,6 +176,35 @@ class CallbackHdr(ctypes.Structure):
     ]
 
 
+class KmallocHdr(ctypes.Structure):
+    """The head of a kmalloc'd heap block (slab.py); the caller's bytes follow."""
+    links: Table[int]
+    tag: int
+    size: int
+
+    _fields_ = [
+        ("links", c_int64 * 2),  # the heap's free-list links overwrite these once freed
+        ("tag", c_int64),  # which allocation this is (random, never 0); 0 once kfree'd
+        ("size", c_int64),  # bytes the caller asked for
+    ]
+
+
+class KfifoHdr(ctypes.Structure):
+    """struct __kfifo without its data pointer (kfifo.py): the elements follow it in the
+    same kmalloc'd block. in/out count elements and wrap as unsigned ints."""
+    in_: int
+    out: int
+    mask: int
+    esize: int
+
+    _fields_ = [
+        ("in_", c_uint32),  # written only by the writer
+        ("out", c_uint32),  # written only by the reader
+        ("mask", c_uint32),  # elements - 1 (a power of two minus one)
+        ("esize", c_uint32),  # bytes per element
+    ]
+
+
 #: Hung-task reports kept in the header for kernel.hung_tasks (the first ones made).
 HUNG_REPORTS_MAX = 64
 

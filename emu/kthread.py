@@ -204,7 +204,14 @@ def kthread_create(threadfn: Callable[[Any], int], data: Any, namefmt: str, *arg
 
 
 def kthread_run(threadfn: Callable[[Any], int], data: Any, namefmt: str, *args: Any) -> Task:
-    """kthread_create() + wake_up_process(): the thread starts running threadfn(data)."""
+    """kthread_create() + wake_up_process(): the thread starts running threadfn(data).
+
+    The kthread is a process forked from the caller: `data` and everything threadfn
+    captures are its own copies from that moment, as after fork. What the tasks share
+    are emu objects (Completion, Atomic, Spinlock, Kfifo, tasks, ...) and memory from
+    emu.kmalloc() (and the structures made in it); a list or dict appended to in the
+    kthread does not change in its creator.
+    """
     _check_threadfn(threadfn)
     task = _create(threadfn, data, _format_name(namefmt, args), None)
     wake_up_process(task)

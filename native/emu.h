@@ -148,5 +148,7 @@ int emu_waitcore_exec(PyObject *module);
 
 extern PyType_Spec IrqCore_spec;
 int emu_irqcore_exec(PyObject *module);
+/* slab.c: SharedBuffer, the buffer behind emu.kmalloc(), and the kfifo fast paths. */
+int emu_slab_exec(PyObject *module);
 
 #endif /* EMU_NATIVE_H */
