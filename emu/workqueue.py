@@ -103,7 +103,7 @@ _SYSTEM_WQS = (("events", 0, 0), ("events_highpri", WQ_HIGHPRI, 0),
 # --- workqueue handles ------------------------------------------------------------------------
 
 class Workqueue:
-    """struct workqueue_struct *: a handle on a workqueue of the shared image.
+    """``struct workqueue_struct *``: a handle on a workqueue of the shared image.
 
     Made by alloc_workqueue() (freed by destroy_workqueue(), not by the garbage
     collector), or one of the system workqueues (``emu.system_wq``, ...), which stand

@@ -43,3 +43,16 @@ def test_the_docs_build_without_warnings(tmp_path):
         capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr
     assert "first_reports" in (tmp_path / "html" / "api" / "kernel.html").read_text()
+
+
+def test_every_module_of_the_public_api_has_a_reference_page():
+    """Each module a name of emu.__all__ comes from is documented by an automodule."""
+    documented = set()
+    for page in (ROOT / "docs" / "api").glob("*.rst"):
+        for line in page.read_text().splitlines():
+            if line.startswith(".. automodule:: "):
+                documented.add(line.split()[-1])
+    sources = {getattr(emu, name).__module__ for name in emu.__all__
+               if hasattr(getattr(emu, name), "__module__")
+               and getattr(getattr(emu, name), "__module__", "").startswith("emu.")}
+    assert sources - documented == set(), f"no API page for {sorted(sources - documented)}"
