@@ -256,6 +256,27 @@ from .task import (
     wake_up_process,
     wake_up_state,
 )
+from .wait import (
+    DECLARE_WAIT_QUEUE_HEAD,
+    WaitQueueHead,
+    init_waitqueue_head,
+    wait_event,
+    wait_event_idle,
+    wait_event_idle_timeout,
+    wait_event_interruptible,
+    wait_event_interruptible_exclusive,
+    wait_event_interruptible_timeout,
+    wait_event_killable,
+    wait_event_killable_timeout,
+    wait_event_timeout,
+    waitqueue_active,
+    wake_up,
+    wake_up_all,
+    wake_up_interruptible,
+    wake_up_interruptible_all,
+    wake_up_interruptible_nr,
+    wake_up_nr,
+)
 
 
 class ErrPtr:

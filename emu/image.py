@@ -317,7 +317,9 @@ class TaskSlot(ctypes.Structure):
         ("sigallowed", c_int64),  # SIG_KTHREAD dispositions
         ("sigkernel", c_int64),  # SIG_KTHREAD_KERNEL dispositions
         ("wq_next", c_int32),  # next slot in the wait queue we are on, -1 = last
-        ("wq_on", c_int32),  # completion index + 1 we are queued on, 0 = none
+        ("wq_on", c_int32),  # wait queue (completions table) index + 1 we are on, 0 = none
+        ("wq_flags", c_int32),  # WQ_FLAG_EXCLUSIVE of our entry on that queue
+        ("wq_pad", c_int32),
         ("exited", c_int32),  # completion index of kthread->exited
         ("parked", c_int32),  # completion index of kthread->parked
         ("nvcsw", c_int64),  # voluntary context switches (sleeps)

@@ -25,7 +25,7 @@ from typing import Any
 import _emu_native as _native
 
 from . import bug, image, records
-from .completion import _from_index, complete_all, remove_waiter
+from .completion import _from_index, complete_all
 from .constants import (
     PF_EXITING,
     PF_IDLE,
@@ -40,6 +40,7 @@ from .kthread import KTHREAD_EXITED, KTHREAD_PINNED, SIG_REAP, exit_notify
 from .preempt import HARDIRQ_MASK, NMI_MASK, SOFTIRQ_OFFSET
 from .printk import log_store
 from .sched import SIG_SHOW_STACK
+from .wait import remove_waiter
 
 #: How often the death watch looks for new tasks, in seconds.
 POLL_INTERVAL = 0.05
