@@ -19,8 +19,6 @@ not block).
 
 from __future__ import annotations
 
-from typing import Any
-
 from . import bug, checks, preempt
 from .constants import (
     ERESTARTSYS,

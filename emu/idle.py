@@ -4,14 +4,13 @@ softirqs while no other task runs there. Created on the first request_irq() or t
 
 from __future__ import annotations
 
-import time
-
 from . import image, records
 from .constants import PF_IDLE
 from .irqchip import resend_pending
 from .kthread import kthread_create_on_cpu, kthread_should_stop
 from .sched import schedule_timeout_idle
 from .task import wake_up_process
+from .wait import wait_var_event, wake_up_var
 
 #: The idle task's sleep in jiffies (decades): it ends with an interrupt or a wake-up.
 IDLE_SLEEP_JIFFIES = 1 << 40
@@ -34,9 +33,8 @@ def start_irq_layer() -> None:
     hdr = img.img.hdr
     if records.field_cmpxchg(hdr, "irq_ready", 0, IRQ_LAYER_STARTING) != 0:
         # another task is creating them
-        while records.field_load(hdr, "irq_ready") != IRQ_LAYER_READY:
-            img.core.raise_if_dead()
-            time.sleep(0.001)
+        wait_var_event(image.field_addr(hdr, "irq_ready"),
+                       lambda: records.field_load(hdr, "irq_ready") == IRQ_LAYER_READY)
         return
     for cpu in range(hdr.ncpus):
         t = kthread_create_on_cpu(_idle, cpu, cpu, "swapper/%u")
@@ -45,3 +43,4 @@ def start_irq_layer() -> None:
         wake_up_process(t)
         resend_pending(cpu)  # raised while `cpu` had no target: nobody was rung
     records.field_store(hdr, "irq_ready", IRQ_LAYER_READY)
+    wake_up_var(image.field_addr(hdr, "irq_ready"))

@@ -398,6 +398,7 @@ class SharedImage:
         self.callback_cache: dict[tuple[int, int], Any] = {}  # callback.py: ref -> its copy
         self.irq_views: Any = None  # irq.py's per-kernel ctypes views
         self.irq_core: Any = None  # native IrqCore, made by irq.py after boot
+        self.var_wait: Any = None  # wait.py's hashed queue heads, as handles
         #: emulated CPU i runs on real CPU cpu_map[i]
         self.cpu_map: list[int] = []
         #: True only in the process that booted this kernel

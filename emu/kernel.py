@@ -23,7 +23,20 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import bug, heap, image, irq, irqchip, kthread, preempt, records, sched, supervisor, task
+from . import (
+    bug,
+    heap,
+    image,
+    irq,
+    irqchip,
+    kthread,
+    preempt,
+    records,
+    sched,
+    supervisor,
+    task,
+    wait,
+)
 from .constants import PF_IDLE, PF_KTHREAD, TASK_RUNNING
 from .errors import AlreadyBootedError, EmuError, KernelDeadError, StaleObjectError
 from .kthread import KTHREAD_EXITED
@@ -81,6 +94,7 @@ class Kernel:
         self._down = False
         self._death_rfd = death_rfd  # read end of the death pipe (see the module's doc)
         self._cause = ""  # why the kernel died; empty while it lives
+        self._var_wait: list[wait.WaitQueueHead] = []  # wait_var_event()'s heads, kept alive
 
     # configuration and counters
     @property
@@ -233,11 +247,11 @@ class Kernel:
             except StaleObjectError:
                 pass  # its creator, a kthread, stopped and released it meanwhile
         deadline = time.monotonic() + SHUTDOWN_GRACE_SECS
-        pending = kthreads
-        while pending and time.monotonic() < deadline:
-            pending = [t for t in pending if _still_running(t)]
-            if pending:
-                time.sleep(0.002)
+        for t in kthreads:  # exit_notify() wakes the kflags word when it exits or dies
+            left = max(0, int((deadline - time.monotonic()) * self.hz) + 1)
+            wait.wait_var_event_timeout(image.field_addr(t._rec, "kflags"),
+                                        lambda t=t: not _still_running(t), left)
+        pending = [t for t in kthreads if _still_running(t)]
         for t in pending:
             log_store(3, f"emu: kthread {t.comm}/{t.pid} did not stop at shutdown: killed")
 
@@ -334,7 +348,8 @@ def boot(
     _check_int(heap_size, "heap_size", 4096, (1 << 31) - 1)
 
     image.reclaim_orphans()
-    img = image.SharedImage(max_tasks, max_completions + 2 * max_tasks, log_records,
+    extra_queues = 2 * max_tasks + wait.VAR_WAIT_TABLE_SIZE  # kthread's; wait_var_event()'s
+    img = image.SharedImage(max_tasks, max_completions + extra_queues, log_records,
                             max_atomics, max_spinlocks, nr_irqs, heap_size)
     heap.heap_init(img, heap_size)
     hdr = img.img.hdr
@@ -346,7 +361,7 @@ def boot(
     img.core.set_dead_owner_hook(bug.report_dead_owner)
     hdr.ncpus = len(cpu_map)
     hdr.max_tasks = max_tasks
-    hdr.max_completions = max_completions + 2 * max_tasks
+    hdr.max_completions = max_completions + extra_queues
     hdr.log_records = log_records
     hdr.console_loglevel = console_loglevel
     hdr.boot_pid = os.getpid()
@@ -362,6 +377,7 @@ def boot(
     img.cpu_map = cpu_map
     image.attach(img)
     try:
+        var_wait = wait.var_wait_table_init()
         _make_boot_task(img)
         sup_pid, death_rfd = _start_supervisor(img)
     except BaseException:
@@ -371,6 +387,7 @@ def boot(
         raise
     hdr.supervisor_pid = sup_pid
     kernel = Kernel(img, sup_pid, death_rfd)
+    kernel._var_wait = var_wait
     atexit.register(kernel.shutdown)
     _watch_death(kernel)
     return kernel

@@ -13,7 +13,6 @@ any callable, each task running its own copy of what it captures.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +22,7 @@ from . import bug, checks, image, preempt, records
 from .callback import callback_free, callback_load, callback_store
 from .idle import start_irq_layer
 from .irqchip import irq_exit_hooks, ring_doorbell, softirq_pending_addr
+from .wait import wait_var_event, wake_up_var
 
 HI_SOFTIRQ = 0
 TASKLET_SOFTIRQ = 6
@@ -155,9 +155,10 @@ def tasklet_enable(t: Tasklet) -> None:
 
 
 def tasklet_unlock_wait(t: Tasklet) -> None:
-    """Wait until `t` is not running. Process context (polls)."""
-    while records.field_load(_live(t), "state") & TASKLET_STATE_RUN:
-        _poll_softirqs()
+    """Wait until `t` is not running. Process context (sleeps)."""
+    rec = _live(t)
+    wait_var_event(image.field_addr(rec, "state"),
+                   lambda: not records.field_load(rec, "state") & TASKLET_STATE_RUN)
 
 
 def tasklet_kill(t: Tasklet) -> None:
@@ -166,14 +167,10 @@ def tasklet_kill(t: Tasklet) -> None:
     if preempt.in_interrupt():
         bug.warn("Attempt to kill tasklet from interrupt", depth=2)
     preempt.might_sleep()
-    while records.field_load(_live(t), "state") & (TASKLET_STATE_SCHED | TASKLET_STATE_RUN):
-        _poll_softirqs()
-
-
-def _poll_softirqs() -> None:
-    image.this().core.raise_if_dead()
-    kick_pending_cpus()
-    time.sleep(0.0002)
+    rec = _live(t)
+    kick_pending_cpus()  # where it is scheduled, it runs now
+    wait_var_event(image.field_addr(rec, "state"), lambda: not records.field_load(
+        rec, "state") & (TASKLET_STATE_SCHED | TASKLET_STATE_RUN))
 
 
 # --- per-CPU lists and the softirq loop -------------------------------------------------------
@@ -273,6 +270,7 @@ def _tasklet_action(cpu: int, nr: int) -> None:
             bug.oops(exc, f"{type(exc).__name__} in tasklet: {exc}")
         finally:
             records.field_and(rec, "state", ~TASKLET_STATE_RUN)
+            wake_up_var(image.field_addr(rec, "state"))  # tasklet_kill(), tasklet_unlock_wait()
 
 
 def _requeue(cpu: int, nr: int, index: int) -> None:

@@ -15,6 +15,7 @@ kernel could not go on either: an idle task's death and a death in interrupt con
 
 from __future__ import annotations
 
+import ctypes
 import os
 import select
 import signal as _os_signal
@@ -40,7 +41,7 @@ from .kthread import KTHREAD_EXITED, KTHREAD_PINNED, SIG_REAP, exit_notify
 from .preempt import HARDIRQ_MASK, NMI_MASK, SOFTIRQ_OFFSET
 from .printk import log_store
 from .sched import SIG_SHOW_STACK
-from .wait import remove_waiter
+from .wait import remove_waiter, wake_up_var
 
 #: How often the death watch looks for new tasks, in seconds.
 POLL_INTERVAL = 0.05
@@ -209,6 +210,7 @@ class Supervisor:
             if not others:  # only the dead thread can have been running a handler
                 records.field_store(desc, "threads_active", 0)
                 records.field_and(desc, "status", ~IRQS_ONESHOT)
+            wake_up_var(ctypes.addressof(desc))  # synchronize_irq()
             return
 
 

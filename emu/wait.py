@@ -24,7 +24,7 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import bug, checks, preempt, records
+from . import bug, checks, image, preempt, records
 from .constants import (
     ERESTARTSYS,
     MAX_SCHEDULE_TIMEOUT,
@@ -303,3 +303,53 @@ __all__ = [
     "wake_up_interruptible", "wake_up_interruptible_nr", "wake_up_interruptible_all",
     "waitqueue_active", "WQ_FLAG_EXCLUSIVE",
 ]
+
+
+# --- waiting on a variable (kernel/sched/wait_bit.c) ----------------------------------------
+#
+# A task that waits for another task to change a word of the image (a flag, a count)
+# sleeps on one of a few queue heads hashed by the word's address, as the kernel's
+# wait_var_event()/wake_up_var() do; the changer wakes that head after the change.
+
+#: Queue heads of the hashed table, the first records of the table, made at boot.
+VAR_WAIT_TABLE_SIZE = 16
+
+
+def var_wait_table_init() -> list[WaitQueueHead]:
+    """Make the hashed table's heads (boot, before any other queue head); the booting
+    process keeps the handles for the kernel's lifetime."""
+    heads = [WaitQueueHead() for _ in range(VAR_WAIT_TABLE_SIZE)]
+    if [h.index for h in heads] != list(range(VAR_WAIT_TABLE_SIZE)):
+        raise RuntimeError("emu internal error: the var-wait table must come first")
+    return heads
+
+
+def __var_waitqueue(var: int) -> WaitQueueHead:
+    img = image.this()
+    heads = img.var_wait
+    if heads is None:
+        table = getattr(img.img, QueueRecord.TABLE)
+        heads = img.var_wait = [WaitQueueHead._from_index(i, table[i].generation)
+                                for i in range(VAR_WAIT_TABLE_SIZE)]
+    return heads[(var * 0x9E3779B1 >> 7) % VAR_WAIT_TABLE_SIZE]
+
+
+def wait_var_event(var: int, condition: Condition) -> None:
+    """Sleep in D until `condition()` is true, woken by wake_up_var(`var`) (an address
+    in the image). Other variables hashed to the same head wake it spuriously: the
+    condition is re-evaluated, as for every wait_event()."""
+    ___wait_event(__var_waitqueue(var), condition, MAX_SCHEDULE_TIMEOUT,
+                  TASK_UNINTERRUPTIBLE, False)
+
+
+def wait_var_event_timeout(var: int, condition: Condition, timeout: int) -> int:
+    """wait_var_event() for at most `timeout` jiffies; wait_event_timeout()'s result."""
+    return ___wait_event(__var_waitqueue(var), condition, timeout, TASK_UNINTERRUPTIBLE, False)
+
+
+def wake_up_var(var: int) -> None:
+    """Wake the tasks waiting for the variable at `var` (after changing it, with a full
+    barrier: emu's atomics are). Any context; costs a look at the head when none waits."""
+    wq = __var_waitqueue(var)
+    if wq._rec.head != -1:
+        wake_up_all(wq)
