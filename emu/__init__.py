@@ -256,6 +256,24 @@ from .task import (
     wake_up_process,
     wake_up_state,
 )
+from .timer import (
+    DEFINE_TIMER,
+    TIMER_DEFERRABLE,
+    TIMER_IRQSAFE,
+    TIMER_PINNED,
+    TimerList,
+    add_timer,
+    del_timer,
+    del_timer_sync,
+    mod_timer,
+    mod_timer_pending,
+    timer_delete,
+    timer_delete_sync,
+    timer_pending,
+    timer_setup,
+    timer_shutdown,
+    timer_shutdown_sync,
+)
 from .wait import (
     DECLARE_WAIT_QUEUE_HEAD,
     WaitQueueHead,

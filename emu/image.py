@@ -170,6 +170,9 @@ class Header(ctypes.Structure):
         ("atomics_pool", PoolHdr),
         ("spinlocks_pool", PoolHdr),
         ("tasklets_pool", PoolHdr),
+        ("timers_pool", PoolHdr),
+        ("timer_lock", LockWord),  # every CPU's timer base (timer.py)
+        ("clock_programmed_ns", c_int64),  # the supervisor's next timer wake-up (timer.py)
         ("heap", HeapHdr),
         ("callback_seq", c_int32),  # last callback stored (callback.py)
         ("nr_irqs", c_int32),
@@ -264,6 +267,9 @@ class PerCpu(ctypes.Structure):
         ("idle_slot", c_int32),  # this CPU's idle task, -1 until the IRQ layer starts
         ("tasklet_head", c_int32 * 2),  # [TASKLET_SOFTIRQ, HI_SOFTIRQ] FIFO lists
         ("tasklet_tail", c_int32 * 2),
+        ("timer_head", c_int32),  # timer base: pending timers by expiry, -1 = none
+        ("timer_running", c_int32),  # the timer whose callback runs here, -1 = none
+        ("timer_next_ns", c_int64),  # CLOCK_MONOTONIC when the first one is due
     ]
 
 
@@ -279,6 +285,25 @@ class TaskletRec(ctypes.Structure):
         ("next", c_int32),  # per-CPU list link
         ("ref", c_int32),  # callback (callback, data): heap offset (0 = none) and seq
         ("ref_generation", c_int32),
+    ]
+
+
+class TimerRec(ctypes.Structure):
+    """struct timer_list (timer.py)."""
+
+    _fields_ = [
+        ("in_use", c_int32),
+        ("generation", c_int32),
+        ("free_next", c_int32),
+        ("flags", c_int32),  # TIMER_DEFERRABLE | TIMER_PINNED | TIMER_IRQSAFE
+        ("pending", c_int32),  # linked in base `cpu`'s list
+        ("cpu", c_int32),  # the base it is (or was last) queued on
+        ("next", c_int32),  # that list's link, -1 = last
+        ("shutdown", c_int32),  # timer_shutdown*(): `function` is NULL, arming is ignored
+        ("ref", c_int32),  # callback (function, attributes): heap offset and seq
+        ("ref_generation", c_int32),
+        ("expires", c_uint64),  # jiffies
+        ("due_ns", c_int64),  # CLOCK_MONOTONIC when jiffies passes expires
     ]
 
 
@@ -345,7 +370,8 @@ class LogRec(ctypes.Structure):
 
 def image_type(max_tasks: int, max_completions: int, log_records: int,
                max_atomics: int, max_spinlocks: int, nr_irqs: int = NR_IRQS_MAX,
-               max_tasklets: int = 256, heap_size: int = 0) -> type[ctypes.Structure]:
+               max_tasklets: int = 256, heap_size: int = 0,
+               max_timers: int = 1024) -> type[ctypes.Structure]:
     """The ctypes type of a whole image with the given capacities."""
 
     class Image(ctypes.Structure):
@@ -358,6 +384,7 @@ def image_type(max_tasks: int, max_completions: int, log_records: int,
             ("irqs", IrqDesc * nr_irqs),
             ("percpu", PerCpu * MAX_CPUS),
             ("tasklets", TaskletRec * max_tasklets),
+            ("timers", TimerRec * max_timers),
             ("irq_sources", IrqSource * MAX_IRQ_SOURCES),
             ("log", LogRec * log_records),
             ("heap", c_uint8 * heap_size),  # last: its pages are touched only when used
@@ -376,10 +403,11 @@ class SharedImage:
 
     def __init__(self, max_tasks: int, max_completions: int, log_records: int,
                  max_atomics: int = 1024, max_spinlocks: int = 1024,
-                 nr_irqs: int = NR_IRQS_MAX, heap_size: int = 1 << 20) -> None:
+                 nr_irqs: int = NR_IRQS_MAX, heap_size: int = 1 << 20,
+                 max_timers: int = 1024) -> None:
         prefix = f"/{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
         itype = image_type(max_tasks, max_completions, log_records, max_atomics, max_spinlocks,
-                           nr_irqs, heap_size=heap_size)
+                           nr_irqs, heap_size=heap_size, max_timers=max_timers)
         self.size = ctypes.sizeof(itype)
         shm = posix_ipc.SharedMemory(prefix, posix_ipc.O_CREX, mode=0o600, size=self.size)
         try:

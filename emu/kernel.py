@@ -310,6 +310,7 @@ def boot(
     max_completions: int = 16384,
     max_atomics: int = 16384,
     max_spinlocks: int = 4096,
+    max_timers: int = 1024,
     softlockup_thresh_secs: int = SOFTLOCKUP_THRESH_DEFAULT,
     nr_irqs: int = 32,
     log_records: int = 4096,
@@ -338,6 +339,7 @@ def boot(
     _check_int(max_completions, "max_completions", 16, 1 << 22)
     _check_int(max_atomics, "max_atomics", 1, 1 << 22)
     _check_int(max_spinlocks, "max_spinlocks", 1, 1 << 22)
+    _check_int(max_timers, "max_timers", 1, 1 << 22)
     _check_int(softlockup_thresh_secs, "softlockup_thresh_secs", 1, 1 << 20)
     _check_int(nr_irqs, "nr_irqs", 1, image.NR_IRQS_MAX)
     _check_int(log_records, "log_records", 16, 1 << 22)
@@ -350,7 +352,7 @@ def boot(
     image.reclaim_orphans()
     extra_queues = 2 * max_tasks + wait.VAR_WAIT_TABLE_SIZE  # kthread's; wait_var_event()'s
     img = image.SharedImage(max_tasks, max_completions + extra_queues, log_records,
-                            max_atomics, max_spinlocks, nr_irqs, heap_size)
+                            max_atomics, max_spinlocks, nr_irqs, heap_size, max_timers)
     heap.heap_init(img, heap_size)
     hdr = img.img.hdr
     hdr.magic = image.IMAGE_MAGIC
@@ -374,6 +376,9 @@ def boot(
     for pc in img.img.percpu:
         pc.idle_slot = -1
         pc.tasklet_head[0] = pc.tasklet_head[1] = pc.tasklet_tail[0] = pc.tasklet_tail[1] = -1
+        pc.timer_head = pc.timer_running = -1
+        pc.timer_next_ns = sched.FOREVER_NS
+    hdr.clock_programmed_ns = sched.FOREVER_NS
     img.cpu_map = cpu_map
     image.attach(img)
     try:

@@ -25,7 +25,10 @@ from .irqchip import irq_exit_hooks, ring_doorbell, softirq_pending_addr
 from .wait import wait_var_event, wake_up_var
 
 HI_SOFTIRQ = 0
+TIMER_SOFTIRQ = 1
 TASKLET_SOFTIRQ = 6
+#: softirq_vec: the action of each softirq number that has one (open_softirq()).
+softirq_vec: dict[int, Callable[[int], None]] = {}
 _LIST = {TASKLET_SOFTIRQ: 0, HI_SOFTIRQ: 1}  # PerCpu.tasklet_head index
 
 TASKLET_STATE_SCHED = 0x1
@@ -235,11 +238,17 @@ def do_softirq() -> None:
             return
         saved = preempt.softirq_enter()
         try:
-            for nr in (HI_SOFTIRQ, TASKLET_SOFTIRQ):
+            for nr in sorted(softirq_vec):
                 if pending & (1 << nr):
-                    _tasklet_action(cpu, nr)
+                    softirq_vec[nr](cpu)
         finally:
             preempt.irq_exit(saved)
+
+
+def open_softirq(nr: int, action: Callable[[int], None]) -> None:
+    """Make `action(cpu)` the handler of softirq `nr`, run in softirq context on the
+    CPU it was raised on, in the order of the numbers (HI, TIMER, ..., TASKLET)."""
+    softirq_vec[nr] = action
 
 
 def irq_exit_softirqs() -> None:
@@ -286,5 +295,15 @@ def kick_pending_cpus() -> None:
             ring_doorbell(cpu)
 
 
+def _tasklet_softirq(cpu: int) -> None:
+    _tasklet_action(cpu, TASKLET_SOFTIRQ)
+
+
+def _hi_softirq(cpu: int) -> None:
+    _tasklet_action(cpu, HI_SOFTIRQ)
+
+
+open_softirq(HI_SOFTIRQ, _hi_softirq)
+open_softirq(TASKLET_SOFTIRQ, _tasklet_softirq)
 preempt.bh_enable_hooks.append(irq_exit_softirqs)
 irq_exit_hooks.append(irq_exit_softirqs)

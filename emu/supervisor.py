@@ -41,12 +41,15 @@ from .kthread import KTHREAD_EXITED, KTHREAD_PINNED, SIG_REAP, exit_notify
 from .preempt import HARDIRQ_MASK, NMI_MASK, SOFTIRQ_OFFSET
 from .printk import log_store
 from .sched import SIG_SHOW_STACK
+from .timer import SIG_CLOCK, ClockEvent
 from .wait import remove_waiter, wake_up_var
 
 #: How often the death watch looks for new tasks, in seconds.
 POLL_INTERVAL = 0.05
-#: Wakes the supervisor's loop (a new emulated device).
-SIG_WAKE = _os_signal.SIGUSR2
+#: Wakes the supervisor's loop (a new emulated device, a timer due earlier).
+SIG_WAKE = SIG_CLOCK
+#: Waits this short are made with select(), precise to the µs (timers).
+PRECISE_WAIT_NS = 2_000_000
 
 
 def main(img: image.SharedImage, ready_wfd: int, death_wfd: int) -> None:
@@ -100,12 +103,19 @@ class Supervisor:
         _os_signal.set_wakeup_fd(wake_w)
         _os_signal.signal(SIG_WAKE, lambda signum, frame: None)
         self.poller.register(self.wake_r, select.POLLIN)
+        self.clock = ClockEvent(img)  # the timers' clock event device
 
     def run(self) -> None:
         while not self.hdr.shutting_down:
             self.watch_new_tasks()
-            timeout_ms = min(POLL_INTERVAL * 1000, fire_irq_sources(self.img) / 1e6)
-            for fd, _ in self.poller.poll(max(timeout_ms, 0)):
+            wait_ns = min(int(POLL_INTERVAL * 1e9), fire_irq_sources(self.img), self.clock.fire())
+            if wait_ns <= PRECISE_WAIT_NS:
+                # poll() counts whole milliseconds: wait for a timer with select()'s µs
+                ready, _, _ = select.select([self.wake_r], [], [], max(wait_ns, 0) / 1e9)
+                if ready:
+                    os.read(self.wake_r, 512)
+                continue
+            for fd, _ in self.poller.poll(wait_ns // 1_000_000 - 1):
                 if fd == self.wake_r:
                     os.read(self.wake_r, 512)
                 else:

@@ -1,0 +1,582 @@
+"""Timers (kernel/time/timer.c): timer_list on TIMER_SOFTIRQ.
+
+Each CPU has a timer base in the shared image: its pending timers ordered by the time
+they are due, and the timer whose callback runs there. Arming queues a timer on the
+arming CPU's base (or, while its callback runs on another CPU, on that one, so that it
+never runs concurrently with itself). The supervisor is the clock event device: it
+sleeps until the earliest base is due, then raises TIMER_SOFTIRQ on that CPU and rings
+its doorbell like an interrupt, so the callbacks run in softirq context in whatever
+task runs on that CPU, or in its idle task. A timer is due when ``jiffies`` passes
+``expires`` (the kernel's level-0 wheel: ``time_after(jiffies, expires)`` holds in the
+callback); one whose ``expires`` is not in the future runs at the next tick.
+
+Callbacks are carried like other callbacks (callback.py): any callable, with the
+attributes the caller set on the timer handle (``timer.data = ...``) carried along at
+each arming, each task running its own copy.
+"""
+
+from __future__ import annotations
+
+import os
+import signal as _os_signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import _emu_native as _native
+
+from . import bug, checks, image, preempt, records
+from .callback import callback_free, callback_load, callback_store, qualname
+from .idle import start_irq_layer
+from .irqchip import ring_doorbell, softirq_pending_addr
+from .sched import FOREVER_NS, jiffies
+from .softirq import TIMER_SOFTIRQ, open_softirq
+from .wait import wait_var_event, wake_up_var
+
+TIMER_DEFERRABLE = 0x00080000
+TIMER_PINNED = 0x00100000
+TIMER_IRQSAFE = 0x00200000
+TIMER_INIT_FLAGS = TIMER_DEFERRABLE | TIMER_PINNED | TIMER_IRQSAFE
+ULONG_MAX = (1 << 64) - 1
+#: Wakes the supervisor (clock event device) when a timer is due earlier than it knows.
+SIG_CLOCK = _os_signal.SIGUSR2
+#: The supervisor rings a CPU again if its timer softirq was not served by then.
+RERING_NS = 10_000_000
+
+TimerFn = Callable[["TimerList"], None]
+_INTERNAL = ("_function", "_carried", "_ref")
+
+
+class TimerList(records.Record):
+    """``struct timer_list`` in shared memory: `callback(timer)` runs in softirq context
+    on the CPU that armed it, never before jiffies passes ``timer.expires``.
+
+    Attributes set on the handle (``timer.data = x``) travel with the timer at each
+    arming. The handle that created the timer frees it when garbage-collected (a
+    pending timer is deleted first, with a WARN: the kernel's ODEBUG report).
+    """
+
+    TABLE = "timers"
+    __slots__ = ("_function", "_carried", "_ref", "__dict__")
+
+    def __init__(self, callback: TimerFn | None = None, flags: int = 0) -> None:
+        super().__init__()
+        self._function: Any = None
+        self._carried: Any = None
+        self._ref = (0, 0)
+        self._rec.cpu = max(preempt.this_cpu(), 0)
+        self._rec.next = -1
+        if callback is not None:
+            timer_setup(self, callback, flags)
+        start_irq_layer()  # a CPU with no running task serves its timers in its idle task
+
+    def _attach(self) -> None:
+        super()._attach()
+        self._function = None
+        self._carried = None
+        self._ref = (0, 0)
+
+    @property
+    def expires(self) -> int:
+        """The jiffies value after which the callback runs (set by mod_timer())."""
+        return int(self._rec.expires)
+
+    @expires.setter
+    def expires(self, value: int) -> None:
+        self._rec.expires = _check_expires(value, "expires")
+
+    @property
+    def function(self) -> TimerFn | None:
+        """This task's copy of the callback; None after timer_shutdown*()."""
+        if self._rec.shutdown:
+            return None
+        return self._function  # type: ignore[no-any-return]
+
+    @property
+    def flags(self) -> int:
+        """The TIMER_* flags given at setup."""
+        return int(self._rec.flags)
+
+    def __repr__(self) -> str:
+        rec = self._rec
+        state = "pending" if rec.pending else "inactive"
+        return f"<TimerList #{self.index} {state} expires={rec.expires} cpu={rec.cpu}>"
+
+    def _free(self) -> None:
+        rec = self._rec
+        if rec.generation == self.generation:
+            if rec.pending:
+                bug.warn(f"ODEBUG: free active (active state 0) object type: timer_list "
+                         f"hint: {qualname(self._function)}", depth=3)
+                _delete(self, rec)
+            if rec.ref:
+                callback_free(rec.ref, rec.ref_generation)
+                rec.ref = 0
+        super()._free()
+
+
+def _check_timer(timer: object) -> None:
+    if not isinstance(timer, TimerList):
+        raise checks.not_a("timer", "an emu.TimerList", timer) from None
+
+
+def _live(timer: TimerList) -> Any:
+    """The record of `timer`; TypeError if it is none, StaleObjectError once freed."""
+    if type(timer) is not TimerList:
+        _check_timer(timer)
+    rec = timer._rec
+    if rec.generation != timer.generation:
+        timer._stale()
+    return rec
+
+
+def _check_expires(value: object, name: str) -> int:
+    checks.check_int(value, name, "unsigned long")
+    return value  # type: ignore[return-value]
+
+
+def DEFINE_TIMER(callback: TimerFn, flags: int = 0) -> TimerList:
+    """A new timer set up with `callback`."""
+    return TimerList(callback, flags)
+
+
+def timer_setup(timer: TimerList, callback: TimerFn, flags: int = 0) -> None:
+    """Initialise `timer` to call `callback(timer)` when it expires; also undoes
+    timer_shutdown*(). `flags`: TIMER_DEFERRABLE, TIMER_PINNED, TIMER_IRQSAFE (others
+    are a WARN_ON_ONCE and masked off). TypeError if `callback` is not callable."""
+    rec = _live(timer)
+    if not callable(callback):
+        raise checks.not_a("callback", "callable", callback)
+    checks.check_int(flags, "flags", "unsigned int")
+    if flags & ~TIMER_INIT_FLAGS:
+        bug.warn(f"timer_setup(): invalid flags 0x{flags:08x}", depth=2)
+        flags &= TIMER_INIT_FLAGS
+    if rec.pending:
+        bug.warn("ODEBUG: init active (active state 0) object type: timer_list", depth=2)
+        _delete(timer, rec)
+    timer._function = callback
+    _carry(timer, rec, force=True)
+    rec.flags = flags
+    rec.shutdown = 0
+
+
+# --- the bases --------------------------------------------------------------------------------
+
+def _lock() -> int:
+    addr = image.field_addr(image.this().img.hdr, "timer_lock")
+    records.raw_spin_lock(addr, "timer base")
+    return addr
+
+
+def _percpu(cpu: int) -> Any:
+    return image.this().img.percpu[cpu]
+
+
+def _due_ns(expires: int) -> int:
+    """CLOCK_MONOTONIC when jiffies passes `expires`; the next tick if that is not in
+    the future (so a softirq never runs a timer armed during it)."""
+    hdr = image.this().img.hdr
+    tick = max(expires, jiffies()) + 1
+    return int(hdr.boot_ns) + -(-tick * 1_000_000_000 // hdr.hz)
+
+
+def _enqueue(cpu: int, index: int, rec: Any) -> bool:
+    """Link `rec` into base `cpu` by due time (after those due at the same time); True
+    if it became the first. Timer lock held."""
+    timers = image.this().img.timers
+    pc = _percpu(cpu)
+    prev, cur = -1, pc.timer_head
+    while cur != -1 and timers[cur].due_ns <= rec.due_ns:
+        prev, cur = cur, timers[cur].next
+    rec.next = cur
+    if prev == -1:
+        pc.timer_head = index
+    else:
+        timers[prev].next = index
+    rec.cpu = cpu
+    rec.pending = 1
+    return prev == -1
+
+
+def _detach(index: int, rec: Any) -> None:
+    """Unlink pending `rec` from its base and update the base's next expiry. Timer lock held."""
+    timers = image.this().img.timers
+    pc = _percpu(rec.cpu)
+    prev, cur = -1, pc.timer_head
+    while cur != -1 and cur != index:
+        prev, cur = cur, timers[cur].next
+    if cur == index:
+        if prev == -1:
+            pc.timer_head = rec.next
+            head = pc.timer_head
+            pc.timer_next_ns = timers[head].due_ns if head != -1 else FOREVER_NS
+        else:
+            timers[prev].next = rec.next
+    rec.next = -1
+    rec.pending = 0
+
+
+def _delete(timer: TimerList, rec: Any) -> int:
+    addr = _lock()
+    try:
+        if not rec.pending:
+            return 0
+        _detach(timer.index, rec)
+        return 1
+    finally:
+        records.raw_spin_unlock(addr)
+
+
+def _program(due_ns: int) -> None:
+    """Tell the clock event device (the supervisor) about a base due at `due_ns`, if it
+    sleeps past it. It publishes its wake-up time, then re-reads the bases: either it
+    sees this base, or this reads the time it published."""
+    hdr = image.this().img.hdr
+    if due_ns < records.field_load(hdr, "clock_programmed_ns"):
+        try:
+            os.kill(hdr.supervisor_pid, SIG_CLOCK)
+        except ProcessLookupError:
+            pass
+
+
+# --- arming -----------------------------------------------------------------------------------
+
+def _carry(timer: TimerList, rec: Any, force: bool = False) -> None:
+    """Carry the callback and the handle's attributes to the tasks that will run it, if
+    they changed since this handle last carried them (nothing changes on a TypeError).
+    A handle that never carried anything and has no attributes (one inherited or
+    pickled from another task) keeps what is carried."""
+    attrs = {k: v for k, v in timer.__dict__.items() if k not in _INTERNAL}
+    if not force:
+        if timer._carried is None and not attrs:
+            return
+        if timer._carried is not None and timer._ref == (rec.ref, rec.ref_generation):
+            try:
+                if attrs == timer._carried:
+                    return
+            except Exception:
+                pass  # attributes that do not compare: carry them again
+    fn = timer._function
+    if fn is None:
+        if not rec.ref:
+            return
+        fn = timer._function = callback_load(rec.ref, rec.ref_generation)[0]
+    ref = callback_store(fn, attrs, "callback", "timer attributes")
+    addr = _lock()
+    try:
+        old = (rec.ref, rec.ref_generation)
+        rec.ref, rec.ref_generation = ref
+    finally:
+        records.raw_spin_unlock(addr)
+    if old[0]:
+        callback_free(*old)
+    timer._carried, timer._ref = attrs, ref
+
+
+def __mod_timer(timer: TimerList, expires: int, pending_only: bool) -> int:
+    rec = _live(timer)
+    _check_expires(expires, "expires")
+    if rec.shutdown:
+        return 0
+    _carry(timer, rec)
+    cpu = max(preempt.this_cpu(), 0)
+    due = _due_ns(expires)
+    index = timer.index
+    first = False
+    addr = _lock()
+    try:
+        if rec.shutdown:
+            return 0
+        was = rec.pending
+        if pending_only and not was:
+            return 0
+        if was:
+            _detach(index, rec)
+        if _percpu(rec.cpu).timer_running == index:
+            cpu = rec.cpu  # its callback runs there: never run it concurrently with itself
+        rec.expires = expires
+        rec.due_ns = due
+        if _enqueue(cpu, index, rec):
+            first = True
+            records.field_store(_percpu(cpu), "timer_next_ns", due)
+    finally:
+        records.raw_spin_unlock(addr)
+    if first:
+        _program(due)
+    return int(was)
+
+
+def mod_timer(timer: TimerList, expires: int) -> int:
+    """Arm `timer` to run after jiffies passes `expires`, on this CPU, whether or not it
+    was pending (an atomic delete + add). Returns 1 if it was pending, 0 if it was not
+    (now started) or was shut down (then nothing happens). Any context."""
+    return __mod_timer(timer, expires, False)
+
+
+def mod_timer_pending(timer: TimerList, expires: int) -> int:
+    """mod_timer() of a pending timer only: 1 if it was pending and is re-armed, else 0
+    and nothing changes. Any context."""
+    return __mod_timer(timer, expires, True)
+
+
+def add_timer(timer: TimerList) -> None:
+    """Start an inactive timer at ``timer.expires``. On a pending timer: WARN_ON_ONCE
+    and ignored (the old expiry stays). Any context."""
+    rec = _live(timer)
+    if rec.pending:
+        bug.warn("add_timer() on a pending timer", depth=2)
+        return
+    __mod_timer(timer, int(rec.expires), False)
+
+
+def timer_pending(timer: TimerList) -> bool:
+    """True if `timer` is armed and its callback not yet started (lockless). Any context."""
+    return bool(_live(timer).pending)
+
+
+# --- deleting -----------------------------------------------------------------------------------
+
+def timer_delete(timer: TimerList) -> int:
+    """Deactivate `timer`: 1 if it was pending, 0 if not (also while its callback runs).
+    Does not wait for a running callback. Any context."""
+    return _delete(timer, _live(timer))
+
+
+del_timer = timer_delete
+
+
+def timer_shutdown(timer: TimerList) -> int:
+    """timer_delete(), and later arming is ignored until timer_setup(). Any context."""
+    rec = _live(timer)
+    addr = _lock()
+    try:
+        rec.shutdown = 1
+        if not rec.pending:
+            return 0
+        _detach(timer.index, rec)
+        return 1
+    finally:
+        records.raw_spin_unlock(addr)
+
+
+#: Timers whose callback this process is running now (innermost last).
+_running_here: list[int] = []
+
+
+def _try_to_del(timer: TimerList, rec: Any, shutdown: bool) -> tuple[int, int]:
+    """try_to_del_timer_sync(): (1/0 was pending, -1 if its callback runs on CPU c: c)."""
+    addr = _lock()
+    try:
+        if shutdown:
+            rec.shutdown = 1
+        cpu = rec.cpu
+        if _percpu(cpu).timer_running == timer.index:
+            return -1, cpu
+        if not rec.pending:
+            return 0, cpu
+        _detach(timer.index, rec)
+        return 1, cpu
+    finally:
+        records.raw_spin_unlock(addr)
+
+
+def __timer_delete_sync(timer: TimerList, shutdown: bool) -> int:
+    rec = _live(timer)
+    if preempt.in_hardirq() and not rec.flags & TIMER_IRQSAFE:
+        bug.warn("timer_delete_sync() in hardirq context on a timer without TIMER_IRQSAFE",
+                 depth=3)
+    while True:
+        ret, cpu = _try_to_del(timer, rec, shutdown)
+        if ret >= 0:
+            return ret
+        if timer.index in _running_here:
+            # Its callback runs in this very process, below us: waiting would never end.
+            bug.warn("possible recursive locking detected: timer_delete_sync() of a timer "
+                     "from its own callback (or from an interrupt that interrupted it) "
+                     "would never return", depth=3)
+            return 0
+        _wait_running(timer.index, cpu)
+
+
+def _wait_running(index: int, cpu: int) -> None:
+    """Wait until base `cpu` no longer runs timer `index`: sleep in process context,
+    busy-wait (as the kernel always does) in atomic context."""
+    pc = _percpu(cpu)
+    if preempt.in_atomic() or preempt.irqs_disabled():
+        while records.field_load(pc, "timer_running") == index:
+            image.this().core.raise_if_dead()
+            os.sched_yield()
+        return
+    wait_var_event(image.field_addr(pc, "timer_running"),
+                   lambda: records.field_load(pc, "timer_running") != index)
+
+
+def timer_delete_sync(timer: TimerList) -> int:
+    """timer_delete(), then wait until the callback runs nowhere. Returns 1 if the timer
+    was pending (a callback that re-armed its timer is deleted too), else 0. Not from
+    the timer's own callback; from hardirq context only for TIMER_IRQSAFE timers (both
+    reported). May sleep in process context."""
+    return __timer_delete_sync(timer, False)
+
+
+del_timer_sync = timer_delete_sync
+
+
+def timer_shutdown_sync(timer: TimerList) -> int:
+    """timer_delete_sync() that also keeps the timer from being armed again, even by its
+    running callback, until timer_setup(). Returns 1 if it was pending, else 0."""
+    return __timer_delete_sync(timer, True)
+
+
+# --- expiry: TIMER_SOFTIRQ ------------------------------------------------------------------------
+
+#: This process's handles of timers it ran: (index, generation) -> (ref, handle).
+_handles: dict[tuple[int, int], tuple[tuple[int, int], TimerList]] = {}
+
+
+def _handle(index: int, rec: Any) -> tuple[TimerList, TimerFn] | None:
+    """The handle the callback gets, with the carried attributes, and the callback;
+    None if nothing is carried. Timer lock held (the reference cannot be freed)."""
+    ref = (rec.ref, rec.ref_generation)
+    if not ref[0]:
+        return None
+    key = (index, rec.generation)
+    cached = _handles.get(key)
+    if cached is not None and cached[0] == ref:
+        timer = cached[1]
+        return timer, timer._function
+    fn, attrs = callback_load(*ref)
+    timer = TimerList._from_index(index, rec.generation)
+    timer.__dict__.update(attrs)
+    timer._function = fn
+    timer._carried, timer._ref = attrs, ref
+    _handles[key] = (ref, timer)
+    return timer, fn
+
+
+def run_timer_softirq(cpu: int) -> None:
+    """Run every timer of base `cpu` due when it starts, earliest first, one at a time."""
+    pc = _percpu(cpu)
+    timers = image.this().img.timers
+    now = time.monotonic_ns()
+    addr = _lock()
+    try:
+        while (index := pc.timer_head) != -1 and timers[index].due_ns <= now:
+            rec = timers[index]
+            _detach(index, rec)
+            try:
+                call = _handle(index, rec)
+            except Exception as exc:  # the carried callback does not load here
+                bug.oops(exc, f"{type(exc).__name__} loading timer callback: {exc}")
+                continue
+            if call is None:
+                continue
+            pc.timer_running = index
+            records.raw_spin_unlock(addr)
+            try:
+                call_timer_fn(*call, irqsafe=bool(rec.flags & TIMER_IRQSAFE))
+            finally:
+                records.raw_spin_lock(addr, "timer base")
+                pc.timer_running = -1
+                records.raw_spin_unlock(addr)
+                wake_up_var(image.field_addr(pc, "timer_running"))  # timer_delete_sync()
+                records.raw_spin_lock(addr, "timer base")
+        head = pc.timer_head
+        records.field_store(pc, "timer_next_ns", timers[head].due_ns if head != -1 else FOREVER_NS)
+    finally:
+        records.raw_spin_unlock(addr)
+    if pc.timer_head != -1:
+        _program(int(pc.timer_next_ns))
+
+
+def call_timer_fn(timer: TimerList, fn: TimerFn, irqsafe: bool) -> None:
+    """Run one callback; an exception is an Oops in softirq context, a changed preempt
+    count is the kernel's "preempt leak" WARN (and is restored)."""
+    count = preempt.preempt_count()
+    flags = preempt.local_irq_save() if irqsafe else None
+    _running_here.append(timer.index)
+    try:
+        fn(timer)
+    except bug.TaskKilled:
+        pass  # BUG() in the callback (e.g. it slept), already reported
+    except Exception as exc:
+        bug.oops(exc, f"{type(exc).__name__} in timer callback {qualname(fn)}: {exc}")
+    finally:
+        _running_here.pop()
+        if flags is not None:
+            preempt.local_irq_restore(flags)
+    if preempt.preempt_count() != count:
+        leaked = preempt.preempt_count()
+        bug.warn(f"timer: {qualname(fn)} preempt leak: {count:08x} -> {leaked:08x}", depth=2)
+        _restore_count(count)
+
+
+def _restore_count(count: int) -> None:
+    now = preempt.preempt_count()
+    if now > count:
+        preempt.preempt_count_sub(now - count)
+
+
+open_softirq(TIMER_SOFTIRQ, run_timer_softirq)
+
+
+# --- the clock event device (run by the supervisor) --------------------------------------------
+
+class ClockEvent:
+    """The supervisor's side: raise TIMER_SOFTIRQ on each CPU whose base is due."""
+
+    def __init__(self, img: image.SharedImage) -> None:
+        self.hdr = img.img.hdr
+        self.percpu = [img.img.percpu[c] for c in range(self.hdr.ncpus)]
+        self.pending = [softirq_pending_addr(c) for c in range(self.hdr.ncpus)]
+        self.raised = [0] * self.hdr.ncpus  # when we last rang each CPU for its timers
+
+    def fire(self) -> int:
+        """Raise what is due; returns the ns until the next base is due (or to ring a
+        CPU again whose timer softirq is still not served)."""
+        bit = 1 << TIMER_SOFTIRQ
+        while True:
+            now = time.monotonic_ns()
+            nearest = FOREVER_NS
+            for cpu, pc in enumerate(self.percpu):
+                due = records.field_load(pc, "timer_next_ns")
+                if due > now:
+                    nearest = min(nearest, due)
+                    continue
+                if (not _native.load32(self.pending[cpu]) & bit
+                        or now - self.raised[cpu] >= RERING_NS):
+                    _native.or32(self.pending[cpu], bit)
+                    self.raised[cpu] = now
+                    ring_doorbell(cpu)
+                nearest = min(nearest, self.raised[cpu] + RERING_NS)
+            records.field_store(self.hdr, "clock_programmed_ns", nearest)
+            # A base armed earlier than `nearest` before that store is seen now; one
+            # armed after it saw the store and woke us (_program()).
+            if all(not now < records.field_load(pc, "timer_next_ns") < nearest
+                   for pc in self.percpu):
+                return nearest - time.monotonic_ns()
+
+
+def timer_stats() -> dict[str, int]:
+    """Per-CPU pending timer counts (for tools and tests)."""
+    img = image.this()
+    timers = img.img.timers
+    out: dict[str, int] = {}
+    addr = _lock()
+    try:
+        for cpu in range(img.img.hdr.ncpus):
+            n, cur = 0, _percpu(cpu).timer_head
+            while cur != -1:
+                n, cur = n + 1, timers[cur].next
+            out[f"cpu{cpu}"] = n
+    finally:
+        records.raw_spin_unlock(addr)
+    return out
+
+
+__all__ = [
+    "TimerList", "DEFINE_TIMER", "timer_setup", "mod_timer", "mod_timer_pending", "add_timer",
+    "timer_pending", "timer_delete", "del_timer", "timer_delete_sync", "del_timer_sync",
+    "timer_shutdown", "timer_shutdown_sync", "TIMER_DEFERRABLE", "TIMER_PINNED",
+    "TIMER_IRQSAFE",
+]
