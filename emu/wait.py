@@ -138,6 +138,8 @@ def remove_waiter(q: QueueRecord, slot: int) -> bool:
 def __wake_up(wq_head: WaitQueueHead, mode: int, nr: int) -> int:
     """Wake the waiters `mode` may wake: every non-exclusive one and `nr` exclusive
     ones (0: all). Returns the number of exclusive waiters woken. Any context."""
+    if type(wq_head) is not WaitQueueHead:
+        _check(wq_head)
     try:
         n = wq_head._core.wake_up(wq_head.index, wq_head.generation, mode, nr)
     except AttributeError:
@@ -204,6 +206,8 @@ def ___wait_event(wq_head: WaitQueueHead, condition: Condition, timeout: int, st
     (at least 1) once it became true, 0 if the time ran out with it false, -ERESTARTSYS
     if a signal `state` admits ended the wait (a true condition wins over both).
     """
+    if type(wq_head) is not WaitQueueHead:
+        _check(wq_head)
     try:
         left = wq_head._core.wait_event(wq_head.index, wq_head.generation, condition, timeout,
                                         state, exclusive)
