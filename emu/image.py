@@ -427,6 +427,7 @@ class SharedImage:
         self.irq_views: Any = None  # irq.py's per-kernel ctypes views
         self.irq_core: Any = None  # native IrqCore, made by irq.py after boot
         self.var_wait: Any = None  # wait.py's hashed queue heads, as handles
+        self.timer_handles: dict[Any, Any] = {}  # timer.py: the handles its callbacks get
         #: emulated CPU i runs on real CPU cpu_map[i]
         self.cpu_map: list[int] = []
         #: True only in the process that booted this kernel

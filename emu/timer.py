@@ -430,10 +430,6 @@ def timer_shutdown_sync(timer: TimerList) -> int:
 
 # --- expiry: TIMER_SOFTIRQ ------------------------------------------------------------------------
 
-#: This process's handles of timers it ran: (index, generation) -> (ref, handle).
-_handles: dict[tuple[int, int], tuple[tuple[int, int], TimerList]] = {}
-
-
 def _handle(index: int, rec: Any) -> tuple[TimerList, TimerFn] | None:
     """The handle the callback gets, with the carried attributes, and the callback;
     None if nothing is carried. Timer lock held (the reference cannot be freed)."""
@@ -441,7 +437,8 @@ def _handle(index: int, rec: Any) -> tuple[TimerList, TimerFn] | None:
     if not ref[0]:
         return None
     key = (index, rec.generation)
-    cached = _handles.get(key)
+    handles = image.this().timer_handles  # (index, generation) -> (ref, handle), this kernel's
+    cached = handles.get(key)
     if cached is not None and cached[0] == ref:
         timer = cached[1]
         return timer, timer._function
@@ -450,7 +447,7 @@ def _handle(index: int, rec: Any) -> tuple[TimerList, TimerFn] | None:
     timer.__dict__.update(attrs)
     timer._function = fn
     timer._carried, timer._ref = attrs, ref
-    _handles[key] = (ref, timer)
+    handles[key] = (ref, timer)
     return timer, fn
 
 
