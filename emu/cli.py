@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("torture", help="load every CPU with kthreads and interrupts hammering "
                                        "the primitives, check invariants, end with a verdict")
-    t.add_argument("--type", choices=["completion", "kthread", "irq", "all"], default="all",
+    t.add_argument("--type", choices=["completion", "kthread", "irq", "timer", "all"],
+                   default="all",
                    help="what to torture (default: all)")
     t.add_argument("--cpus", type=_cpus, default=None,
                    help="emulated CPUs: a count or a list of real CPU ids (default: all)")

@@ -269,6 +269,8 @@ class PerCpu(ctypes.Structure):
         ("tasklet_tail", c_int32 * 2),
         ("timer_head", c_int32),  # timer base: pending timers by expiry, -1 = none
         ("timer_running", c_int32),  # the timer whose callback runs here, -1 = none
+        ("timer_serving", c_int32),  # a task runs this base's timers (timer.py)
+        ("timer_pad", c_int32),
         ("timer_next_ns", c_int64),  # CLOCK_MONOTONIC when the first one is due
     ]
 

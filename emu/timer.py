@@ -44,7 +44,7 @@ SIG_CLOCK = _os_signal.SIGUSR2
 RERING_NS = 10_000_000
 
 TimerFn = Callable[["TimerList"], None]
-_INTERNAL = ("_function", "_carried", "_ref")
+_INTERNAL = ("_function", "_carried", "_ref", "_expires_fired")
 
 
 class TimerList(records.Record):
@@ -57,13 +57,14 @@ class TimerList(records.Record):
     """
 
     TABLE = "timers"
-    __slots__ = ("_function", "_carried", "_ref", "__dict__")
+    __slots__ = ("_function", "_carried", "_ref", "_expires_fired", "__dict__")
 
     def __init__(self, callback: TimerFn | None = None, flags: int = 0) -> None:
         super().__init__()
         self._function: Any = None
         self._carried: Any = None
         self._ref = (0, 0)
+        self._expires_fired = 0
         self._rec.cpu = max(preempt.this_cpu(), 0)
         self._rec.next = -1
         if callback is not None:
@@ -75,6 +76,7 @@ class TimerList(records.Record):
         self._function = None
         self._carried = None
         self._ref = (0, 0)
+        self._expires_fired = 0  # `expires` of the run in progress (for the torture)
 
     @property
     def expires(self) -> int:
@@ -452,38 +454,66 @@ def _handle(index: int, rec: Any) -> tuple[TimerList, TimerFn] | None:
 
 
 def run_timer_softirq(cpu: int) -> None:
-    """Run every timer of base `cpu` due when it starts, earliest first, one at a time."""
+    """Run every timer of base `cpu` due when it starts, earliest first, one at a time.
+
+    Several tasks may share an emulated CPU; one of them serves its base at a time, as
+    one CPU runs one softirq at a time: another task that comes meanwhile leaves it a
+    new pass to make.
+    """
     pc = _percpu(cpu)
-    timers = image.this().img.timers
-    now = time.monotonic_ns()
     addr = _lock()
     try:
-        while (index := pc.timer_head) != -1 and timers[index].due_ns <= now:
-            rec = timers[index]
-            _detach(index, rec)
-            try:
-                call = _handle(index, rec)
-            except Exception as exc:  # the carried callback does not load here
-                bug.oops(exc, f"{type(exc).__name__} loading timer callback: {exc}")
-                continue
-            if call is None:
-                continue
-            pc.timer_running = index
-            records.raw_spin_unlock(addr)
-            try:
-                call_timer_fn(*call, irqsafe=bool(rec.flags & TIMER_IRQSAFE))
-            finally:
-                records.raw_spin_lock(addr, "timer base")
-                pc.timer_running = -1
-                records.raw_spin_unlock(addr)
-                wake_up_var(image.field_addr(pc, "timer_running"))  # timer_delete_sync()
-                records.raw_spin_lock(addr, "timer base")
+        if pc.timer_serving:
+            pc.timer_serving = SERVING | RERUN
+            return
+        pc.timer_serving = SERVING
+        try:
+            while True:
+                _expire_timers(pc, addr)
+                if pc.timer_serving == SERVING:
+                    break
+                pc.timer_serving = SERVING
+        finally:
+            pc.timer_serving = 0
         head = pc.timer_head
+        timers = image.this().img.timers
         records.field_store(pc, "timer_next_ns", timers[head].due_ns if head != -1 else FOREVER_NS)
     finally:
         records.raw_spin_unlock(addr)
     if pc.timer_head != -1:
         _program(int(pc.timer_next_ns))
+
+
+SERVING = 1  # PerCpu.timer_serving: a task runs the base's timers
+RERUN = 2  # and another one found it doing so: one more pass
+
+
+def _expire_timers(pc: Any, addr: int) -> None:
+    """One pass over the base: the timers due now. Timer lock held (dropped around each
+    callback)."""
+    timers = image.this().img.timers
+    now = time.monotonic_ns()
+    while (index := pc.timer_head) != -1 and timers[index].due_ns <= now:
+        rec = timers[index]
+        _detach(index, rec)
+        try:
+            call = _handle(index, rec)
+        except Exception as exc:  # the carried callback does not load here
+            bug.oops(exc, f"{type(exc).__name__} loading timer callback: {exc}")
+            continue
+        if call is None:
+            continue
+        call[0]._expires_fired = int(rec.expires)
+        pc.timer_running = index
+        records.raw_spin_unlock(addr)
+        try:
+            call_timer_fn(*call, irqsafe=bool(rec.flags & TIMER_IRQSAFE))
+        finally:
+            records.raw_spin_lock(addr, "timer base")
+            pc.timer_running = -1
+            records.raw_spin_unlock(addr)
+            wake_up_var(image.field_addr(pc, "timer_running"))  # timer_delete_sync()
+            records.raw_spin_lock(addr, "timer base")
 
 
 def call_timer_fn(timer: TimerList, fn: TimerFn, irqsafe: bool) -> None:
