@@ -396,3 +396,19 @@ TimerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_timer_model = TimerMachine.TestCase
+
+
+# --- the example module --------------------------------------------------------------------------
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_periodic_timer_example_ticks_until_its_exit(kernel):
+    from emu.examples import periodic_timer
+
+    assert periodic_timer.periodic_init(period_ms=5) == 0
+    timer = periodic_timer._timer
+    wait_until(lambda: emu.atomic_read(timer.ticks) >= 3, T, "three ticks")
+    ticks = periodic_timer.periodic_exit()
+    assert ticks >= 3
+    assert not emu.timer_pending(timer) and emu.atomic_read(timer.ticks) == ticks
+    log = "\n".join(kernel.dmesg())
+    assert "periodic: tick 0 on CPU" in log and f"stopped after {ticks} ticks" in log
