@@ -272,6 +272,7 @@ class PerCpu(ctypes.Structure):
         ("timer_serving", c_int32),  # a task runs this base's timers (timer.py)
         ("timer_pad", c_int32),
         ("timer_next_ns", c_int64),  # CLOCK_MONOTONIC when the first one is due
+        ("idle_clock_ns", c_int64),  # when the idle task, asleep, wakes for the timers
     ]
 
 

@@ -377,7 +377,7 @@ def boot(
         pc.idle_slot = -1
         pc.tasklet_head[0] = pc.tasklet_head[1] = pc.tasklet_tail[0] = pc.tasklet_tail[1] = -1
         pc.timer_head = pc.timer_running = -1
-        pc.timer_next_ns = sched.FOREVER_NS
+        pc.timer_next_ns = pc.idle_clock_ns = sched.FOREVER_NS
     hdr.clock_programmed_ns = sched.FOREVER_NS
     img.cpu_map = cpu_map
     image.attach(img)

@@ -25,10 +25,11 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import bug, checks, image, preempt, records
+from . import bug, checks, idle, image, preempt, records
 from .callback import callback_free, callback_load, callback_store, qualname
+from .constants import TASK_UNINTERRUPTIBLE
 from .idle import start_irq_layer
-from .irqchip import ring_doorbell, softirq_pending_addr
+from .irqchip import resend_pending, ring_doorbell, softirq_pending_addr
 from .sched import FOREVER_NS, jiffies
 from .softirq import TIMER_SOFTIRQ, open_softirq
 from .wait import wait_var_event, wake_up_var
@@ -38,10 +39,12 @@ TIMER_PINNED = 0x00100000
 TIMER_IRQSAFE = 0x00200000
 TIMER_INIT_FLAGS = TIMER_DEFERRABLE | TIMER_PINNED | TIMER_IRQSAFE
 ULONG_MAX = (1 << 64) - 1
-#: Wakes the supervisor (clock event device) when a timer is due earlier than it knows.
+#: Wakes the supervisor (the backup clock event device) when a timer is due earlier
+#: than it knows.
 SIG_CLOCK = _os_signal.SIGUSR2
-#: The supervisor rings a CPU again if its timer softirq was not served by then.
-RERING_NS = 10_000_000
+#: The supervisor rings a CPU whose timers are this late (its idle task did not run
+#: them: the host kept it off the CPU), and again as long as they stay due.
+BACKUP_NS = 10_000_000
 
 TimerFn = Callable[["TimerList"], None]
 _INTERNAL = ("_function", "_carried", "_ref", "_expires_fired")
@@ -229,12 +232,17 @@ def _delete(timer: TimerList, rec: Any) -> int:
         records.raw_spin_unlock(addr)
 
 
-def _program(due_ns: int) -> None:
-    """Tell the clock event device (the supervisor) about a base due at `due_ns`, if it
-    sleeps past it. It publishes its wake-up time, then re-reads the bases: either it
-    sees this base, or this reads the time it published."""
-    hdr = image.this().img.hdr
-    if due_ns < records.field_load(hdr, "clock_programmed_ns"):
+def _program(cpu: int, due_ns: int) -> None:
+    """Tell the clock event devices about base `cpu`, now due at `due_ns`: the CPU's idle
+    task and the supervisor (the backup), each if it sleeps past that. Each publishes
+    its wake-up time, then re-reads the bases: either it sees this base, or this reads
+    the time it published."""
+    img = image.this()
+    pc = img.img.percpu[cpu]
+    if due_ns < records.field_load(pc, "idle_clock_ns") and pc.idle_slot >= 0:
+        img.core.wake(pc.idle_slot, TASK_UNINTERRUPTIBLE)  # it sleeps in TASK_IDLE
+    hdr = img.img.hdr
+    if due_ns + BACKUP_NS < records.field_load(hdr, "clock_programmed_ns"):
         try:
             os.kill(hdr.supervisor_pid, SIG_CLOCK)
         except ProcessLookupError:
@@ -304,7 +312,7 @@ def __mod_timer(timer: TimerList, expires: int, pending_only: bool) -> int:
     finally:
         records.raw_spin_unlock(addr)
     if first:
-        _program(due)
+        _program(cpu, due)
     return int(was)
 
 
@@ -481,7 +489,7 @@ def run_timer_softirq(cpu: int) -> None:
     finally:
         records.raw_spin_unlock(addr)
     if pc.timer_head != -1:
-        _program(int(pc.timer_next_ns))
+        _program(cpu, int(pc.timer_next_ns))
 
 
 SERVING = 1  # PerCpu.timer_serving: a task runs the base's timers
@@ -547,10 +555,38 @@ def _restore_count(count: int) -> None:
 open_softirq(TIMER_SOFTIRQ, run_timer_softirq)
 
 
-# --- the clock event device (run by the supervisor) --------------------------------------------
+# --- the clock event devices --------------------------------------------------------------------
+#
+# Each CPU's idle task sleeps until the CPU's next timer is due (idle.py), then raises
+# TIMER_SOFTIRQ there and rings the CPU's doorbell like a local timer interrupt: the task
+# running on the CPU takes it, or the idle task itself. The supervisor is the backup for
+# a CPU whose idle task the host did not run in time.
+
+def _idle_next_event(cpu: int) -> int | None:
+    """When the idle task of `cpu` must wake (None: no timer). Its state is already set:
+    an arming after the publication below wakes it; one before is read here."""
+    pc = _percpu(cpu)
+    while True:
+        due = records.field_load(pc, "timer_next_ns")
+        records.field_store(pc, "idle_clock_ns", due)
+        if records.field_load(pc, "timer_next_ns") >= due:
+            return None if due >= FOREVER_NS else due
+
+
+def _idle_expire(cpu: int) -> None:
+    """The CPU's clock event fired: a local timer interrupt for its timer softirq."""
+    records.field_store(_percpu(cpu), "idle_clock_ns", FOREVER_NS)
+    if records.field_load(_percpu(cpu), "timer_next_ns") <= time.monotonic_ns():
+        _native.or32(softirq_pending_addr(cpu), 1 << TIMER_SOFTIRQ)
+        resend_pending(cpu)
+
+
+idle.clock_event = (_idle_next_event, _idle_expire)
+
 
 class ClockEvent:
-    """The supervisor's side: raise TIMER_SOFTIRQ on each CPU whose base is due."""
+    """The supervisor's side: raise TIMER_SOFTIRQ on each CPU whose base is due for
+    BACKUP_NS and not served (its idle task did not run), and ring its doorbell."""
 
     def __init__(self, img: image.SharedImage) -> None:
         self.hdr = img.img.hdr
@@ -559,27 +595,26 @@ class ClockEvent:
         self.raised = [0] * self.hdr.ncpus  # when we last rang each CPU for its timers
 
     def fire(self) -> int:
-        """Raise what is due; returns the ns until the next base is due (or to ring a
-        CPU again whose timer softirq is still not served)."""
-        bit = 1 << TIMER_SOFTIRQ
+        """Raise what is overdue; returns the ns until the supervisor must look again."""
         while True:
             now = time.monotonic_ns()
             nearest = FOREVER_NS
             for cpu, pc in enumerate(self.percpu):
                 due = records.field_load(pc, "timer_next_ns")
-                if due > now:
-                    nearest = min(nearest, due)
+                if due >= FOREVER_NS:
                     continue
-                if (not _native.load32(self.pending[cpu]) & bit
-                        or now - self.raised[cpu] >= RERING_NS):
-                    _native.or32(self.pending[cpu], bit)
-                    self.raised[cpu] = now
-                    ring_doorbell(cpu)
-                nearest = min(nearest, self.raised[cpu] + RERING_NS)
+                late = max(due + BACKUP_NS, self.raised[cpu] + BACKUP_NS)
+                if now < late:
+                    nearest = min(nearest, late)
+                    continue
+                _native.or32(self.pending[cpu], 1 << TIMER_SOFTIRQ)
+                self.raised[cpu] = now
+                ring_doorbell(cpu)
+                nearest = min(nearest, now + BACKUP_NS)
             records.field_store(self.hdr, "clock_programmed_ns", nearest)
             # A base armed earlier than `nearest` before that store is seen now; one
             # armed after it saw the store and woke us (_program()).
-            if all(not now < records.field_load(pc, "timer_next_ns") < nearest
+            if all(records.field_load(pc, "timer_next_ns") + BACKUP_NS >= nearest
                    for pc in self.percpu):
                 return nearest - time.monotonic_ns()
 

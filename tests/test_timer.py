@@ -184,7 +184,8 @@ def cb_spin(t):
 
 
 def spinning_timer(cpu, rearm=0):
-    """A timer whose callback spins on `cpu` (armed from a kthread there) until released."""
+    """A timer whose callback spins on `cpu` until released, armed there by a kthread
+    (which may be the task that runs it: stop it once the callback is released)."""
     t = emu.TimerList(cb_spin)
     t.sync = (emu.Atomic(), emu.Atomic(), emu.Atomic(rearm))
 
@@ -192,15 +193,15 @@ def spinning_timer(cpu, rearm=0):
         emu.mod_timer(t, emu.jiffies() + 1)
         return 0
 
-    assert stop_after_exit(emu.kthread_run_on_cpu(arm, None, cpu, "arm/%u")) == 0
+    armer = emu.kthread_run_on_cpu(arm, None, cpu, "arm/%u")
     wait_until(lambda: read(t.sync[0]) == 1, T, "the callback to start")
-    return t
+    return t, armer
 
 
 @pytest.mark.emu_boot(cpus=2, hz=1000)
 @pytest.mark.parametrize("rearm, want", [(0, 0), (1, 1)])
 def test_del_timer_sync_waits_for_the_callback_running_on_another_cpu(kernel, rearm, want):
-    t = spinning_timer(1, rearm)
+    t, armer = spinning_timer(1, rearm)
     assert emu.del_timer(t) == 0  # running is not pending
     done = emu.Atomic(-1)
     deleter = emu.kthread_run_on_cpu(
@@ -211,17 +212,19 @@ def test_del_timer_sync_waits_for_the_callback_running_on_another_cpu(kernel, re
     assert stop_after_exit(deleter) == 0
     assert read(done) == want  # a callback that re-armed its timer is deleted too
     assert not emu.timer_pending(t)
+    assert stop_after_exit(armer) == 0
 
 
 @pytest.mark.emu_boot(cpus=2, hz=1000)
 def test_timer_shutdown_sync_keeps_the_running_callback_from_rearming(kernel):
-    t = spinning_timer(1, rearm=1)
+    t, armer = spinning_timer(1, rearm=1)
     res = emu.Atomic(-1)
     k = emu.kthread_run_on_cpu(
         lambda _: emu.atomic_set(res, emu.timer_shutdown_sync(t)) or 0, None, 0, "shut/%u")
     wait_state(k, "D")
     emu.atomic_set(t.sync[1], 1)
     assert stop_after_exit(k) == 0
+    assert stop_after_exit(armer) == 0
     assert read(res) == 0 and not emu.timer_pending(t)
     assert emu.mod_timer(t, emu.jiffies() + 1) == 0 and not emu.timer_pending(t)
     assert t.function is None
