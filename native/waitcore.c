@@ -565,8 +565,8 @@ wq_finish_wait(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot)
 
 /*
  * ___wait_event() with its timeout (include/linux/wait.h): `cond` is called before
- * queueing, then after every (re)queue with the task's state already set, and wins
- * over a pending signal and over the timeout. The timeout is a countdown across
+ * queueing, after every (re)queue with the task's state already set, and right after
+ * each wake-up (v6.15+); it wins over a pending signal and over the timeout. The timeout is a countdown across
  * wake-ups. Returns, as the macros do: `timeout` (1 if 0) when `cond` was true at
  * entry; the jiffies left, at least 1, when it became true; 0 when the time ran out
  * with `cond` false; -ERESTARTSYS when a signal that `state` admits ended it. A timeout
@@ -612,6 +612,10 @@ wq_wait_event(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot, PyObject *cond, lon
             break;
         }
         timed_out = r == 0;
+        /* Woken: test at once, before queueing again (v6.15+). A waker dequeued us, so
+         * a true condition leaves without taking the lock again. */
+        if (!timed_out && (c = wq_cond(cond)) != 0)
+            break;
     }
     wq_finish_wait(wc, idx, slot);
     if (wc_report_dead_owner(wc) < 0 || c < 0)

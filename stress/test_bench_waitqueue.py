@@ -3,10 +3,11 @@
     python3 -m pytest -s -p no:cacheprovider stress/test_bench_waitqueue.py
     python3 stress/test_bench_waitqueue.py [--reps 5] [--k 1,4,16,64]
 
-The three configurations run round-robin in one kernel: complete_all() exactly as
-test_bench_completion.py's wake-all benchmark, and the same K kthreads sleeping in
+The three configurations run round-robin in one kernel: complete_all() as in
+test_bench_completion.py's wake-all benchmark, and K kthreads sleeping in
 wait_event() (non-exclusive, D) or wait_event_interruptible_exclusive() (S) on one wait
 queue, woken by wake_up_all() after a shared generation counter moved (their condition).
+Waiter i runs on CPU i mod ncpus in every configuration.
 Times are µs from the waker's stamp before the wake-up (before the counter store for the
 wait queue) to each waiter's stamp after it woke. Target: the last waiter within 1.1× of
 complete_all()'s (paired ratio, same run).
@@ -32,7 +33,7 @@ from test_bench_completion import (
     _median_rounds,
     _round_figures,
     _wait_emu,
-    wake_all_emu,
+    wa_emu_waiter,
 )
 
 import emu
@@ -40,6 +41,8 @@ import emu
 import benchlib as bl
 
 pytestmark = pytest.mark.timeout(900)
+
+_NCPUS = [1]  # the booted kernel's CPU count
 
 
 def wq_waiter(d: tuple[Any, ...]) -> int:
@@ -56,13 +59,40 @@ def wq_waiter(d: tuple[Any, ...]) -> int:
     return rounds
 
 
+def _start(fn: Any, data: Any, i: int) -> emu.Task:
+    """Waiter i on CPU i mod ncpus in every configuration, so that they compare."""
+    return emu.kthread_run_on_cpu(fn, data, i % _NCPUS[0], "wq/%u")
+
+
+def wake_all_completion(k: int, rounds: int, stamps: Any) -> dict[str, float]:
+    """test_bench_completion.py's complete_all() rounds, waiters placed as wake_all_wq's."""
+    comps = [emu.Completion(), emu.Completion()]
+    woke = emu.Completion()
+    total = rounds + 1
+    tasks = [_start(wa_emu_waiter, (i, comps, woke, total, stamps), i) for i in range(k)]
+    return _rounds(tasks, "D", k, total, stamps, woke,
+                   lambda r: emu.complete_all(comps[r % 2]),
+                   lambda r: emu.reinit_completion(comps[r % 2]))
+
+
 def wake_all_wq(k: int, rounds: int, stamps: Any, exclusive: bool) -> dict[str, float]:
-    """K kthreads (round-robin placement, as wake_all_emu's) woken by wake_up_all()."""
+    """K kthreads woken by wake_up_all() after the condition's counter moved."""
     wq, gen, woke = emu.WaitQueueHead(), emu.Atomic(), emu.Completion()
     total = rounds + 1  # round 0 is a warm-up
-    tasks = [emu.kthread_run(wq_waiter, (i, wq, gen, woke, total, stamps, exclusive), "wq/%d", i)
+    tasks = [_start(wq_waiter, (i, wq, gen, woke, total, stamps, exclusive), i)
              for i in range(k)]
-    letter = "S" if exclusive else "D"
+
+    def wake(r: int) -> None:
+        emu.atomic_set(gen, r + 1)
+        emu.wake_up_all(wq)
+
+    return _rounds(tasks, "S" if exclusive else "D", k, total, stamps, woke, wake,
+                   lambda r: None)
+
+
+def _rounds(tasks: list[emu.Task], letter: str, k: int, total: int, stamps: Any,
+            woke: emu.Completion, wake: Any, after: Any) -> dict[str, float]:
+    """Time `total` rounds of wake(r) (the first a warm-up); the median round."""
     hang = _hang_jiffies()
     per_round = []
     for r in range(total):
@@ -73,10 +103,10 @@ def wake_all_wq(k: int, rounds: int, stamps: Any, exclusive: bool) -> dict[str, 
         for i in range(k):
             stamps[i] = 0
         t0 = time.perf_counter_ns()
-        emu.atomic_set(gen, r + 1)
-        emu.wake_up_all(wq)
+        wake(r)
         t1 = time.perf_counter_ns()
-        _wait_emu(woke, k, "wake_up_all", tasks, hang)
+        _wait_emu(woke, k, "wake-up", tasks, hang)
+        after(r)
         assert all(stamps[i] > t0 for i in range(k)), "a waiter did not stamp its wake-up"
         if r:
             per_round.append(_round_figures(t0, t1, stamps, k))
@@ -90,15 +120,13 @@ def bench_wake_up_all(reps: int = WAKE_ALL_REPS, ks: tuple[int, ...] = WAKE_ALL_
     t_start = bl.banner("wake_up_all() vs complete_all() to K waiters")
     stamps = _fork.Array("q", max(ks), lock=False)
     results: dict[int, Any] = {}
-    placement: dict[int, list[int]] = {}
     with bl.nothing_left_behind("wake_up_all benchmark"):
         with emu.boot(max_tasks=max(ks) + 8) as kernel:
-            cpu_map = kernel.cpu_map
+            _NCPUS[0] = kernel.ncpus
             for k in ks:
                 print(f"  K={k}", file=sys.stderr, flush=True)
                 configs = [
-                    ("complete_all", lambda k=k: wake_all_emu(k, rounds, stamps, placement,
-                                                              cpu_map)),
+                    ("complete_all", lambda k=k: wake_all_completion(k, rounds, stamps)),
                     ("wq", lambda k=k: wake_all_wq(k, rounds, stamps, False)),
                     ("wq_excl", lambda k=k: wake_all_wq(k, rounds, stamps, True)),
                 ]
