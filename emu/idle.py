@@ -22,7 +22,7 @@ IDLE_SLEEP_JIFFIES = 1 << 40
 
 #: The CPU's clock event, set by timer.py: (when its next timer is due in CLOCK_MONOTONIC
 #: ns, for the idle task to sleep until then; run what is due).
-clock_event: tuple[Callable[[int], int], Callable[[int], None]] | None = None
+clock_event: tuple[Callable[[int], int | None], Callable[[int], None]] | None = None
 
 
 def _idle(cpu: int) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import fcntl
+import functools
 import os
 import signal as _os_signal
 import sys
@@ -250,7 +251,7 @@ class Kernel:
         for t in kthreads:  # exit_notify() wakes the kflags word when it exits or dies
             left = max(0, int((deadline - time.monotonic()) * self.hz) + 1)
             wait.wait_var_event_timeout(image.field_addr(t._rec, "kflags"),
-                                        lambda t=t: not _still_running(t), left)
+                                        functools.partial(_stopped, t), left)
         pending = [t for t in kthreads if _still_running(t)]
         for t in pending:
             log_store(3, f"emu: kthread {t.comm}/{t.pid} did not stop at shutdown: killed")
@@ -290,6 +291,10 @@ class Kernel:
         task._handles.clear()
         image.attach(None)
         img.close()
+
+
+def _stopped(t: task.Task) -> bool:
+    return not _still_running(t)
 
 
 def _still_running(t: task.Task) -> bool:

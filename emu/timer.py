@@ -21,7 +21,7 @@ import os
 import signal as _os_signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import _emu_native as _native
 
@@ -95,12 +95,16 @@ class TimerList(records.Record):
         """This task's copy of the callback; None after timer_shutdown*()."""
         if self._rec.shutdown:
             return None
-        return self._function  # type: ignore[no-any-return]
+        return self._function
 
     @property
     def flags(self) -> int:
         """The TIMER_* flags given at setup."""
         return int(self._rec.flags)
+
+    if TYPE_CHECKING:  # any attribute may be set on a timer, and travels with it
+        def __getattr__(self, name: str) -> Any: ...
+        def __setattr__(self, name: str, value: Any) -> None: ...
 
     def __repr__(self) -> str:
         rec = self._rec
