@@ -29,6 +29,7 @@ of the kernel (its supervisor killed, a panic), which ends it at once.
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -111,6 +112,7 @@ from .timer import (
     timer_pending,
     timer_shutdown_sync,
 )
+from .wait import wait_var_event_timeout
 
 TYPES = ("completion", "kthread", "irq", "timer")
 SIGNAL = int(_os_signal.SIGUSR1)
@@ -564,9 +566,17 @@ def _pause(seconds: float) -> None:
 
 
 def _wait_exited(threads: list[Task], timeout: float = 10.0) -> None:
+    """Sleep until each of `threads` exited (exit_notify() wakes its kflags word), for
+    at most `timeout` seconds in all."""
     deadline = time.monotonic() + timeout
-    while any(task_state_to_char(t) != "X" for t in threads) and time.monotonic() < deadline:
-        _pause(0.001)
+    for t in threads:
+        left = msecs_to_jiffies(max(0, int((deadline - time.monotonic()) * 1000)))
+        wait_var_event_timeout(image.field_addr(t._rec, "kflags"),
+                               functools.partial(_exited, t), left)
+
+
+def _exited(t: Task) -> bool:
+    return task_state_to_char(t) == "X"
 
 
 def _drain_completion(run: Run) -> list[str]:
@@ -630,9 +640,7 @@ def _fifo_probe(run: Run) -> None:
         ts.append(t)
     for i, t in enumerate(ts):
         complete(c)
-        deadline = time.monotonic() + 5
-        while task_state_to_char(t) != "X" and time.monotonic() < deadline:
-            _pause(0.0005)
+        _wait_exited([t], 5)
         later = [u for u in ts[i + 1:] if task_state_to_char(u) == "X"]
         if task_state_to_char(t) != "X" or later:
             fail("completion", "FIFO", f"complete() #{i + 1} did not wake waiter #{i + 1} first")
