@@ -623,23 +623,6 @@ class ClockEvent:
                 return nearest - time.monotonic_ns()
 
 
-def timer_stats() -> dict[str, int]:
-    """Per-CPU pending timer counts (for tools and tests)."""
-    img = image.this()
-    timers = img.img.timers
-    out: dict[str, int] = {}
-    addr = _lock()
-    try:
-        for cpu in range(img.img.hdr.ncpus):
-            n, cur = 0, _percpu(cpu).timer_head
-            while cur != -1:
-                n, cur = n + 1, timers[cur].next
-            out[f"cpu{cpu}"] = n
-    finally:
-        records.raw_spin_unlock(addr)
-    return out
-
-
 __all__ = [
     "TimerList", "DEFINE_TIMER", "timer_setup", "mod_timer", "mod_timer_pending", "add_timer",
     "timer_pending", "timer_delete", "del_timer", "timer_delete_sync", "del_timer_sync",
