@@ -469,22 +469,19 @@ def run_timer_softirq(cpu: int) -> None:
     """Run every timer of base `cpu` due when it starts, earliest first, one at a time.
 
     Several tasks may share an emulated CPU; one of them serves its base at a time, as
-    one CPU runs one softirq at a time: another task that comes meanwhile leaves it a
-    new pass to make.
+    one CPU runs one softirq at a time: another task that comes meanwhile raises
+    TIMER_SOFTIRQ again for the next round of the softirq loop (__do_softirq()'s
+    restarts are bounded, so no task serves timers for ever).
     """
     pc = _percpu(cpu)
     addr = _lock()
     try:
         if pc.timer_serving:
-            pc.timer_serving = SERVING | RERUN
+            _native.or32(softirq_pending_addr(cpu), 1 << TIMER_SOFTIRQ)
             return
-        pc.timer_serving = SERVING
+        pc.timer_serving = 1
         try:
-            while True:
-                _expire_timers(pc, addr)
-                if pc.timer_serving == SERVING:
-                    break
-                pc.timer_serving = SERVING
+            _expire_timers(pc, addr)
         finally:
             pc.timer_serving = 0
         head = pc.timer_head
@@ -494,10 +491,6 @@ def run_timer_softirq(cpu: int) -> None:
         records.raw_spin_unlock(addr)
     if pc.timer_head != -1:
         _program(cpu, int(pc.timer_next_ns))
-
-
-SERVING = 1  # PerCpu.timer_serving: a task runs the base's timers
-RERUN = 2  # and another one found it doing so: one more pass
 
 
 def _expire_timers(pc: Any, addr: int) -> None:
