@@ -380,6 +380,7 @@ class TimerState:
     cpu: list[int]  # per timer: the CPU that arms it
     late_max: Atomic64  # the latest run, in jiffies past expires
     counters: Counters
+    stop: Atomic  # the run is ending: callbacks no longer re-arm their timers
 
 
 def torture_timer_fn(t: TimerList) -> None:
@@ -396,7 +397,7 @@ def torture_timer_fn(t: TimerList) -> None:
                                       f"(armed on CPU {st.cpu[t.i]})")
     if now - expires - 1 > atomic64_read(st.late_max):
         atomic64_set(st.late_max, now - expires - 1)
-    if t.periodic and random.random() < 0.8:
+    if t.periodic and not atomic_read(st.stop) and random.random() < 0.8:
         if mod_timer(t, now + random.randint(1, 3)):
             atomic64_add(1, st.replaced)  # its churner armed it meanwhile (another task)
         atomic64_add(1, st.armed)
@@ -431,6 +432,8 @@ def _timer_churner(data: tuple[TimerState, list[TimerList], Atomic, int]) -> int
         if rng.random() < 0.3:
             usleep_range(200, 1000)
     for t in timers:
+        # A callback that read `stop` before it was set may re-arm: this deletes that.
+        atomic64_add(del_timer_sync(t), st.deleted)
         atomic64_add(timer_shutdown_sync(t), st.deleted)
         atomic_set(st.dead[t.i], 1)
         if mod_timer(t, jiffies() + 1) or timer_pending(t):
@@ -443,7 +446,7 @@ def _start_timer(run: Run, rng: random.Random) -> None:
     counters = run.counters["timer"] = Counters(k.ncpus)
     n = k.ncpus * TIMERS_PER_CPU
     st = TimerState(Atomic64(), Atomic64(), Atomic64(), Atomic64(), [Atomic() for _ in range(n)],
-                    [i // TIMERS_PER_CPU for i in range(n)], Atomic64(), counters)
+                    [i // TIMERS_PER_CPU for i in range(n)], Atomic64(), counters, run.stop)
     timers = []
     for i in range(n):
         t = TimerList(torture_timer_fn)
@@ -459,6 +462,8 @@ def _start_timer(run: Run, rng: random.Random) -> None:
 
     def finish() -> list[str]:
         _wait_exited(churners)
+        if any(task_state_to_char(t) != "X" for t in churners):
+            return ["timer: a churner did not finish its timers within 10 s"]
         armed, ran, replaced, deleted = (atomic64_read(v) for v in
                                          (st.armed, st.ran, st.replaced, st.deleted))
         run.notes.append(f"timer: {ran} callbacks run, latest {atomic64_read(st.late_max)} "
