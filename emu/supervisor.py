@@ -48,8 +48,6 @@ from .wait import remove_waiter, wake_up_var
 POLL_INTERVAL = 0.05
 #: Wakes the supervisor's loop (a new emulated device, a timer due earlier).
 SIG_WAKE = SIG_CLOCK
-#: Waits this short are made with select(), precise to the µs (timers).
-PRECISE_WAIT_NS = 2_000_000
 
 
 def main(img: image.SharedImage, ready_wfd: int, death_wfd: int) -> None:
@@ -103,19 +101,14 @@ class Supervisor:
         _os_signal.set_wakeup_fd(wake_w)
         _os_signal.signal(SIG_WAKE, lambda signum, frame: None)
         self.poller.register(self.wake_r, select.POLLIN)
-        self.clock = ClockEvent(img)  # the timers' clock event device
+        self.clock = ClockEvent(img)  # the backup clock event device of the timers
 
     def run(self) -> None:
         while not self.hdr.shutting_down:
             self.watch_new_tasks()
-            wait_ns = min(int(POLL_INTERVAL * 1e9), fire_irq_sources(self.img), self.clock.fire())
-            if wait_ns <= PRECISE_WAIT_NS:
-                # poll() counts whole milliseconds: wait for a timer with select()'s µs
-                ready, _, _ = select.select([self.wake_r], [], [], max(wait_ns, 0) / 1e9)
-                if ready:
-                    os.read(self.wake_r, 512)
-                continue
-            for fd, _ in self.poller.poll(wait_ns // 1_000_000 - 1):
+            timeout_ms = min(POLL_INTERVAL * 1000, fire_irq_sources(self.img) / 1e6,
+                             self.clock.fire() / 1e6)
+            for fd, _ in self.poller.poll(max(timeout_ms, 0)):
                 if fd == self.wake_r:
                     os.read(self.wake_r, 512)
                 else:

@@ -561,13 +561,19 @@ open_softirq(TIMER_SOFTIRQ, run_timer_softirq)
 
 def _idle_next_event(cpu: int) -> int | None:
     """When the idle task of `cpu` must wake (None: no timer). Its state is already set:
-    an arming after the publication below wakes it; one before is read here."""
+    a change of the base after the publication below wakes it; one before is read here.
+    Timers it raised and nobody served yet (the task running there has interrupts off)
+    are left to whoever serves them, and to the supervisor: it does not spin on them."""
     pc = _percpu(cpu)
     while True:
         due = records.field_load(pc, "timer_next_ns")
-        records.field_store(pc, "idle_clock_ns", due)
-        if records.field_load(pc, "timer_next_ns") >= due:
-            return None if due >= FOREVER_NS else due
+        wake = due
+        now = time.monotonic_ns()
+        if due <= now and _native.load32(softirq_pending_addr(cpu)) & (1 << TIMER_SOFTIRQ):
+            wake = now + BACKUP_NS
+        records.field_store(pc, "idle_clock_ns", wake)
+        if records.field_load(pc, "timer_next_ns") == due:
+            return None if wake >= FOREVER_NS else wake
 
 
 def _idle_expire(cpu: int) -> None:
@@ -579,6 +585,10 @@ def _idle_expire(cpu: int) -> None:
 
 
 idle.clock_event = (_idle_next_event, _idle_expire)
+
+
+#: Passes of ClockEvent.fire() before it lets the supervisor do its other work.
+FIRE_PASSES = 3
 
 
 class ClockEvent:
@@ -593,11 +603,11 @@ class ClockEvent:
 
     def fire(self) -> int:
         """Raise what is overdue; returns the ns until the supervisor must look again."""
-        while True:
+        for _ in range(FIRE_PASSES):
             now = time.monotonic_ns()
             nearest = FOREVER_NS
-            for cpu, pc in enumerate(self.percpu):
-                due = records.field_load(pc, "timer_next_ns")
+            seen = [records.field_load(pc, "timer_next_ns") for pc in self.percpu]
+            for cpu, due in enumerate(seen):
                 if due >= FOREVER_NS:
                     continue
                 late = max(due + BACKUP_NS, self.raised[cpu] + BACKUP_NS)
@@ -609,11 +619,11 @@ class ClockEvent:
                 ring_doorbell(cpu)
                 nearest = min(nearest, now + BACKUP_NS)
             records.field_store(self.hdr, "clock_programmed_ns", nearest)
-            # A base armed earlier than `nearest` before that store is seen now; one
-            # armed after it saw the store and woke us (_program()).
-            if all(records.field_load(pc, "timer_next_ns") + BACKUP_NS >= nearest
-                   for pc in self.percpu):
+            # A base changed before that store is seen now (look again); one changed
+            # after it saw the store and woke us if it needs to (_program()).
+            if [records.field_load(pc, "timer_next_ns") for pc in self.percpu] == seen:
                 return nearest - time.monotonic_ns()
+        return 1_000_000  # the bases keep changing: look again in a millisecond
 
 
 __all__ = [

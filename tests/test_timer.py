@@ -108,8 +108,11 @@ def test_a_timer_armed_by_a_sleeping_kthread_fires_in_its_cpus_idle_task(kernel)
     t = probe_timer()
 
     def arm(_):
+        # Not running (state S) from before it arms: an interrupt for its CPU goes to
+        # swapper/1 even if the timer fires before this task is really asleep.
+        emu.set_current_state(emu.TASK_INTERRUPTIBLE)
         emu.mod_timer(t, emu.jiffies() + 2)
-        emu.schedule_timeout_interruptible(emu.msecs_to_jiffies(200))  # asleep meanwhile
+        emu.schedule_timeout(emu.msecs_to_jiffies(200))
         return 0
 
     k = emu.kthread_run_on_cpu(arm, None, 1, "armer/%u")
@@ -415,3 +418,39 @@ def test_periodic_timer_example_ticks_until_its_exit(kernel):
     assert not emu.timer_pending(timer) and emu.atomic_read(timer.ticks) == ticks
     log = "\n".join(kernel.dmesg())
     assert "periodic: tick 0 on CPU" in log and f"stopped after {ticks} ticks" in log
+
+
+def h_count(irq, dev):
+    emu.atomic_inc(dev)
+    return emu.IRQ_HANDLED
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_overdue_timers_of_a_cpu_with_interrupts_off_wait_and_nothing_stalls(kernel):
+    # CPU 1's task keeps interrupts off while its timer is overdue well past the
+    # supervisor's backup ring: the timer runs once they are on again, and meanwhile
+    # the supervisor goes on emulating devices (it once looped on such a CPU for good).
+    t = probe_timer()
+    go = emu.Atomic()
+
+    def hold(_):
+        emu.mod_timer(t, emu.jiffies() + 1)
+        emu.local_irq_disable()
+        while not emu.atomic_read(go):
+            pass
+        emu.local_irq_enable()
+        return 0
+
+    k = emu.kthread_run_on_cpu(hold, None, 1, "irqsoff/%u")
+    wait_until(lambda: emu.timer_pending(t) and emu.jiffies() > t.expires + 30, T,
+               "the timer to be 30 jiffies overdue")
+    assert read(t.probe.runs) == 0
+    count = emu.Atomic()
+    assert emu.request_irq(7, h_count, 0, "still-alive", count) == 0
+    kernel.add_irq_source(7, rate_hz=500, count=10)
+    wait_until(lambda: read(count) == 10, T, "the supervisor's device interrupts")
+    emu.atomic_set(go, 1)
+    wait_until(lambda: read(t.probe.runs) == 1, T, "the timer, once interrupts are on")
+    assert read(t.probe.cpu) == 1 and read(t.probe.early) == 0
+    assert stop_after_exit(k) == 0
+    emu.free_irq(7, count)
