@@ -1,7 +1,8 @@
 """Completions (kernel/sched/completion.c, kernel/sched/swait.c).
 
-A completion is a counter ``done`` and a FIFO queue of waiting tasks in the shared
-image, changed together under the completion's lock. complete() pops the longest
+A completion is a counter ``done`` and a wait queue head (wait.py, the one wait-queue
+implementation) of exclusive waiters, in the shared image, changed together under the
+queue's lock. complete() pops the longest
 waiter and posts its semaphore: exact FIFO, one waiter per complete(). Every wait
 variant is a thin wrapper naming its task state and timeout around one path, ``_wait``:
 native/'s WaitCore does the common case start to end (checks, queue, sleep, re-check,
@@ -29,12 +30,13 @@ from .constants import (
     TASK_KILLABLE,
     TASK_UNINTERRUPTIBLE,
 )
-from .errors import StaleObjectError
 from .task import Task, current, task_from_slot
+from .wait import QueueRecord, check_timeout
 
 
-class Completion(records.Record):
-    """``struct completion`` in shared memory, usable from every task.
+class Completion(QueueRecord):
+    """``struct completion`` in shared memory, usable from every task: a wait queue
+    head (wait.py) plus its counter ``done``.
 
     Created initialised (``done == 0``, no waiters). The handle may be inherited by
     kthreads or pickled to other tasks. The completion is freed when the handle that
@@ -42,48 +44,13 @@ class Completion(records.Record):
     afterwards raises :class:`emu.StaleObjectError` (the kernel's use-after-free).
     """
 
-    TABLE = "completions"
-    __slots__ = ("_core",)
-
-    def _init_record(self, rec: Any) -> None:
-        rec.head = rec.tail = -1
-        # For WCHAN and hung-task reports: where the user's code made it.
-        rec.site = bug.caller_site().encode("utf-8", "replace")[-image.SITE_LEN:]
-
-    def _attach(self) -> None:
-        super()._attach()
-        self._core: Any = self._img.core
+    __slots__ = ()
 
     def __repr__(self) -> str:
         return f"<Completion #{self.index} done={self._rec.done}>"
 
-    def _free(self) -> None:
-        rec = self._rec
-        if rec.generation == self.generation and rec.head != -1:
-            bug.warn(f"completion #{self.index} freed while tasks wait on it", depth=3)
-            return
-        super()._free()
-
-    @property
-    def rec(self) -> Any:
-        """The completion's record; raises StaleObjectError once it was freed."""
-        rec = self._rec
-        if rec.generation != self.generation:  # freeing bumps the generation
-            self._stale()
-        return rec
-
-    @property
-    def live_index(self) -> int:
-        """The index in the completion table; raises StaleObjectError once freed."""
-        if self._rec.generation != self.generation:
-            self._stale()
-        return self.index
-
-    def _stale(self) -> None:
-        raise StaleObjectError(
-            f"completion #{self.index} was freed: its creating handle was "
-            "garbage-collected; keep it alive while other tasks use the completion"
-        )
+    def _what(self) -> str:
+        return f"completion #{self.index}"
 
     @property
     def done(self) -> int:
@@ -135,11 +102,6 @@ def waiters(x: Completion) -> list[Task]:
     finally:
         records.raw_spin_unlock(lock)
     return [task_from_slot(slot, gen) for slot, gen in slots]
-
-
-def remove_waiter(x: Completion, slot: int) -> bool:
-    """Unlink task `slot` from `x`'s queue wherever it is; False if it was not queued."""
-    return bool(x._core.remove_waiter(x.index, slot))
 
 
 # --- signalling ----------------------------------------------------------------------------
@@ -248,7 +210,7 @@ def _wait_hooked(x: Completion, timeout: int, state: int, hook: Any) -> int:
 def _wait_slow(x: Completion, timeout: int, state: int) -> int:
     """_wait() with the checks and reports: bad timeout, stale handle, not a task,
     atomic or IRQs-off context. Queueing and sleeping are WaitCore's, as in _wait()."""
-    _check_timeout(timeout)
+    check_timeout(timeout)
     preempt.might_sleep(depth=4)
     index = x.live_index
     if preempt.in_atomic() and not x._rec.done:
@@ -257,15 +219,6 @@ def _wait_slow(x: Completion, timeout: int, state: int) -> int:
     if preempt.irqs_disabled():
         preempt.local_irq_enable()  # raw_spin_unlock_irq(): interrupts are on afterwards
     return left
-
-
-def _check_timeout(timeout: int) -> None:
-    if not isinstance(timeout, int) or isinstance(timeout, bool):
-        raise TypeError(f"timeout must be an int number of jiffies, not {type(timeout).__name__}")
-    if not 0 <= timeout <= MAX_SCHEDULE_TIMEOUT:
-        raise ValueError(
-            f"timeout must be between 0 and MAX_SCHEDULE_TIMEOUT jiffies, got {timeout}"
-        )
 
 
 def wait_for_completion(x: Completion) -> None:

@@ -178,6 +178,7 @@ class CallbackHdr(ctypes.Structure):
 
 class KmallocHdr(ctypes.Structure):
     """The head of a kmalloc'd heap block (slab.py); the caller's bytes follow."""
+
     links: Table[int]
     tag: int
     size: int
@@ -319,6 +320,11 @@ class Header(ctypes.Structure):
     kthread_workers_pool: PoolHdr
     wq_ready: int
     wq_highpri: int
+    timers_pool: PoolHdr
+    timer_lock: LockWord
+    clock_programmed_ns: int
+    max_timers: int
+    max_timers_pad: int
 
     _fields_ = [
         ("magic", c_uint64),
@@ -349,6 +355,9 @@ class Header(ctypes.Structure):
         ("atomics_pool", PoolHdr),
         ("spinlocks_pool", PoolHdr),
         ("tasklets_pool", PoolHdr),
+        ("timers_pool", PoolHdr),
+        ("timer_lock", LockWord),  # every CPU's timer base (timer.py)
+        ("clock_programmed_ns", c_int64),  # the supervisor's next timer wake-up (timer.py)
         ("heap", HeapHdr),
         ("callback_seq", c_int32),  # last callback stored (callback.py)
         ("nr_irqs", c_int32),
@@ -362,6 +371,8 @@ class Header(ctypes.Structure):
         # capacities an attaching inspector (attach.py) needs to rebuild image_type()
         ("max_atomics", c_int32),
         ("max_spinlocks", c_int32),
+        ("max_timers", c_int32),
+        ("max_timers_pad", c_int32),
         ("console_lock", LockWord),  # one report at a time on stderr, in log order
         ("ratelimit_interval_ns", c_int64),  # printk_ratelimit (0: no limit)
         ("ratelimit_burst", c_int32),  # printk_ratelimit_burst
@@ -506,6 +517,12 @@ class PerCpu(ctypes.Structure):
     tasklet_head: Table[int]
     tasklet_tail: Table[int]
     softirq_count: int
+    timer_head: int
+    timer_running: int
+    timer_serving: int
+    timer_pad: int
+    timer_next_ns: int
+    idle_clock_ns: int
 
     _fields_ = [
         ("lock", LockWord),  # tasklet lists
@@ -515,6 +532,12 @@ class PerCpu(ctypes.Structure):
         ("tasklet_head", c_int32 * 2),  # [TASKLET_SOFTIRQ, HI_SOFTIRQ] FIFO lists
         ("tasklet_tail", c_int32 * 2),
         ("softirq_count", c_int64),  # softirq vectors run (/proc/softirqs, for emu top)
+        ("timer_head", c_int32),  # timer base: pending timers by expiry, -1 = none
+        ("timer_running", c_int32),  # the timer whose callback runs here, -1 = none
+        ("timer_serving", c_int32),  # a task runs this base's timers (timer.py)
+        ("timer_pad", c_int32),
+        ("timer_next_ns", c_int64),  # CLOCK_MONOTONIC when the first one is due
+        ("idle_clock_ns", c_int64),  # when the idle task, asleep, wakes for the timers
     ]
 
 
@@ -539,6 +562,38 @@ class TaskletRec(ctypes.Structure):
         ("next", c_int32),  # per-CPU list link
         ("ref", c_int32),  # callback (callback, data): heap offset (0 = none) and seq
         ("ref_generation", c_int32),
+    ]
+
+
+class TimerRec(ctypes.Structure):
+    """struct timer_list (timer.py)."""
+
+    in_use: int
+    generation: int
+    free_next: int
+    flags: int
+    pending: int
+    cpu: int
+    next: int
+    shutdown: int
+    ref: int
+    ref_generation: int
+    expires: int
+    due_ns: int
+
+    _fields_ = [
+        ("in_use", c_int32),
+        ("generation", c_int32),
+        ("free_next", c_int32),
+        ("flags", c_int32),  # TIMER_DEFERRABLE | TIMER_PINNED | TIMER_IRQSAFE
+        ("pending", c_int32),  # linked in base `cpu`'s list
+        ("cpu", c_int32),  # the base it is (or was last) queued on
+        ("next", c_int32),  # that list's link, -1 = last
+        ("shutdown", c_int32),  # timer_shutdown*(): `function` is NULL, arming is ignored
+        ("ref", c_int32),  # callback (function, attributes): heap offset and seq
+        ("ref_generation", c_int32),
+        ("expires", c_uint64),  # jiffies
+        ("due_ns", c_int64),  # CLOCK_MONOTONIC when jiffies passes expires
     ]
 
 
@@ -593,6 +648,8 @@ class TaskSlot(ctypes.Structure):
     full_name: bytes
     wchan: int
     wchan_pad: int
+    wq_flags: int
+    wq_pad: int
 
     _fields_ = [
         ("in_use", c_int32),
@@ -612,7 +669,9 @@ class TaskSlot(ctypes.Structure):
         ("sigallowed", c_int64),  # SIG_KTHREAD dispositions
         ("sigkernel", c_int64),  # SIG_KTHREAD_KERNEL dispositions
         ("wq_next", c_int32),  # next slot in the wait queue we are on, -1 = last
-        ("wq_on", c_int32),  # completion index + 1 we are queued on, 0 = none
+        ("wq_on", c_int32),  # wait queue (completions table) index + 1 we are on, 0 = none
+        ("wq_flags", c_int32),  # WQ_FLAG_EXCLUSIVE of our entry on that queue
+        ("wq_pad", c_int32),
         ("exited", c_int32),  # completion index of kthread->exited
         ("parked", c_int32),  # completion index of kthread->parked
         ("nvcsw", c_int64),  # voluntary context switches (sleeps)
@@ -691,6 +750,7 @@ class WorkRec(ctypes.Structure):
 
 class WorkerEnt(ctypes.Structure):
     """struct worker: one kworker of a pool (or a kthread worker's thread)."""
+
     slot: int
     generation: int
     flags: int
@@ -710,6 +770,7 @@ class WorkerEnt(ctypes.Structure):
 
 class WorkerPoolRec(ctypes.Structure):
     """struct worker_pool (a per-CPU or unbound pool of kworkers) or struct kthread_worker."""
+
     lock: LockWord
     in_use: int
     generation: int
@@ -747,6 +808,7 @@ class WorkerPoolRec(ctypes.Structure):
 
 class PwqEnt(ctypes.Structure):
     """struct pool_workqueue: a workqueue's share of one pool (under the pool's lock)."""
+
     nr_active: int
     head: int
     tail: int
@@ -762,6 +824,7 @@ class PwqEnt(ctypes.Structure):
 
 class WorkqueueRec(ctypes.Structure):
     """struct workqueue_struct."""
+
     in_use: int
     generation: int
     free_next: int
@@ -811,7 +874,8 @@ class LogRec(ctypes.Structure):
 
 def image_type(max_tasks: int, max_completions: int, log_records: int,
                max_atomics: int, max_spinlocks: int, nr_irqs: int = NR_IRQS_MAX,
-               max_tasklets: int = 256, heap_size: int = 0) -> type[ctypes.Structure]:
+               max_tasklets: int = 256, heap_size: int = 0,
+               max_timers: int = 1024) -> type[ctypes.Structure]:
     """The ctypes type of a whole image with the given capacities."""
 
     class Image(ctypes.Structure):
@@ -824,6 +888,7 @@ def image_type(max_tasks: int, max_completions: int, log_records: int,
             ("irqs", IrqDesc * nr_irqs),
             ("percpu", PerCpu * MAX_CPUS),
             ("tasklets", TaskletRec * max_tasklets),
+            ("timers", TimerRec * max_timers),
             ("irq_sources", IrqSource * MAX_IRQ_SOURCES),
             ("log", LogRec * log_records),
             ("works", WorkRec * MAX_WORKS),
@@ -848,6 +913,7 @@ class ImageView(Protocol):
     percpu: Table[PerCpu]
     tasklets: Table[TaskletRec]
     irq_sources: Table[IrqSource]
+    timers: Table[TimerRec]
     log: Table[LogRec]
     works: Table[WorkRec]
     workqueues: Table[WorkqueueRec]
@@ -867,10 +933,11 @@ class SharedImage:
 
     def __init__(self, max_tasks: int, max_completions: int, log_records: int,
                  max_atomics: int = 1024, max_spinlocks: int = 1024,
-                 nr_irqs: int = NR_IRQS_MAX, heap_size: int = 1 << 20) -> None:
+                 nr_irqs: int = NR_IRQS_MAX, heap_size: int = 1 << 20,
+                 max_timers: int = 1024) -> None:
         prefix = f"/{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
         itype = image_type(max_tasks, max_completions, log_records, max_atomics, max_spinlocks,
-                           nr_irqs, heap_size=heap_size)
+                           nr_irqs, heap_size=heap_size, max_timers=max_timers)
         self.size = ctypes.sizeof(itype)
         shm = posix_ipc.SharedMemory(prefix, posix_ipc.O_CREX, mode=0o600, size=self.size)
         try:
@@ -888,6 +955,7 @@ class SharedImage:
         self.img = cast(ImageView, mapped)
         self.img.hdr.max_atomics = max_atomics
         self.img.hdr.max_spinlocks = max_spinlocks
+        self.img.hdr.max_timers = max_timers
         self.base = ctypes.addressof(mapped)
         self.sems: list[posix_ipc.Semaphore] = []
         #: native WaitCore: sleep/wake and completion queues
@@ -899,6 +967,8 @@ class SharedImage:
         self.irq_views: Any = None  # irq.py's per-kernel ctypes views
         self.wq_views: Any = None  # kthread_worker.py's
         self.irq_core: Any = None  # native IrqCore, made by irq.py after boot
+        self.var_wait: Any = None  # wait.py's hashed queue heads, as handles
+        self.timer_handles: dict[Any, Any] = {}  # timer.py: the handles its callbacks get
         #: emulated CPU i runs on real CPU cpu_map[i]
         self.cpu_map: list[int] = []
         #: True only in the process that booted this kernel

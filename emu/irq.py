@@ -21,7 +21,7 @@ the requesting task, on the objects themselves as they were at the fork.
 
 from __future__ import annotations
 
-import time
+import ctypes
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -52,6 +52,7 @@ from .kthread import kthread_run, kthread_should_stop, kthread_stop
 from .printk import log_store
 from .sched import schedule
 from .task import Task, set_current_state, task_from_slot
+from .wait import wait_var_event, wake_up_var
 
 __all__ = [  # with what irqchip.py provides of the API
     "IRQ_HANDLED", "IRQ_NONE", "IRQ_WAKE_THREAD", "IRQF_ONESHOT", "IRQF_SHARED",
@@ -81,6 +82,7 @@ def _irq_thread(data: tuple[int, int, Callable[[int, Any], int], Any]) -> int:
             finally:
                 records.field_add(desc, "threads_active", -1)
                 _unmask_oneshot(irq, desc, action)
+                wake_up_var(ctypes.addressof(desc))  # synchronize_irq()
             continue
         schedule()
     set_current_state(TASK_RUNNING)
@@ -275,13 +277,10 @@ def enable_irq(irq: int) -> None:
 def synchronize_irq(irq: int) -> None:
     """Wait until no hard or threaded handler of `irq` runs. Process context (sleeps)."""
     desc = _desc(irq)
-    img = image.this()
     preempt.might_sleep()
-    while desc.status & IRQS_INPROGRESS or desc.threads_active or any(
-        a.in_use and a.thread_flags & IRQTF_RUNTHREAD for a in desc.actions
-    ):
-        img.core.raise_if_dead()
-        time.sleep(0.0002)
+    wait_var_event(ctypes.addressof(desc), lambda: not (
+        desc.status & IRQS_INPROGRESS or desc.threads_active
+        or any(a.in_use and a.thread_flags & IRQTF_RUNTHREAD for a in desc.actions)))
 
 
 def _cpu_list(cpus: Any) -> list[int]:

@@ -15,6 +15,7 @@ their threads and line control are irq.py.
 
 from __future__ import annotations
 
+import ctypes
 import signal as _os_signal
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,7 @@ from .callback import callback_load
 from .constants import PF_EXITING
 from .printk import log_store
 from .task import task_from_slot, wake_up_process
+from .wait import wake_up_var
 
 IRQ_NONE = 0
 IRQ_HANDLED = 1
@@ -69,6 +71,7 @@ class _Views:
 
     def __init__(self, img: image.SharedImage) -> None:
         self.descs = [img.img.irqs[i] for i in range(img.img.hdr.nr_irqs)]
+        self.desc_addrs = [ctypes.addressof(d) for d in self.descs]
         self.actions = [[d.actions[j] for j in range(image.MAX_IRQ_ACTIONS)]
                         for d in self.descs]
         self.softirq_pending = [image.field_addr(img.img.percpu[c], "softirq_pending")
@@ -245,6 +248,7 @@ def handle_irq(core: Any, irq: int, cpu: int) -> None:
         if end & _native.IRQ_END_NOBODY_CARED:
             _report_nobody_cared(irq)
         live = core.actions(irq) if end & _native.IRQ_END_REPLAY else None
+    wake_up_var(_views().desc_addrs[irq])  # synchronize_irq() waits for the end
 
 
 def _run_actions(irq: int, live: tuple[tuple[int, int, int], ...]) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import fcntl
+import functools
 import os
 import signal as _os_signal
 import sys
@@ -36,6 +37,7 @@ from . import (
     sched,
     supervisor,
     task,
+    wait,
 )
 from .constants import PF_IDLE, PF_KTHREAD, PF_WQ_WORKER, TASK_RUNNING
 from .errors import AlreadyBootedError, EmuError, KernelDeadError, StaleObjectError
@@ -105,6 +107,7 @@ class Kernel:
         #: kthreads ("comm/pid") that shutdown() killed because they did not stop when
         #: asked (they ignore kthread_should_stop()); Linux would never finish unloading.
         self.killed_kthreads: list[str] = []
+        self._var_wait: list[wait.WaitQueueHead] = []  # wait_var_event()'s heads, kept alive
 
     # configuration and counters
     @property
@@ -313,12 +316,11 @@ class Kernel:
             except StaleObjectError:
                 pass  # its creator, a kthread, stopped and released it meanwhile
         deadline = time.monotonic() + grace
-        pending = kthreads
-        while pending and time.monotonic() < deadline:
-            pending = [t for t in pending if _still_running(t)]
-            if pending:
-                time.sleep(0.002)
-        return [t for t in pending if _still_running(t)]
+        for t in kthreads:  # exit_notify() wakes the kflags word when it exits or dies
+            left = max(0, int((deadline - time.monotonic()) * self.hz) + 1)
+            wait.wait_var_event_timeout(image.field_addr(t._rec, "kflags"),
+                                        functools.partial(_stopped, t), left)
+        return [t for t in kthreads if _still_running(t)]
 
     def _teardown(self) -> None:
         global _booted
@@ -357,6 +359,10 @@ class Kernel:
         img.close()
 
 
+def _stopped(t: task.Task) -> bool:
+    return not _still_running(t)
+
+
 def _still_running(t: task.Task) -> bool:
     """`t` was neither released nor has it exited (or died). A kthread whose creator
     (another kthread) has not yet published its pid (0) is still starting."""
@@ -375,6 +381,7 @@ def boot(
     max_completions: int = 16384,
     max_atomics: int = 16384,
     max_spinlocks: int = 4096,
+    max_timers: int = 1024,
     softlockup_thresh_secs: int = SOFTLOCKUP_THRESH_DEFAULT,
     nr_irqs: int = 32,
     log_records: int = 4096,
@@ -408,6 +415,7 @@ def boot(
     _check_int(max_completions, "max_completions", 16, 1 << 22)
     _check_int(max_atomics, "max_atomics", 1, 1 << 22)
     _check_int(max_spinlocks, "max_spinlocks", 1, 1 << 22)
+    _check_int(max_timers, "max_timers", 1, 1 << 22)
     _check_int(softlockup_thresh_secs, "softlockup_thresh_secs", 1, 1 << 20)
     _check_int(nr_irqs, "nr_irqs", 1, image.NR_IRQS_MAX)
     _check_int(log_records, "log_records", 16, 1 << 22)
@@ -420,8 +428,9 @@ def boot(
     _check_int(printk_ratelimit_burst, "printk_ratelimit_burst", 1, 1 << 30)
 
     image.reclaim_orphans()
-    img = image.SharedImage(max_tasks, max_completions + 2 * max_tasks, log_records,
-                            max_atomics, max_spinlocks, nr_irqs, heap_size)
+    extra_queues = 2 * max_tasks + wait.VAR_WAIT_TABLE_SIZE  # kthread's; wait_var_event()'s
+    img = image.SharedImage(max_tasks, max_completions + extra_queues, log_records,
+                            max_atomics, max_spinlocks, nr_irqs, heap_size, max_timers)
     heap.heap_init(img, heap_size)
     hdr = img.img.hdr
     hdr.magic = image.IMAGE_MAGIC
@@ -432,7 +441,7 @@ def boot(
     img.core.set_dead_owner_hook(bug.report_dead_owner)
     hdr.ncpus = len(cpu_map)
     hdr.max_tasks = max_tasks
-    hdr.max_completions = max_completions + 2 * max_tasks
+    hdr.max_completions = max_completions + extra_queues
     hdr.log_records = log_records
     hdr.console_loglevel = console_loglevel
     hdr.boot_pid = os.getpid()
@@ -447,9 +456,13 @@ def boot(
     for pc in img.img.percpu:
         pc.idle_slot = -1
         pc.tasklet_head[0] = pc.tasklet_head[1] = pc.tasklet_tail[0] = pc.tasklet_tail[1] = -1
+        pc.timer_head = pc.timer_running = -1
+        pc.timer_next_ns = pc.idle_clock_ns = sched.FOREVER_NS
+    hdr.clock_programmed_ns = sched.FOREVER_NS
     img.cpu_map = cpu_map
     image.attach(img)
     try:
+        var_wait = wait.var_wait_table_init()
         _make_boot_task(img)
         sup_pid, death_rfd = _start_supervisor(img)
     except BaseException:
@@ -459,6 +472,7 @@ def boot(
         raise
     hdr.supervisor_pid = sup_pid
     kernel = Kernel(img, sup_pid, death_rfd)
+    kernel._var_wait = var_wait
     atexit.register(kernel.shutdown)
     _watch_death(kernel)
     return kernel

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import os
 import signal as _os_signal
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -59,6 +58,7 @@ from .task import (
     wchan_enter,
     wchan_exit,
 )
+from .wait import wait_var_event, wake_up_var
 
 # struct kthread flags (kernel/kthread.c), plus emu's own life-cycle bits.
 KTHREAD_IS_PER_CPU = 1 << 0
@@ -252,6 +252,7 @@ def _pin_self(task: Task) -> None:
         os.sched_setaffinity(0, {real_cpu(cpu)})
         if task._rec.cpu == cpu:
             records.field_or(task._rec, "kflags", KTHREAD_PINNED)
+            wake_up_var(image.field_addr(task._rec, "kflags"))  # kthread_bind()
             return
 
 
@@ -328,6 +329,7 @@ def exit_notify(rec: Any, result: int) -> None:
     rec.result = result
     records.field_or(rec, "flags", PF_EXITING)
     records.field_or(rec, "kflags", KTHREAD_EXITED)
+    wake_up_var(image.field_addr(rec, "kflags"))  # kthread_bind(), shutdown
     exited = _from_index(rec.exited, image.this().img.completions[rec.exited].generation)
     records.field_store(rec, "state", TASK_DEAD)  # full barrier: not a target
     irqchip.resend_pending(rec.cpu)  # what it was rung for and did not handle: to another task
@@ -535,11 +537,9 @@ def _bind(k: Task, cpu: int) -> None:
     rec.cpu = cpu  # before the affinity: a starting thread re-checks it after pinning
     os.sched_setaffinity(k.pid, {real_cpu(cpu)})
     records.field_or(rec, "flags", PF_NO_SETAFFINITY)
-    while not rec.kflags & KTHREAD_PINNED:  # a starting thread may still be pinning itself
-        if _native.pid_is_dead(k.pid):
-            break
-        image.this().core.raise_if_dead()
-        time.sleep(0.0001)
+    # A starting thread may still be pinning itself (or die first: exit_notify() wakes us).
+    wait_var_event(image.field_addr(rec, "kflags"),
+                   lambda: rec.kflags & (KTHREAD_PINNED | KTHREAD_EXITED))
     if rec.kflags & KTHREAD_STARTED:
         bug.warn(f"kthread_bind() on {k.comm}/{k.pid} after it started", depth=3)
 
@@ -572,6 +572,7 @@ def _kthread_parkme(me: Task) -> None:
         records.field_xchg(rec, "state", TASK_PARKED)  # set_special_state()
         if not rec.kflags & KTHREAD_SHOULD_PARK:
             break
+        wake_up_var(image.field_addr(rec, "kflags"))  # kthread_park()'s wait_task_inactive()
         complete(_task_completion(me, "parked"))
         schedule()
     wchan_exit(prev)
@@ -608,9 +609,9 @@ def kthread_park(k: Task) -> int:
     if k != current():
         wake_up_process(k)
         wait_for_completion(_task_completion(k, "parked"))
-        while rec.state != TASK_PARKED and not rec.kflags & KTHREAD_EXITED:
-            image.this().core.raise_if_dead()
-            time.sleep(0.0001)  # wait_task_inactive(): it completed, it is about to sleep
+        # wait_task_inactive(): it completed, it may not be asleep yet
+        wait_var_event(image.field_addr(rec, "kflags"), lambda: rec.state == TASK_PARKED
+                       or rec.kflags & KTHREAD_EXITED)
     return 0
 
 

@@ -13,7 +13,6 @@ any callable, each task running its own copy of what it captures.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,9 +22,13 @@ from . import bug, checks, image, preempt, records
 from .callback import callback_free, callback_load, callback_store
 from .idle import start_irq_layer
 from .irqchip import irq_exit_hooks, ring_doorbell, softirq_pending_addr
+from .wait import wait_var_event, wake_up_var
 
 HI_SOFTIRQ = 0
+TIMER_SOFTIRQ = 1
 TASKLET_SOFTIRQ = 6
+#: softirq_vec: the action of each softirq number that has one (open_softirq()).
+softirq_vec: dict[int, Callable[[int], None]] = {}
 _LIST = {TASKLET_SOFTIRQ: 0, HI_SOFTIRQ: 1}  # PerCpu.tasklet_head index
 
 TASKLET_STATE_SCHED = 0x1
@@ -155,9 +158,10 @@ def tasklet_enable(t: Tasklet) -> None:
 
 
 def tasklet_unlock_wait(t: Tasklet) -> None:
-    """Wait until `t` is not running. Process context (polls)."""
-    while records.field_load(_live(t), "state") & TASKLET_STATE_RUN:
-        _poll_softirqs()
+    """Wait until `t` is not running. Process context (sleeps)."""
+    rec = _live(t)
+    wait_var_event(image.field_addr(rec, "state"),
+                   lambda: not records.field_load(rec, "state") & TASKLET_STATE_RUN)
 
 
 def tasklet_kill(t: Tasklet) -> None:
@@ -166,14 +170,10 @@ def tasklet_kill(t: Tasklet) -> None:
     if preempt.in_interrupt():
         bug.warn("Attempt to kill tasklet from interrupt", depth=2)
     preempt.might_sleep()
-    while records.field_load(_live(t), "state") & (TASKLET_STATE_SCHED | TASKLET_STATE_RUN):
-        _poll_softirqs()
-
-
-def _poll_softirqs() -> None:
-    image.this().core.raise_if_dead()
-    kick_pending_cpus()
-    time.sleep(0.0002)
+    rec = _live(t)
+    kick_pending_cpus()  # where it is scheduled, it runs now
+    wait_var_event(image.field_addr(rec, "state"), lambda: not records.field_load(
+        rec, "state") & (TASKLET_STATE_SCHED | TASKLET_STATE_RUN))
 
 
 # --- per-CPU lists and the softirq loop -------------------------------------------------------
@@ -239,11 +239,17 @@ def do_softirq() -> None:
         records.field_add(image.this().img.percpu[cpu], "softirq_count", pending.bit_count())
         saved = preempt.softirq_enter()
         try:
-            for nr in (HI_SOFTIRQ, TASKLET_SOFTIRQ):
+            for nr in sorted(softirq_vec):
                 if pending & (1 << nr):
-                    _tasklet_action(cpu, nr)
+                    softirq_vec[nr](cpu)
         finally:
             preempt.irq_exit(saved)
+
+
+def open_softirq(nr: int, action: Callable[[int], None]) -> None:
+    """Make `action(cpu)` the handler of softirq `nr`, run in softirq context on the
+    CPU it was raised on, in the order of the numbers (HI, TIMER, ..., TASKLET)."""
+    softirq_vec[nr] = action
 
 
 def irq_exit_softirqs() -> None:
@@ -274,6 +280,7 @@ def _tasklet_action(cpu: int, nr: int) -> None:
             bug.oops(exc, f"{type(exc).__name__} in tasklet: {exc}")
         finally:
             records.field_and(rec, "state", ~TASKLET_STATE_RUN)
+            wake_up_var(image.field_addr(rec, "state"))  # tasklet_kill(), tasklet_unlock_wait()
 
 
 def _requeue(cpu: int, nr: int, index: int) -> None:
@@ -289,5 +296,15 @@ def kick_pending_cpus() -> None:
             ring_doorbell(cpu)
 
 
+def _tasklet_softirq(cpu: int) -> None:
+    _tasklet_action(cpu, TASKLET_SOFTIRQ)
+
+
+def _hi_softirq(cpu: int) -> None:
+    _tasklet_action(cpu, HI_SOFTIRQ)
+
+
+open_softirq(HI_SOFTIRQ, _hi_softirq)
+open_softirq(TASKLET_SOFTIRQ, _tasklet_softirq)
 preempt.bh_enable_hooks.append(irq_exit_softirqs)
 irq_exit_hooks.append(irq_exit_softirqs)

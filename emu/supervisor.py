@@ -15,6 +15,7 @@ kernel could not go on either: an idle task's death and a death in interrupt con
 
 from __future__ import annotations
 
+import ctypes
 import os
 import select
 import signal as _os_signal
@@ -25,7 +26,7 @@ from typing import Any
 import _emu_native as _native
 
 from . import bug, image, records
-from .completion import _from_index, complete_all, remove_waiter
+from .completion import _from_index, complete_all
 from .constants import (
     PF_EXITING,
     PF_IDLE,
@@ -41,11 +42,13 @@ from .kthread import KTHREAD_EXITED, KTHREAD_PINNED, SIG_REAP, exit_notify
 from .preempt import HARDIRQ_MASK, NMI_MASK, SOFTIRQ_OFFSET
 from .printk import log_store
 from .sched import SIG_SHOW_STACK
+from .timer import SIG_CLOCK, ClockEvent
+from .wait import remove_waiter, wake_up_var
 
 #: How often the death watch looks for new tasks, in seconds.
 POLL_INTERVAL = 0.05
-#: Wakes the supervisor's loop (a new emulated device).
-SIG_WAKE = _os_signal.SIGUSR2
+#: Wakes the supervisor's loop (a new emulated device, a timer due earlier).
+SIG_WAKE = SIG_CLOCK
 
 
 def main(img: image.SharedImage, ready_wfd: int, death_wfd: int) -> None:
@@ -99,11 +102,13 @@ class Supervisor:
         _os_signal.set_wakeup_fd(wake_w)
         _os_signal.signal(SIG_WAKE, lambda signum, frame: None)
         self.poller.register(self.wake_r, select.POLLIN)
+        self.clock = ClockEvent(img)  # the backup clock event device of the timers
 
     def run(self) -> None:
         while not self.hdr.shutting_down:
             self.watch_new_tasks()
-            timeout_ms = min(POLL_INTERVAL * 1000, fire_irq_sources(self.img) / 1e6)
+            timeout_ms = min(POLL_INTERVAL * 1000, fire_irq_sources(self.img) / 1e6,
+                             self.clock.fire() / 1e6)
             for fd, _ in self.poller.poll(max(timeout_ms, 0)):
                 if fd == self.wake_r:
                     os.read(self.wake_r, 512)
@@ -209,6 +214,7 @@ class Supervisor:
             if not others:  # only the dead thread can have been running a handler
                 records.field_store(desc, "threads_active", 0)
                 irq_finalize_oneshot(irq)
+            wake_up_var(ctypes.addressof(desc))  # synchronize_irq()
             return
 
 

@@ -23,6 +23,11 @@ Types:
   spin_lock_irqsave and schedule tasklets, plus a threaded handler (an ``irq/N``
   thread) doing the same. Checks: no update is lost, no handler or tasklet runs
   re-entrantly.
+* ``timer``: per CPU a kthread arming, re-arming, deleting and sync-deleting timers
+  with random expiries, some of which re-arm themselves from their callback. Checks:
+  no callback runs before jiffies passed its ``expires``, in softirq context, on the
+  arming CPU; none runs after timer_delete_sync() returned (until re-armed); every
+  arming runs exactly once unless mod_timer() replaced it or a delete removed it.
 
 Each check that fails logs ``<type>-torture: FAILURE: <invariant>: <details>`` to the
 kernel log; any WARN, BUG, Oops or hung task also fails the run, and so does the death
@@ -31,6 +36,7 @@ of the kernel (its supervisor killed, a panic), which ends it at once.
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -86,8 +92,10 @@ from .kthread import (
     kthread_unpark,
     real_cpu,
 )
+from .preempt import in_serving_softirq, this_cpu
 from .printk import pr_err
 from .sched import (
+    jiffies,
     jiffies_to_msecs,
     msecs_to_jiffies,
     schedule_timeout_interruptible,
@@ -103,6 +111,15 @@ from .spinlock import (
     spin_unlock_irqrestore,
 )
 from .task import Task, current, task_state_to_char
+from .timer import (
+    TimerList,
+    del_timer,
+    del_timer_sync,
+    mod_timer,
+    timer_pending,
+    timer_shutdown_sync,
+)
+from .wait import wait_var_event_timeout
 from .workqueue import (
     WQ_UNBOUND,
     Work,
@@ -119,7 +136,7 @@ from .workqueue import (
     work_pending,
 )
 
-TYPES = ("completion", "kthread", "irq", "workqueue")
+TYPES = ("completion", "kthread", "irq", "timer", "workqueue")
 SIGNAL = int(_os_signal.SIGUSR1)
 
 
@@ -369,6 +386,117 @@ def _irq_worker(data: tuple[IrqState, Atomic, Counters]) -> int:
     return 0
 
 
+# --- timer torture -------------------------------------------------------------------------
+
+#: Timers each timer-torture kthread churns.
+TIMERS_PER_CPU = 4
+
+
+@dataclass
+class TimerState:
+    armed: Atomic64  # armings that made a timer pending (churner and callbacks)
+    ran: Atomic64  # callbacks run
+    replaced: Atomic64  # armings dropped by a mod_timer() of a pending timer
+    deleted: Atomic64  # armings removed by a delete that returned 1
+    dead: list[Atomic]  # per timer: 1 from timer_delete_sync() until the next arming
+    cpu: list[int]  # per timer: the CPU that arms it
+    late_max: Atomic64  # the latest run, in jiffies past expires
+    counters: Counters
+    stop: Atomic  # the run is ending: callbacks no longer re-arm their timers
+
+
+def torture_timer_fn(t: TimerList) -> None:
+    """The callback: check when, where and whether it may run; some re-arm themselves."""
+    st: TimerState = t.st
+    now, expires = jiffies(), t._expires_fired  # t.expires changes if re-armed meanwhile
+    atomic64_add(1, st.ran)
+    if not now > expires:
+        _timer_failure(st, "early", f"timer {t.i} ran at jiffies {now}, expires {expires}")
+    if atomic_read(st.dead[t.i]):
+        _timer_failure(st, "ran after timer_delete_sync", f"timer {t.i} ran at jiffies {now}")
+    if not in_serving_softirq() or this_cpu() != st.cpu[t.i]:
+        _timer_failure(st, "context", f"timer {t.i} ran on CPU {this_cpu()} outside softirq "
+                                      f"(armed on CPU {st.cpu[t.i]})")
+    if now - expires - 1 > atomic64_read(st.late_max):
+        atomic64_set(st.late_max, now - expires - 1)
+    if t.periodic and not atomic_read(st.stop) and random.random() < 0.8:
+        if mod_timer(t, now + random.randint(1, 3)):
+            atomic64_add(1, st.replaced)  # its churner armed it meanwhile (another task)
+        atomic64_add(1, st.armed)
+    st.counters.add(st.cpu[t.i])
+
+
+def _timer_failure(st: TimerState, invariant: str, details: str) -> None:
+    atomic64_add(1, st.counters.failures)
+    fail("timer", invariant, details)
+
+
+def _timer_churner(data: tuple[TimerState, list[TimerList], Atomic, int]) -> int:
+    st, timers, stop, seed = data
+    rng = random.Random(seed)
+    cpu = current().cpu
+    while not _stopped(stop):
+        t = rng.choice(timers)
+        op = rng.random()
+        if op < 0.6:
+            atomic_set(st.dead[t.i], 0)
+            if mod_timer(t, jiffies() + rng.randint(0, 8)):
+                atomic64_add(1, st.replaced)
+            atomic64_add(1, st.armed)
+        elif op < 0.8:
+            atomic64_add(del_timer(t), st.deleted)
+        else:
+            atomic64_add(del_timer_sync(t), st.deleted)
+            atomic_set(st.dead[t.i], 1)
+            if timer_pending(t):
+                _timer_failure(st, "pending after timer_delete_sync", f"timer {t.i}")
+        st.counters.add(cpu)
+        if rng.random() < 0.3:
+            usleep_range(200, 1000)
+    for t in timers:
+        # A callback that read `stop` before it was set may re-arm: this deletes that.
+        atomic64_add(del_timer_sync(t), st.deleted)
+        atomic64_add(timer_shutdown_sync(t), st.deleted)
+        atomic_set(st.dead[t.i], 1)
+        if mod_timer(t, jiffies() + 1) or timer_pending(t):
+            _timer_failure(st, "armed after timer_shutdown_sync", f"timer {t.i}")
+    return 0
+
+
+def _start_timer(run: Run, rng: random.Random) -> None:
+    k = run.kernel
+    counters = run.counters["timer"] = Counters(k.ncpus)
+    n = k.ncpus * TIMERS_PER_CPU
+    st = TimerState(Atomic64(), Atomic64(), Atomic64(), Atomic64(), [Atomic() for _ in range(n)],
+                    [i // TIMERS_PER_CPU for i in range(n)], Atomic64(), counters, run.stop)
+    timers = []
+    for i in range(n):
+        t = TimerList(torture_timer_fn)
+        t.st, t.i, t.periodic = st, i, i % TIMERS_PER_CPU == 0
+        timers.append(t)
+    churners = []
+    for cpu in range(k.ncpus):
+        mine = timers[cpu * TIMERS_PER_CPU:(cpu + 1) * TIMERS_PER_CPU]
+        churners.append(kthread_run_on_cpu(_gated(run, _timer_churner),
+                                           (st, mine, run.stop, rng.randrange(1 << 30)),
+                                           cpu, "ttimer/%u"))
+    run.threads += churners
+
+    def finish() -> list[str]:
+        _wait_exited(churners)
+        if any(task_state_to_char(t) != "X" for t in churners):
+            return ["timer: a churner did not finish its timers within 10 s"]
+        armed, ran, replaced, deleted = (atomic64_read(v) for v in
+                                         (st.armed, st.ran, st.replaced, st.deleted))
+        run.notes.append(f"timer: {ran} callbacks run, latest {atomic64_read(st.late_max)} "
+                         "jiffies after due")
+        if armed != ran + replaced + deleted:
+            return [f"timer: armings not accounted for: armed {armed} != ran {ran} + "
+                    f"replaced {replaced} + deleted {deleted}"]
+        del timers[:]
+        return []
+
+
 # --- workqueue torture ---------------------------------------------------------------------
 
 WQ_ITEMS = 6  # items each queuer owns on the shared workqueues
@@ -586,6 +714,7 @@ class Run:
     finish: list[Callable[[], list[str]]] = field(default_factory=list)
     cstate: CompletionState | None = None
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # printed with the summary
     started: float = 0.0  # when the torture loop began (0: not yet)
     elapsed: float = 0.0  # how long it ran, once it ended
     interrupted: bool = False  # by Ctrl-C
@@ -648,9 +777,17 @@ def _pause(seconds: float) -> None:
 
 
 def _wait_exited(threads: list[Task], timeout: float = 10.0) -> None:
+    """Sleep until each of `threads` exited (exit_notify() wakes its kflags word), for
+    at most `timeout` seconds in all."""
     deadline = time.monotonic() + timeout
-    while any(task_state_to_char(t) != "X" for t in threads) and time.monotonic() < deadline:
-        _pause(0.001)
+    for t in threads:
+        left = msecs_to_jiffies(max(0, int((deadline - time.monotonic()) * 1000)))
+        wait_var_event_timeout(image.field_addr(t._rec, "kflags"),
+                               functools.partial(_exited, t), left)
+
+
+def _exited(t: Task) -> bool:
+    return task_state_to_char(t) == "X"
 
 
 def _drain_completion(run: Run) -> list[str]:
@@ -714,9 +851,7 @@ def _fifo_probe(run: Run) -> None:
         ts.append(t)
     for i, t in enumerate(ts):
         complete(c)
-        deadline = time.monotonic() + 5
-        while task_state_to_char(t) != "X" and time.monotonic() < deadline:
-            _pause(0.0005)
+        _wait_exited([t], 5)
         later = [u for u in ts[i + 1:] if task_state_to_char(u) == "X"]
         if task_state_to_char(t) != "X" or later:
             fail("completion", "FIFO", f"complete() #{i + 1} did not wake waiter #{i + 1} first")
@@ -784,6 +919,7 @@ def _start_irq(run: Run, rng: random.Random) -> None:
 
 
 STARTERS = {"completion": _start_completion, "kthread": _start_kthread, "irq": _start_irq,
+            "timer": _start_timer,
             "workqueue": _start_workqueue}
 
 #: IRQ lines: 1 is the completion torture's, THREADED_LINE the irq torture's threaded
@@ -821,6 +957,8 @@ def boot_capacities(opts: Options) -> dict[str, int]:
     if "kthread" in opts.types:
         per_cpu += 3
     if "irq" in opts.types:
+        per_cpu += 1
+    if "timer" in opts.types:
         per_cpu += 1
     ncpus = _ncpus(opts.cpus)
     tasks = 1 + 3 + ncpus * per_cpu
@@ -918,6 +1056,7 @@ def _report(run: Run) -> dict[str, Any]:
         "types": types, "duration": run.elapsed, "cpus": kernel.ncpus,
         "interrupted": run.interrupted, "kernel_died": kernel.death_cause or None,
         "problems": problems, "verdict": "FAILURE" if problems else "SUCCESS",
+        "notes": run.notes,
         "started_at": run.started,  # time.monotonic(): to match with outside events
     }
     if problems:
@@ -1010,6 +1149,8 @@ def _summary(result: dict[str, Any], out: Any) -> None:
               f"{st['per_cpu']} failures {st['failures']}", file=out)
     if "baseline" in result:
         print(result["baseline"], file=out)
+    for note in result.get("notes", []):
+        print(note, file=out)
     for p in result["problems"]:
         print(f"  FAILURE: {p}", file=out)
     print(f"End of test: {result['verdict']}", file=out, flush=True)

@@ -113,12 +113,13 @@ extern PyMethodDef emu_lock_methods[];
 #define TASK_NORMAL (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE)
 #define SIGKILL_BIT (1LL << (SIGKILL - 1))
 #define ERESTARTSYS 512
+#define WQ_FLAG_EXCLUSIVE 0x01
 
 typedef struct {
     PyObject_HEAD
     char *tasks;
     Py_ssize_t task_size, ntasks;
-    Py_ssize_t t_state, t_wq_next, t_wq_on, t_sigpending, t_notify, t_nvcsw;
+    Py_ssize_t t_state, t_wq_next, t_wq_on, t_wq_flags, t_sigpending, t_notify, t_nvcsw;
     Py_ssize_t t_preempt, t_irqs_off;  /* this process mirrors its context there */
     Py_ssize_t t_recent_cpu;
     char *comps;

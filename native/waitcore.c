@@ -34,6 +34,8 @@
 #define WAIT_TIMEDOUT (-2)
 #define WAIT_SIGNALLED (-3)
 
+static int wc_need_timebase(WaitCore *wc);
+
 
 static int
 wc_check_slot(WaitCore *wc, Py_ssize_t slot)
@@ -254,16 +256,34 @@ wc_signal_pending_state(WaitCore *wc, Py_ssize_t slot, int32_t state)
     return (state & TASK_INTERRUPTIBLE) || (pending & SIGKILL_BIT);
 }
 
-/* --- the FIFO queue of a completion (caller holds its lock) --- */
+/*
+ * --- the wait queue (kernel/sched/wait.c), caller holds its lock ---
+ *
+ * One implementation for every wait in emu: a queue head is a record of the
+ * "completions" table (lock, head, tail); a completion is a queue head plus its `done`
+ * counter (completion.c on swait). Entries are task slots linked through wq_next; wq_on
+ * names the queue a task is on (index + 1), wq_flags its WQ_FLAG_EXCLUSIVE bit. A
+ * non-exclusive entry goes to the head, an exclusive one to the tail, so exclusive
+ * waiters are FIFO among themselves, behind every non-exclusive one. Completion waiters
+ * are all exclusive: complete() is swake_up_one(), the head.
+ */
 
 static void
-wc_enqueue_tail(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot)
+wq_enqueue(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot, int exclusive)
 {
     int32_t *head = C_FIELD(wc, idx, wc->c_head, int32_t);
     int32_t *tail = C_FIELD(wc, idx, wc->c_tail, int32_t);
 
-    *T_FIELD(wc, slot, wc->t_wq_next, int32_t) = -1;
+    *T_FIELD(wc, slot, wc->t_wq_flags, int32_t) = exclusive ? WQ_FLAG_EXCLUSIVE : 0;
     *T_FIELD(wc, slot, wc->t_wq_on, int32_t) = (int32_t)idx + 1;
+    if (!exclusive) {
+        *T_FIELD(wc, slot, wc->t_wq_next, int32_t) = *head;
+        if (*head == -1)
+            *tail = (int32_t)slot;
+        *head = (int32_t)slot;
+        return;
+    }
+    *T_FIELD(wc, slot, wc->t_wq_next, int32_t) = -1;
     if (*tail == -1)
         *head = (int32_t)slot;
     else
@@ -271,37 +291,14 @@ wc_enqueue_tail(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot)
     *tail = (int32_t)slot;
 }
 
-static Py_ssize_t
-wc_dequeue_head(WaitCore *wc, Py_ssize_t idx)
-{
-    int32_t *head = C_FIELD(wc, idx, wc->c_head, int32_t);
-    Py_ssize_t slot = *head;
-
-    if (slot == -1)
-        return -1;
-    *head = *T_FIELD(wc, slot, wc->t_wq_next, int32_t);
-    if (*head == -1)
-        *C_FIELD(wc, idx, wc->c_tail, int32_t) = -1;
-    *T_FIELD(wc, slot, wc->t_wq_next, int32_t) = -1;
-    *T_FIELD(wc, slot, wc->t_wq_on, int32_t) = 0;
-    return slot;
-}
-
-static int
-wc_remove(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot)
+/* Unlink `slot`, whose predecessor is `prev` (-1: it is the head). */
+static void
+wq_unlink(WaitCore *wc, Py_ssize_t idx, int32_t prev, Py_ssize_t slot)
 {
     int32_t *head = C_FIELD(wc, idx, wc->c_head, int32_t);
     int32_t *tail = C_FIELD(wc, idx, wc->c_tail, int32_t);
-    int32_t prev = -1, cur = *head, next;
-    Py_ssize_t guard = 0;
+    int32_t next = *T_FIELD(wc, slot, wc->t_wq_next, int32_t);
 
-    while (cur != -1 && cur != slot && guard++ < wc->ntasks) {
-        prev = cur;
-        cur = *T_FIELD(wc, cur, wc->t_wq_next, int32_t);
-    }
-    if (cur != slot)
-        return 0;
-    next = *T_FIELD(wc, slot, wc->t_wq_next, int32_t);
     if (prev == -1)
         *head = next;
     else
@@ -310,7 +307,64 @@ wc_remove(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot)
         *tail = prev;
     *T_FIELD(wc, slot, wc->t_wq_next, int32_t) = -1;
     *T_FIELD(wc, slot, wc->t_wq_on, int32_t) = 0;
+}
+
+static Py_ssize_t
+wc_dequeue_head(WaitCore *wc, Py_ssize_t idx)
+{
+    Py_ssize_t slot = *C_FIELD(wc, idx, wc->c_head, int32_t);
+
+    if (slot != -1)
+        wq_unlink(wc, idx, -1, slot);
+    return slot;
+}
+
+static int
+wc_remove(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot)
+{
+    int32_t prev = -1, cur = *C_FIELD(wc, idx, wc->c_head, int32_t);
+    Py_ssize_t guard = 0;
+
+    while (cur != -1 && cur != slot && guard++ < wc->ntasks) {
+        prev = cur;
+        cur = *T_FIELD(wc, cur, wc->t_wq_next, int32_t);
+    }
+    if (cur != slot)
+        return 0;
+    wq_unlink(wc, idx, prev, slot);
     return 1;
+}
+
+/*
+ * __wake_up_common(): walk from the head; every entry whose task sleeps in a state of
+ * `mode` is made TASK_RUNNING and dequeued (autoremove_wake_function()); the others
+ * stay queued. An exclusive entry counts only when it was woken; the walk stops when
+ * `nr` were (nr == 0: never). The woken slots go to woken[*n] for wc_post_woken().
+ * Returns the number of exclusive waiters woken.
+ */
+static int
+wq_wake_common(WaitCore *wc, Py_ssize_t idx, int32_t mode, long nr, Py_ssize_t *woken,
+               Py_ssize_t *n)
+{
+    int32_t prev = -1, cur = *C_FIELD(wc, idx, wc->c_head, int32_t), next;
+    Py_ssize_t guard = 0;
+    int excl, count = 0;
+
+    while (cur != -1 && guard++ < wc->ntasks) {
+        next = *T_FIELD(wc, cur, wc->t_wq_next, int32_t);
+        excl = *T_FIELD(wc, cur, wc->t_wq_flags, int32_t) & WQ_FLAG_EXCLUSIVE;
+        if (wc_set_running(wc, cur, mode)) {
+            wq_unlink(wc, idx, prev, cur);
+            woken[(*n)++] = cur;
+            if (excl && ++count == nr)
+                break;
+        }
+        else {
+            prev = cur;
+        }
+        cur = next;
+    }
+    return count;
 }
 
 /* --- methods --- */
@@ -408,7 +462,7 @@ wc_wait(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot, long long timeout_ns, int
                 break;
             }
             if (*wq_on != qid)
-                wc_enqueue_tail(wc, idx, slot);
+                wq_enqueue(wc, idx, slot, 1);
             __atomic_store_n(st, state, __ATOMIC_SEQ_CST);
             raw_unlock(lockw);
             r = wc_sleep(wc, slot, deadline);
@@ -477,6 +531,183 @@ wc_wait_jiffies(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot, long long timeout
         return PyLong_FromLongLong(timeout);
     left = wc_ns_to_jiffies(wc, left);
     return PyLong_FromLongLong(left > 1 ? left : 1);
+}
+
+/* The wait_event() condition: 1 true, 0 false, -1 with the exception it raised. */
+static int
+wq_cond(PyObject *cond)
+{
+    PyObject *r = PyObject_CallNoArgs(cond);
+    int t;
+
+    if (r == NULL)
+        return -1;
+    t = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return t;
+}
+
+/* finish_wait(): back to TASK_RUNNING, off the queue if a wake-up did not dequeue us. */
+static void
+wq_finish_wait(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot)
+{
+    int32_t *lockw = C_FIELD(wc, idx, wc->c_lock, int32_t);
+    int32_t *wq_on = T_FIELD(wc, slot, wc->t_wq_on, int32_t);
+
+    __atomic_store_n(T_FIELD(wc, slot, wc->t_state, int32_t), TASK_RUNNING, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(wq_on, __ATOMIC_ACQUIRE) != (int32_t)idx + 1)
+        return;  /* list_empty_careful(): the waker unlinked us, wq_on last */
+    wc_lock(wc, lockw, "wait queue");
+    if (*wq_on == (int32_t)idx + 1)
+        wc_remove(wc, idx, slot);
+    raw_unlock(lockw);
+}
+
+/*
+ * ___wait_event() with its timeout (include/linux/wait.h): `cond` is called before
+ * queueing, after every (re)queue with the task's state already set, and right after
+ * each wake-up (v6.15+); it wins over a pending signal and over the timeout. The timeout is a countdown across
+ * wake-ups. Returns, as the macros do: `timeout` (1 if 0) when `cond` was true at
+ * entry; the jiffies left, at least 1, when it became true; 0 when the time ran out
+ * with `cond` false; -ERESTARTSYS when a signal that `state` admits ended it. A timeout
+ * that reaches forever_ns sets no timer (wc_timeout_ns()) and is returned as is.
+ */
+static PyObject *
+wq_wait_event(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot, PyObject *cond, long long timeout,
+              int state, int exclusive)
+{
+    long long timeout_ns = wc_timeout_ns(wc, timeout), deadline = -1, left;
+    int32_t *lockw = C_FIELD(wc, idx, wc->c_lock, int32_t);
+    int32_t *st = T_FIELD(wc, slot, wc->t_state, int32_t);
+    int32_t *wq_on = T_FIELD(wc, slot, wc->t_wq_on, int32_t);
+    int qid = (int)idx + 1, sig = 0, timed_out = 0, r, c;
+
+    c = wq_cond(cond);
+    if (c != 0)
+        return c < 0 ? NULL : PyLong_FromLongLong(timeout ? timeout : 1);
+    if (timeout == 0)
+        return PyLong_FromLong(0);
+    if (timeout_ns >= 0)
+        deadline = monotonic_ns() + timeout_ns;
+    for (;;) {
+        /* prepare_to_wait_event() */
+        wc_lock(wc, lockw, "wait queue");
+        sig = wc_signal_pending_state(wc, slot, state);
+        if (sig) {
+            if (*wq_on == qid)
+                wc_remove(wc, idx, slot);
+        }
+        else {
+            if (*wq_on != qid)
+                wq_enqueue(wc, idx, slot, exclusive);
+            __atomic_store_n(st, state, __ATOMIC_SEQ_CST);
+        }
+        raw_unlock(lockw);
+        c = wq_cond(cond);
+        if (c != 0 || sig || timed_out)
+            break;
+        r = wc_sleep(wc, slot, deadline);
+        if (r < 0) {
+            c = -1;
+            break;
+        }
+        timed_out = r == 0;
+        /* Woken: test at once, before queueing again (v6.15+). A waker dequeued us, so
+         * a true condition leaves without taking the lock again. */
+        if (!timed_out && (c = wq_cond(cond)) != 0)
+            break;
+    }
+    wq_finish_wait(wc, idx, slot);
+    if (wc_report_dead_owner(wc) < 0 || c < 0)
+        return NULL;
+    if (!c)
+        return PyLong_FromLong(sig ? -ERESTARTSYS : 0);
+    if (deadline < 0)
+        return PyLong_FromLongLong(timeout);
+    left = deadline - monotonic_ns();
+    left = left > 0 && !timed_out ? wc_ns_to_jiffies(wc, left) : 1;
+    return PyLong_FromLongLong(left > 1 ? left : 1);
+}
+
+/*
+ * wait_event(index, generation, cond, timeout, state, exclusive): every wait_event*()
+ * variant's common case as the current task (wq_wait_event()). Returns None, having
+ * changed nothing and not called `cond`, when the Python slow path must check and report
+ * first (the cases of wait_for()).
+ */
+static PyObject *
+WaitCore_wait_event(WaitCore *wc, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t idx, slot = wc->current;
+    long long timeout;
+    long state;
+    int live, exclusive, overflow = 0;
+
+    if (fc_nargs(nargs, 6, "wait_event") < 0 || (live = wc_completion_arg(wc, args, &idx)) < 0)
+        return NULL;
+    state = PyLong_AsLong(args[4]);
+    if ((state == -1 && PyErr_Occurred()) || (exclusive = PyObject_IsTrue(args[5])) < 0)
+        return NULL;
+    if (!live || slot < 0 || wc->jiffy_ns <= 0 || !(state & TASK_NORMAL) ||
+        !PyLong_CheckExact(args[3]) || !PyCallable_Check(args[2]))
+        Py_RETURN_NONE;
+    if (*T_FIELD(wc, slot, wc->t_preempt, int32_t) || *T_FIELD(wc, slot, wc->t_irqs_off, int32_t))
+        Py_RETURN_NONE;
+    timeout = PyLong_AsLongLongAndOverflow(args[3], &overflow);
+    if (overflow || timeout < 0)
+        Py_RETURN_NONE;
+    return wq_wait_event(wc, idx, slot, args[2], timeout, (int)state, exclusive);
+}
+
+/* wait_event_slow(index, slot, cond, timeout, state, exclusive): wq_wait_event() for the
+ * Python slow path, which has checked the handle, the context and the timeout. */
+static PyObject *
+WaitCore_wait_event_slow(WaitCore *wc, PyObject *args)
+{
+    Py_ssize_t idx, slot;
+    PyObject *cond;
+    long long timeout;
+    int state, exclusive;
+
+    if (!PyArg_ParseTuple(args, "nnOLip:wait_event_slow", &idx, &slot, &cond, &timeout, &state,
+                          &exclusive) ||
+        wc_check_index(wc, idx) < 0 || wc_check_slot(wc, slot) < 0 || wc_need_timebase(wc) < 0)
+        return NULL;
+    if (timeout < 0) {
+        PyErr_Format(PyExc_ValueError, "timeout %lld is negative", timeout);
+        return NULL;
+    }
+    return wq_wait_event(wc, idx, slot, cond, timeout, state, exclusive);
+}
+
+/* wake_up(index, generation, mode, nr) -> __wake_up(): the exclusive waiters woken (at
+ * most nr; 0: no limit), or None if the handle is stale. Any context. */
+static PyObject *
+WaitCore_wake_up(WaitCore *wc, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t idx, n = 0;
+    long mode, nr;
+    int live, count;
+    int32_t *lockw;
+
+    if (fc_nargs(nargs, 4, "wake_up") < 0 || (live = wc_completion_arg(wc, args, &idx)) < 0)
+        return NULL;
+    mode = PyLong_AsLong(args[2]);
+    if (mode == -1 && PyErr_Occurred())
+        return NULL;
+    nr = PyLong_AsLong(args[3]);
+    if (nr == -1 && PyErr_Occurred())
+        return NULL;
+    if (!live)
+        Py_RETURN_NONE;
+    lockw = C_FIELD(wc, idx, wc->c_lock, int32_t);
+    wc_lock(wc, lockw, "wait queue");
+    count = wq_wake_common(wc, idx, (int32_t)mode, nr, wc->woken, &n);
+    raw_unlock(lockw);
+    wc_post_woken(wc, wc->woken, n);
+    if (wc_report_dead_owner(wc) < 0)
+        return NULL;
+    return PyLong_FromLong(count);
 }
 
 /* wait(index, slot, timeout, state): wc_wait_jiffies() for the Python slow path, which
@@ -742,6 +973,7 @@ WaitCore_init(WaitCore *wc, PyObject *args, PyObject *kwds)
         FIELD("state", &wc->t_state, int32_t),
         FIELD("wq_next", &wc->t_wq_next, int32_t),
         FIELD("wq_on", &wc->t_wq_on, int32_t),
+        FIELD("wq_flags", &wc->t_wq_flags, int32_t),
         FIELD("sigpending", &wc->t_sigpending, int64_t),
         FIELD("notify_signal", &wc->t_notify, int32_t),
         FIELD("nvcsw", &wc->t_nvcsw, int64_t),
@@ -850,6 +1082,15 @@ static PyMethodDef WaitCore_methods[] = {
     {"wait_for", (PyCFunction)(void (*)(void))WaitCore_wait_for, METH_FASTCALL,
      "wait_for(index, generation, timeout_jiffies, state) -> the wait_for_completion*() "
      "result as the current task, or None: take the slow path"},
+    {"wait_event", (PyCFunction)(void (*)(void))WaitCore_wait_event, METH_FASTCALL,
+     "wait_event(index, generation, cond, timeout_jiffies, state, exclusive) -> the "
+     "wait_event*() result as the current task, or None: take the slow path"},
+    {"wait_event_slow", (PyCFunction)WaitCore_wait_event_slow, METH_VARARGS,
+     "wait_event_slow(index, slot, cond, timeout_jiffies, state, exclusive) -> the "
+     "wait_event*() result, without wait_event()'s checks (the slow path made them)"},
+    {"wake_up", (PyCFunction)(void (*)(void))WaitCore_wake_up, METH_FASTCALL,
+     "wake_up(index, generation, mode, nr) -> exclusive waiters woken (nr 0: all); "
+     "None if the handle is stale"},
     {"try_wait", (PyCFunction)(void (*)(void))WaitCore_try_wait, METH_FASTCALL,
      "try_wait(index, generation) -> True if one completion was consumed; None if stale"},
     {"reset", (PyCFunction)(void (*)(void))WaitCore_reset, METH_FASTCALL,
@@ -911,7 +1152,8 @@ emu_waitcore_exec(PyObject *module)
         PyModule_AddIntConstant(module, "TASK_UNINTERRUPTIBLE", TASK_UNINTERRUPTIBLE) < 0 ||
         PyModule_AddIntConstant(module, "TASK_WAKEKILL", TASK_WAKEKILL) < 0 ||
         PyModule_AddIntConstant(module, "TASK_NORMAL", TASK_NORMAL) < 0 ||
-        PyModule_AddIntConstant(module, "ERESTARTSYS", ERESTARTSYS) < 0)
+        PyModule_AddIntConstant(module, "ERESTARTSYS", ERESTARTSYS) < 0 ||
+        PyModule_AddIntConstant(module, "WQ_FLAG_EXCLUSIVE", WQ_FLAG_EXCLUSIVE) < 0)
         return -1;
     return 0;
 }
