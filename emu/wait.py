@@ -24,7 +24,7 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import bug, checks, image, preempt, records
+from . import bug, checks, image, preempt, records, task
 from .constants import (
     ERESTARTSYS,
     MAX_SCHEDULE_TIMEOUT,
@@ -210,6 +210,27 @@ def ___wait_event(wq_head: WaitQueueHead, condition: Condition, timeout: int, st
     """
     if type(wq_head) is not WaitQueueHead:
         _check(wq_head)
+    hook = task.sched_hook
+    if hook is not None:  # in a kworker
+        return _wait_event_hooked(wq_head, condition, timeout, state, exclusive, hook)
+    return _wait_event(wq_head, condition, timeout, state, exclusive)
+
+
+def _wait_event_hooked(wq_head: WaitQueueHead, condition: Condition, timeout: int, state: int,
+                       exclusive: bool, hook: Callable[[bool], None]) -> int:
+    """___wait_event() in a kworker: the workqueue hears when it blocks and runs again
+    (wq_worker_sleeping()), so that a sleeping work item does not hold up its pool."""
+    if condition():
+        return _wait_event(wq_head, condition, timeout, state, exclusive)
+    hook(True)
+    try:
+        return _wait_event(wq_head, condition, timeout, state, exclusive)
+    finally:
+        hook(False)
+
+
+def _wait_event(wq_head: WaitQueueHead, condition: Condition, timeout: int, state: int,
+                exclusive: bool) -> int:
     try:
         left = wq_head._core.wait_event(wq_head.index, wq_head.generation, condition, timeout,
                                         state, exclusive)
