@@ -234,6 +234,11 @@ class Header(ctypes.Structure):
     hung_reports: Table[HungReport]
     max_atomics: int
     max_spinlocks: int
+    trace_on: int
+    trace_buf_events: int
+    trace_lock: LockWord
+    trace_spool_fd: int
+    trace_log_seq: int
 
     _fields_ = [
         ("magic", c_uint64),
@@ -277,6 +282,13 @@ class Header(ctypes.Structure):
         # capacities an attaching inspector (attach.py) needs to rebuild image_type()
         ("max_atomics", c_int32),
         ("max_spinlocks", c_int32),
+        # tracing (trace.py): the one flag every trace point tests, the ring size
+        ("trace_on", c_int32),
+        ("trace_buf_events", c_int32),  # events per CPU ring, a power of two
+        ("trace_lock", LockWord),  # held by whoever drains the rings
+        ("trace_spool_fd", c_int32),  # the booting process's spool file, -1 = none
+        ("trace_spool_pad", c_int32),
+        ("trace_log_seq", c_uint64),  # next printk record the trace takes
     ]
 
 
@@ -544,10 +556,54 @@ class LogRec(ctypes.Structure):
     ]
 
 
+class TraceRing(ctypes.Structure):
+    """One CPU's trace ring: writers reserve event `head` (then head + 1) atomically; the
+    drainer alone moves `tail` and counts what writers overwrote before it read it."""
+
+    head: int
+    tail: int
+    dropped: int
+    pad: int
+
+    _fields_ = [
+        ("head", c_uint64),  # events ever reserved on this CPU
+        ("tail", c_uint64),  # events drained (or given up as dropped)
+        ("dropped", c_uint64),  # overwritten before the drainer read them
+        ("pad", c_uint64),
+    ]
+
+
+class TraceEvent(ctypes.Structure):
+    """One trace event (trace.py names the types and their arguments). `seq` is the
+    event's number + 1 once written, 0 while a writer fills it in."""
+
+    ts_ns: int
+    seq: int
+    arg1: int
+    pid: int
+    arg0: int
+    type: int
+    cpu: int
+    pad: int
+
+    _fields_ = [
+        ("ts_ns", c_int64),  # CLOCK_MONOTONIC
+        ("seq", c_uint64),
+        ("arg1", c_int64),
+        ("pid", c_int32),  # the task that caused it
+        ("arg0", c_int32),
+        ("type", ctypes.c_uint16),
+        ("cpu", ctypes.c_uint16),  # emulated CPU: also which ring holds it
+        ("pad", c_int32),
+    ]
+
+
 def image_type(max_tasks: int, max_completions: int, log_records: int,
                max_atomics: int, max_spinlocks: int, nr_irqs: int = NR_IRQS_MAX,
-               max_tasklets: int = 256, heap_size: int = 0) -> type[ctypes.Structure]:
-    """The ctypes type of a whole image with the given capacities."""
+               max_tasklets: int = 256, heap_size: int = 0, trace_cpus: int = 0,
+               trace_buf_events: int = 0) -> type[ctypes.Structure]:
+    """The ctypes type of a whole image with the given capacities (trace rings:
+    `trace_cpus` rings of `trace_buf_events` events)."""
 
     class Image(ctypes.Structure):
         _fields_ = [
@@ -561,6 +617,8 @@ def image_type(max_tasks: int, max_completions: int, log_records: int,
             ("tasklets", TaskletRec * max_tasklets),
             ("irq_sources", IrqSource * MAX_IRQ_SOURCES),
             ("log", LogRec * log_records),
+            ("trace_rings", TraceRing * trace_cpus),
+            ("trace_events", TraceEvent * (trace_cpus * trace_buf_events)),
             ("heap", c_uint8 * heap_size),  # last: its pages are touched only when used
         ]
 
@@ -580,6 +638,8 @@ class ImageView(Protocol):
     tasklets: Table[TaskletRec]
     irq_sources: Table[IrqSource]
     log: Table[LogRec]
+    trace_rings: Table[TraceRing]
+    trace_events: Table[TraceEvent]
     heap: ctypes.Array[ctypes.c_uint8]
 
 
@@ -594,10 +654,12 @@ class SharedImage:
 
     def __init__(self, max_tasks: int, max_completions: int, log_records: int,
                  max_atomics: int = 1024, max_spinlocks: int = 1024,
-                 nr_irqs: int = NR_IRQS_MAX, heap_size: int = 1 << 20) -> None:
+                 nr_irqs: int = NR_IRQS_MAX, heap_size: int = 1 << 20, ncpus: int = 1,
+                 trace_buf_events: int = 4096) -> None:
         prefix = f"/{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
         itype = image_type(max_tasks, max_completions, log_records, max_atomics, max_spinlocks,
-                           nr_irqs, heap_size=heap_size)
+                           nr_irqs, heap_size=heap_size, trace_cpus=ncpus,
+                           trace_buf_events=trace_buf_events)
         self.size = ctypes.sizeof(itype)
         shm = posix_ipc.SharedMemory(prefix, posix_ipc.O_CREX, mode=0o600, size=self.size)
         try:
@@ -615,6 +677,9 @@ class SharedImage:
         self.img = cast(ImageView, mapped)
         self.img.hdr.max_atomics = max_atomics
         self.img.hdr.max_spinlocks = max_spinlocks
+        self.img.hdr.ncpus = ncpus
+        self.img.hdr.trace_buf_events = trace_buf_events
+        self.img.hdr.trace_spool_fd = -1
         self.base = ctypes.addressof(mapped)
         self.sems: list[posix_ipc.Semaphore] = []
         #: native WaitCore: sleep/wake and completion queues
@@ -649,8 +714,13 @@ class SharedImage:
 
     def _core_layout(self) -> dict[str, Any]:
         """Where WaitCore finds task and completion fields: each table by field name."""
-        return {"tasks": record_table(self.img.tasks),
-                "completions": record_table(self.img.completions)}
+        img = self.img
+        return {"tasks": record_table(img.tasks),
+                "completions": record_table(img.completions),
+                "header": {"addr": ctypes.addressof(img.hdr), "size": ctypes.sizeof(Header),
+                           "count": 1, "fields": record_fields(Header)},
+                "trace_rings": record_table(img.trace_rings),
+                "trace_events": record_table(img.trace_events)}
 
     def irq_layout(self) -> dict[str, Any]:
         """Where IrqCore finds descriptor, action, per-CPU, task and header fields (after

@@ -18,6 +18,7 @@ import fcntl
 import os
 import signal as _os_signal
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -36,7 +37,9 @@ from . import (
     sched,
     supervisor,
     task,
+    tracefile,
 )
+from . import trace as _trace
 from .constants import PF_IDLE, PF_KTHREAD, TASK_RUNNING
 from .errors import AlreadyBootedError, EmuError, KernelDeadError, StaleObjectError
 from .kthread import KTHREAD_EXITED
@@ -94,6 +97,7 @@ class Kernel:
         self._down = False
         self._death_rfd = death_rfd  # read end of the death pipe (see the module's doc)
         self._cause = ""  # why the kernel died; empty while it lives
+        self._trace: tuple[str, Any] | None = None  # (path, spool file) while tracing
 
     # configuration and counters
     @property
@@ -170,6 +174,40 @@ class Kernel:
         """The tasks queued on completion `c`, in the order they will be woken."""
         return completion.waiters(c)
 
+    def trace_start(self, path: str | os.PathLike[str]) -> None:
+        """Start tracing to Perfetto trace file `path` (written by trace_stop() or at
+        shutdown). From the booting process; raises EmuError if already tracing."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
+        if self._trace is not None:
+            raise EmuError(f"already tracing to {self._trace[0]!r}: call trace_stop() first")
+        if not self._img.is_boot_process:
+            raise EmuError("only the process that booted the kernel may start tracing")
+        tracefile._need_perfetto()
+        spool = tempfile.TemporaryFile(prefix="emu-trace-")
+        # The supervisor appends to it too (trace.py): every write goes to the end.
+        fcntl.fcntl(spool.fileno(), fcntl.F_SETFL,
+                    fcntl.fcntl(spool.fileno(), fcntl.F_GETFL) | os.O_APPEND)
+        _trace.start(self._img, spool.fileno())
+        self._trace = (os.fspath(path), spool)
+
+    def trace_stop(self) -> tuple[int, int]:
+        """Stop tracing and write the trace file; returns (events, dropped events).
+        (0, 0) if not tracing."""
+        if self._trace is None:
+            return 0, 0
+        path, spool = self._trace
+        self._trace = None
+        with spool:
+            _trace.stop(self._img)
+            spool.seek(0)
+            return tracefile.write_trace(spool, path)
+
+    @property
+    def tracing(self) -> bool:
+        """Whether a trace is being recorded (trace_start() or boot(trace=...))."""
+        return self._trace is not None
+
     @property
     def alive(self) -> bool:
         """False once the kernel was shut down or died (its supervisor panicked or is gone)."""
@@ -241,7 +279,10 @@ class Kernel:
             else:
                 self._stop_kthreads()
         finally:
-            self._teardown()
+            try:
+                self.trace_stop()
+            finally:
+                self._teardown()
 
     def _stop_kthreads(self) -> None:
         kthreads = [t for t in task.live_tasks() if t.flags & PF_KTHREAD]
@@ -322,13 +363,17 @@ def boot(
     hung_task_warnings: int = 10,
     hung_task_panic: int = 0,
     heap_size: int = heap.HEAP_SIZE_DEFAULT,
+    trace: str | os.PathLike[str] | None = None,
+    trace_buf_events: int = _trace.TRACE_BUF_EVENTS_DEFAULT,
 ) -> Kernel:
     """Boot a kernel in this process; use as ``with emu.boot(...) as kernel:``.
 
     `cpus` is a CPU count or a list of real CPU ids (default: the CPUs this process may
     run on). The booting process becomes a task in user context. The keyword arguments
     are capacity limits and the hung-task sysctls; hung_task_timeout_secs=0 disables
-    the detector and hung_task_warnings=-1 reports without limit.
+    the detector and hung_task_warnings=-1 reports without limit. `trace`: a Perfetto
+    trace file to record into from boot on (see Kernel.trace_start()); each emulated CPU
+    has a ring of `trace_buf_events` events (a power of two).
     """
     if image._this is not None:
         raise AlreadyBootedError(
@@ -350,10 +395,14 @@ def boot(
     _check_int(hung_task_warnings, "hung_task_warnings", -1, 1 << 30)
     _check_int(hung_task_panic, "hung_task_panic", 0, 1)
     _check_int(heap_size, "heap_size", 4096, (1 << 31) - 1)
+    _check_int(trace_buf_events, "trace_buf_events", 16, 1 << 24)
+    if trace_buf_events & (trace_buf_events - 1):
+        raise ValueError(f"trace_buf_events must be a power of two, got {trace_buf_events}")
 
     image.reclaim_orphans()
     img = image.SharedImage(max_tasks, max_completions + 2 * max_tasks, log_records,
-                            max_atomics, max_spinlocks, nr_irqs, heap_size)
+                            max_atomics, max_spinlocks, nr_irqs, heap_size, len(cpu_map),
+                            trace_buf_events)
     heap.heap_init(img, heap_size)
     hdr = img.img.hdr
     hdr.magic = image.IMAGE_MAGIC
@@ -391,6 +440,12 @@ def boot(
     kernel = Kernel(img, sup_pid, death_rfd)
     atexit.register(kernel.shutdown)
     _watch_death(kernel)
+    if trace is not None:
+        try:
+            kernel.trace_start(trace)
+        except BaseException:
+            kernel.shutdown()
+            raise
     return kernel
 
 

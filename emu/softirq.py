@@ -23,6 +23,7 @@ from . import bug, checks, image, preempt, records
 from .callback import callback_free, callback_load, callback_store
 from .idle import start_irq_layer
 from .irqchip import irq_exit_hooks, ring_doorbell, softirq_pending_addr
+from .trace import SOFTIRQ_ENTRY, SOFTIRQ_EXIT, trace_point
 
 HI_SOFTIRQ = 0
 TASKLET_SOFTIRQ = 6
@@ -241,7 +242,9 @@ def do_softirq() -> None:
         try:
             for nr in (HI_SOFTIRQ, TASKLET_SOFTIRQ):
                 if pending & (1 << nr):
+                    trace_point(SOFTIRQ_ENTRY, nr)
                     _tasklet_action(cpu, nr)
+                    trace_point(SOFTIRQ_EXIT, nr)
         finally:
             preempt.irq_exit(saved)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import bug, image, records
+from . import bug, image, records, trace
 from .completion import _from_index, complete_all, remove_waiter
 from .constants import (
     PF_EXITING,
@@ -98,6 +98,7 @@ class Supervisor:
         _os_signal.set_wakeup_fd(wake_w)
         _os_signal.signal(SIG_WAKE, lambda signum, frame: None)
         self.poller.register(self.wake_r, select.POLLIN)
+        self.tracer = trace.SpoolWriter(img)
 
     def run(self) -> None:
         while not self.hdr.shutting_down:
@@ -109,6 +110,7 @@ class Supervisor:
                 else:
                     self.task_died(fd)
             self.hung.maybe_scan()
+            self.tracer.poll()
 
     def watch_new_tasks(self) -> None:
         tasks = self.img.img.tasks
