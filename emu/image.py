@@ -238,6 +238,7 @@ class Header(ctypes.Structure):
     trace_buf_events: int
     trace_lock: LockWord
     trace_spool_fd: int
+    trace_spool_pad: int
     trace_log_seq: int
 
     _fields_ = [

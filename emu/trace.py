@@ -25,7 +25,7 @@ import ctypes
 import json
 import os
 import struct
-from typing import Any
+from typing import Any, cast
 
 import _emu_native as _native
 
@@ -136,7 +136,8 @@ def _drain_ring(img: image.SharedImage, cpu: int) -> bytes:
     tail = ring.tail
     lost = max(0, head - tail - n)
     tail += lost
-    base = ctypes.addressof(img.img.trace_events) + cpu * n * EVENT_SIZE
+    base = ctypes.addressof(cast(ctypes.Array[image.TraceEvent], img.img.trace_events))
+    base += cpu * n * EVENT_SIZE
     end = head
     for seq in range(max(tail, head - _IN_FLIGHT), head):
         if _native.load64(base + (seq % n) * EVENT_SIZE + _SEQ) != seq + 1:

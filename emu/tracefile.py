@@ -257,7 +257,7 @@ def write_trace(spool: IO[bytes], path: str) -> tuple[int, int]:
     conv = _Converter(sp)
     conv.convert()
     boot_ns = int(sp.meta.get("boot_ns", 0))
-    for ts, pid, level, text in sp.log:
+    for ts, pid, _level, text in sp.log:
         conv.track_event(boot_ns + ts, conv.pid(pid), pb.TrackEvent.TYPE_INSTANT,
                          f"printk: {text}")
     tmp = f"{path}.tmp-{os.getpid()}"

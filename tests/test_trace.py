@@ -11,6 +11,7 @@ import pytest
 
 import emu
 from emu import image, records, tracefile
+
 from util import wait_until
 
 pytest.importorskip("perfetto")
