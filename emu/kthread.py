@@ -59,7 +59,7 @@ from .task import (
     wchan_enter,
     wchan_exit,
 )
-from .trace import PROCESS_EXIT, WAKEUP_NEW, trace_point
+from .trace import PROCESS_EXIT, WAKEUP_NEW, trace_comm, trace_point
 
 # struct kthread flags (kernel/kthread.c), plus emu's own life-cycle bits.
 KTHREAD_IS_PER_CPU = 1 << 0
@@ -267,6 +267,7 @@ def _become_kthread(task: Task) -> None:
     if task._rec.flags & PF_NO_SETAFFINITY:
         complete(_task_completion(task, "parked"))  # the creator waits for this
     set_current(task)
+    trace_comm(task.comm)
     irqchip.install_doorbell()
     install_show_stack()
 

@@ -49,6 +49,7 @@ TIMER_ENTRY = _native.TRACE_TIMER_ENTRY
 TIMER_EXIT = _native.TRACE_TIMER_EXIT
 WORK_START = _native.TRACE_WORK_START
 WORK_END = _native.TRACE_WORK_END
+COMM = _native.TRACE_COMM
 
 #: Events per CPU ring unless boot() says otherwise (40 bytes each: 2.5 MiB per CPU,
 #: whose pages cost memory only once tracing touches them).
@@ -68,6 +69,14 @@ def trace_point(kind: int, arg0: int = 0, arg1: int = 0) -> None:
     img = image._this
     if img is not None and img.core is not None:
         img.core.trace(kind, arg0, arg1)
+
+
+def trace_comm(comm: str) -> None:
+    """Record the current task's name (a new kthread, as it starts): a task that ends
+    before the drainer looks at the task table keeps its name in the trace."""
+    data = comm.encode("utf-8")[:15].ljust(16, b"\0")
+    for off in (0, 8):
+        trace_point(COMM, off, int.from_bytes(data[off:off + 8], "little", signed=True))
 
 
 def tracing_on(img: image.SharedImage) -> bool:

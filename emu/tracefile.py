@@ -44,6 +44,8 @@ except ImportError:  # the optional `trace` extra
 STATE_R, STATE_S, STATE_D, STATE_X, STATE_P, STATE_I = 0, 1, 2, 0x10, 0x40, 0x80
 TASK_NOLOAD = 0x0400
 PRIO = 120
+#: emu trace report: tasks of one name beyond this many share a row.
+GROUP_OVER = 4
 _EVENT = struct.Struct("<qQqiiHHi")
 _SEQ_ID = 1  # the trusted packet sequence of the TrackEvents
 SOFTIRQ_NAMES = ["HI", "TIMER", "NET_TX", "NET_RX", "BLOCK", "IRQ_POLL", "TASKLET", "SCHED",
@@ -111,7 +113,21 @@ def read_spool(f: IO[bytes]) -> Spool:
         elif kind == trace.LOG:
             sp.log.extend((ts, pid, level, text) for ts, pid, level, text in json.loads(body))
     sp.events.sort(key=lambda e: e.ts)
+    _names_from_events(sp)
     return sp
+
+
+def _names_from_events(sp: Spool) -> None:
+    """Name the tasks the drainer never saw in the task table from their COMM events."""
+    parts: dict[int, dict[int, bytes]] = defaultdict(dict)
+    for e in sp.events:
+        if e.type == trace.COMM and e.arg0 in (0, 8):
+            parts[e.pid][e.arg0] = e.arg1.to_bytes(8, "little", signed=True)
+    for pid, chunks in parts.items():
+        if pid not in sp.tasks and len(chunks) == 2:
+            comm = (chunks[0] + chunks[8]).split(b"\0", 1)[0].decode("utf-8", "replace")
+            cpu = next((e.cpu for e in sp.events if e.pid == pid), 0)
+            sp.tasks[pid] = (comm, cpu, 0, 0)
 
 
 def _report_state(state: int) -> int:
@@ -202,11 +218,12 @@ class _Converter:
                 self.runnable[e.arg1].setdefault(wakee, 0)
         elif t == trace.WAKEUP_NEW:
             self.running(cpu, ts, pid)
-            w = self.ftrace(cpu, ts, pid).sched_wakeup_new
-            w.comm, w.pid, w.prio, w.success, w.target_cpu = (
-                self.comm(e.arg0), e.arg0, PRIO, 1, e.arg1)
-            if 0 <= e.arg1 < self.ncpus:
-                self.runnable[e.arg1].setdefault(e.arg0, 0)
+            new = self.pid(e.arg0)
+            if new and 0 <= e.arg1 < self.ncpus:
+                w = self.ftrace(cpu, ts, pid).sched_wakeup_new
+                w.comm, w.pid, w.prio, w.success, w.target_cpu = (
+                    self.comm(new), new, PRIO, 1, e.arg1)
+                self.runnable[e.arg1].setdefault(new, 0)
         elif t == trace.PROCESS_EXIT:
             self.running(cpu, ts, pid)
             x = self.ftrace(cpu, ts, pid).sched_process_exit
@@ -242,6 +259,8 @@ class _Converter:
                              f"wait_for_completion completion#{e.arg0}")
         elif t == trace.WAIT_END:
             self.track_event(ts, pid, pb.TrackEvent.TYPE_SLICE_END, "")
+        elif t == trace.COMM:
+            pass
         elif t == trace.COMPLETE:
             name = "complete_all" if e.arg1 else "complete"
             self.track_event(ts, pid, pb.TrackEvent.TYPE_INSTANT, f"{name} completion#{e.arg0}")
@@ -412,8 +431,10 @@ def report(path: str) -> str:
     if last_ts is not None:
         for pid, (start, _) in since.items():
             run[pid] += last_ts - start
-    return _format_report(path, t, comm, run, sleep, wake_lat, irq_lat, irq_name, dsleeps,
-                          (last_ts - first_ts) if first_ts is not None and last_ts else 0)
+    t0 = first_ts or 0
+    return _format_report(path, t, comm, run, sleep, wake_lat, irq_lat, irq_name,
+                          [(d, pid, start - t0) for d, pid, start in dsleeps],
+                          (last_ts - t0) if last_ts else 0)
 
 
 def _end_sleep(pid: int, ts: int, slept: dict[int, tuple[int, int]], sleep: dict[int, int],
@@ -432,16 +453,25 @@ def _format_report(path: str, t: Any, comm: dict[int, str], run: dict[int, int],
                    irq_lat: dict[int, list[int]], irq_name: dict[int, str],
                    dsleeps: list[tuple[int, int, int]], span: int) -> str:
     lines = [f"trace {path}: {_ms(span)} ms, {dropped_events(t)} events dropped", "",
-             f"{'PID':>7} {'COMMAND':<16} {'RUN ms':>10} {'SLEEP ms':>10} {'WAKEUPS':>8} "
+             f"{'PID':>7} {'COMMAND':<20} {'RUN ms':>10} {'SLEEP ms':>10} {'WAKEUPS':>8} "
              f"{'LAT p50 us':>10} {'p99 us':>8} {'max us':>8}"]
+    rows: dict[str, list[int]] = defaultdict(list)  # row label -> its pids
+    by_comm: dict[str, list[int]] = defaultdict(list)
     for pid in sorted(set(run) | set(sleep) | set(wake_lat)):
-        if pid == 0:
-            continue
-        lat = wake_lat.get(pid, [])
+        if pid and (run.get(pid) or sleep.get(pid) or wake_lat.get(pid)):
+            by_comm[comm.get(pid) or "?"].append(pid)
+    for name, pids in by_comm.items():
+        if len(pids) > GROUP_OVER:  # many short-lived tasks of one name: one row, as perf sched
+            rows[f"{'-':>7} {name + f' ({len(pids)})':<20}"] = pids
+        else:
+            for pid in pids:
+                rows[f"{pid:>7} {name:<20}"] = [pid]
+    for label, pids in sorted(rows.items(), key=lambda r: r[1][0]):
+        lat = sorted(x for pid in pids for x in wake_lat.get(pid, []))
         stats = (f"{_pct(lat, .5) / 1e3:10.1f} {_pct(lat, .99) / 1e3:8.1f} {max(lat) / 1e3:8.1f}"
                  if lat else f"{'-':>10} {'-':>8} {'-':>8}")
-        lines.append(f"{pid:>7} {comm.get(pid, '?'):<16} {_ms(run.get(pid, 0)):>10} "
-                     f"{_ms(sleep.get(pid, 0)):>10} {len(lat):>8} {stats}")
+        lines.append(f"{label} {_ms(sum(run.get(p, 0) for p in pids)):>10} "
+                     f"{_ms(sum(sleep.get(p, 0) for p in pids)):>10} {len(lat):>8} {stats}")
     lines += ["", f"{'IRQ':>4} {'NAME':<24} {'COUNT':>8} {'p50 us':>8} {'p99 us':>8} "
               f"{'max us':>8}"]
     for irq in sorted(irq_lat):
@@ -451,7 +481,7 @@ def _format_report(path: str, t: Any, comm: dict[int, str], run: dict[int, int],
                      f"{max(lat) / 1e3:8.1f}")
     lines += ["", "longest uninterruptible (D) sleeps:"]
     for dur, pid, start in sorted(dsleeps, reverse=True)[:10]:
-        lines.append(f"  {_ms(dur):>10} ms  {comm.get(pid, '?')}/{pid} from t={start}")
+        lines.append(f"  {_ms(dur):>10} ms  {comm.get(pid, '?')}/{pid} at +{start / 1e9:.6f} s")
     return "\n".join(lines)
 
 

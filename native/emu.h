@@ -121,7 +121,8 @@ extern PyMethodDef emu_lock_methods[];
 #define TRACE_TIMER_EXIT 14
 #define TRACE_WORK_START 15  /* arg0 the work item's id: its function starts */
 #define TRACE_WORK_END 16
-#define TRACE_MAX 16
+#define TRACE_COMM 17  /* a new task's name: arg0 the offset (0, 8), arg1 8 bytes of it */
+#define TRACE_MAX 17
 
 typedef struct {
     int32_t *on;  /* the image's trace_on flag; NULL before trace_init() */

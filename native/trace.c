@@ -138,7 +138,8 @@ emu_trace_exec(PyObject *module)
         PyModule_AddIntConstant(module, "TRACE_TIMER_ENTRY", TRACE_TIMER_ENTRY) < 0 ||
         PyModule_AddIntConstant(module, "TRACE_TIMER_EXIT", TRACE_TIMER_EXIT) < 0 ||
         PyModule_AddIntConstant(module, "TRACE_WORK_START", TRACE_WORK_START) < 0 ||
-        PyModule_AddIntConstant(module, "TRACE_WORK_END", TRACE_WORK_END) < 0)
+        PyModule_AddIntConstant(module, "TRACE_WORK_END", TRACE_WORK_END) < 0 ||
+        PyModule_AddIntConstant(module, "TRACE_COMM", TRACE_COMM) < 0)
         return -1;
     return 0;
 }
