@@ -182,8 +182,8 @@ class _Converter:
 
     def running(self, cpu: int, ts: int, pid: int) -> None:
         """`pid` made an event on `cpu`: it runs there (the one shown before is preempted)."""
-        if pid == 0 or pid in self.exited:
-            return
+        if pid == 0 or pid in self.exited or pid not in self.sp.tasks:
+            return  # the idle task, an exited task, or the supervisor (not a task)
         self.runnable[cpu][pid] = ts
         self.switch(cpu, ts, pid)
 
