@@ -184,6 +184,10 @@ class Kernel:
         if not self._img.is_boot_process:
             raise EmuError("only the process that booted the kernel may start tracing")
         tracefile._need_perfetto()
+        where = os.path.dirname(os.path.abspath(path)) or "."
+        if not os.access(where, os.W_OK | os.X_OK):
+            raise EmuError(f"cannot write trace {os.fspath(path)!r}: directory {where!r} "
+                           "is missing or not writable")
         spool = tempfile.TemporaryFile(prefix="emu-trace-")
         # The supervisor appends to it too (trace.py): every write goes to the end.
         fcntl.fcntl(spool.fileno(), fcntl.F_SETFL,

@@ -178,3 +178,6 @@ def test_trace_start_rejects_bad_path():
     with emu.boot(cpus=1) as kernel:
         with pytest.raises(TypeError, match="path must be"):
             kernel.trace_start(None)  # type: ignore[arg-type]
+        with pytest.raises(emu.EmuError, match="no/such/dir.*missing or not writable"):
+            kernel.trace_start("/no/such/dir/t.pftrace")
+        assert not kernel.tracing
