@@ -325,6 +325,12 @@ class Header(ctypes.Structure):
     clock_programmed_ns: int
     max_timers: int
     max_timers_pad: int
+    trace_on: int
+    trace_buf_events: int
+    trace_lock: LockWord
+    trace_spool_fd: int
+    trace_spool_pad: int
+    trace_log_seq: int
 
     _fields_ = [
         ("magic", c_uint64),
@@ -388,6 +394,13 @@ class Header(ctypes.Structure):
         ("kthread_workers_pool", PoolHdr),
         ("wq_ready", c_int32),  # worker pools: 0 not started, 1 starting, 2 running
         ("wq_highpri", c_int32),  # the highpri pools' first workers: the same
+        # tracing (trace.py): the one flag every trace point tests, the ring size
+        ("trace_on", c_int32),
+        ("trace_buf_events", c_int32),  # events per CPU ring, a power of two
+        ("trace_lock", LockWord),  # held by whoever drains the rings
+        ("trace_spool_fd", c_int32),  # the booting process's spool file, -1 = none
+        ("trace_spool_pad", c_int32),
+        ("trace_log_seq", c_uint64),  # next printk record the trace takes
     ]
 
 
@@ -872,11 +885,54 @@ class LogRec(ctypes.Structure):
     ]
 
 
+class TraceRing(ctypes.Structure):
+    """One CPU's trace ring: writers reserve event `head` (then head + 1) atomically; the
+    drainer alone moves `tail` and counts what writers overwrote before it read it."""
+
+    head: int
+    tail: int
+    dropped: int
+    pad: int
+
+    _fields_ = [
+        ("head", c_uint64),  # events ever reserved on this CPU
+        ("tail", c_uint64),  # events drained (or given up as dropped)
+        ("dropped", c_uint64),  # overwritten before the drainer read them
+        ("pad", c_uint64),
+    ]
+
+
+class TraceEvent(ctypes.Structure):
+    """One trace event (trace.py names the types and their arguments). `seq` is the
+    event's number + 1 once written, 0 while a writer fills it in."""
+
+    ts_ns: int
+    seq: int
+    arg1: int
+    pid: int
+    arg0: int
+    type: int
+    cpu: int
+    pad: int
+
+    _fields_ = [
+        ("ts_ns", c_int64),  # CLOCK_MONOTONIC
+        ("seq", c_uint64),
+        ("arg1", c_int64),
+        ("pid", c_int32),  # the task that caused it
+        ("arg0", c_int32),
+        ("type", ctypes.c_uint16),
+        ("cpu", ctypes.c_uint16),  # emulated CPU: also which ring holds it
+        ("pad", c_int32),
+    ]
+
+
 def image_type(max_tasks: int, max_completions: int, log_records: int,
                max_atomics: int, max_spinlocks: int, nr_irqs: int = NR_IRQS_MAX,
-               max_tasklets: int = 256, heap_size: int = 0,
-               max_timers: int = 1024) -> type[ctypes.Structure]:
-    """The ctypes type of a whole image with the given capacities."""
+               max_tasklets: int = 256, heap_size: int = 0, max_timers: int = 1024,
+               trace_cpus: int = 0, trace_buf_events: int = 0) -> type[ctypes.Structure]:
+    """The ctypes type of a whole image with the given capacities (trace rings:
+    `trace_cpus` rings of `trace_buf_events` events)."""
 
     class Image(ctypes.Structure):
         _fields_ = [
@@ -895,6 +951,8 @@ def image_type(max_tasks: int, max_completions: int, log_records: int,
             ("workqueues", WorkqueueRec * MAX_WORKQUEUES),
             ("worker_pools", WorkerPoolRec * NR_WQ_POOLS),
             ("kthread_workers", WorkerPoolRec * MAX_KTHREAD_WORKERS),
+            ("trace_rings", TraceRing * trace_cpus),
+            ("trace_events", TraceEvent * (trace_cpus * trace_buf_events)),
             ("heap", c_uint8 * heap_size),  # last: its pages are touched only when used
         ]
 
@@ -919,6 +977,8 @@ class ImageView(Protocol):
     workqueues: Table[WorkqueueRec]
     worker_pools: Table[WorkerPoolRec]
     kthread_workers: Table[WorkerPoolRec]
+    trace_rings: Table[TraceRing]
+    trace_events: Table[TraceEvent]
     heap: ctypes.Array[ctypes.c_uint8]
 
 
@@ -934,10 +994,11 @@ class SharedImage:
     def __init__(self, max_tasks: int, max_completions: int, log_records: int,
                  max_atomics: int = 1024, max_spinlocks: int = 1024,
                  nr_irqs: int = NR_IRQS_MAX, heap_size: int = 1 << 20,
-                 max_timers: int = 1024) -> None:
+                 max_timers: int = 1024, ncpus: int = 1, trace_buf_events: int = 4096) -> None:
         prefix = f"/{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
         itype = image_type(max_tasks, max_completions, log_records, max_atomics, max_spinlocks,
-                           nr_irqs, heap_size=heap_size, max_timers=max_timers)
+                           nr_irqs, heap_size=heap_size, max_timers=max_timers,
+                           trace_cpus=ncpus, trace_buf_events=trace_buf_events)
         self.size = ctypes.sizeof(itype)
         shm = posix_ipc.SharedMemory(prefix, posix_ipc.O_CREX, mode=0o600, size=self.size)
         try:
@@ -956,6 +1017,9 @@ class SharedImage:
         self.img.hdr.max_atomics = max_atomics
         self.img.hdr.max_spinlocks = max_spinlocks
         self.img.hdr.max_timers = max_timers
+        self.img.hdr.ncpus = ncpus
+        self.img.hdr.trace_buf_events = trace_buf_events
+        self.img.hdr.trace_spool_fd = -1
         self.base = ctypes.addressof(mapped)
         self.sems: list[posix_ipc.Semaphore] = []
         #: native WaitCore: sleep/wake and completion queues
@@ -993,8 +1057,13 @@ class SharedImage:
 
     def _core_layout(self) -> dict[str, Any]:
         """Where WaitCore finds task and completion fields: each table by field name."""
-        return {"tasks": record_table(self.img.tasks),
-                "completions": record_table(self.img.completions)}
+        img = self.img
+        return {"tasks": record_table(img.tasks),
+                "completions": record_table(img.completions),
+                "header": {"addr": ctypes.addressof(img.hdr), "size": ctypes.sizeof(Header),
+                           "count": 1, "fields": record_fields(Header)},
+                "trace_rings": record_table(img.trace_rings),
+                "trace_events": record_table(img.trace_events)}
 
     def irq_layout(self) -> dict[str, Any]:
         """Where IrqCore finds descriptor, action, per-CPU, task and header fields (after

@@ -58,6 +58,7 @@ from .task import (
     wchan_enter,
     wchan_exit,
 )
+from .trace import PROCESS_EXIT, WAKEUP_NEW, trace_comm, trace_point
 from .wait import wait_var_event, wake_up_var
 
 # struct kthread flags (kernel/kthread.c), plus emu's own life-cycle bits.
@@ -161,6 +162,7 @@ def _create(threadfn: Callable[[Any], int], data: Any, name: str, cpu: int | Non
     if img.is_boot_process:
         _children[pid] = rec  # before the pid too: the supervisor may ask us to reap it
     rec.pid = pid
+    trace_point(WAKEUP_NEW, pid, rec.cpu)
     if img.is_boot_process:
         try:
             os.setpgid(pid, img.img.hdr.supervisor_pid)
@@ -273,6 +275,7 @@ def _become_kthread(task: Task) -> None:
     if task._rec.flags & PF_NO_SETAFFINITY:
         complete(_task_completion(task, "parked"))  # the creator waits for this
     set_current(task)
+    trace_comm(task.comm)
     irqchip.install_doorbell()
     install_show_stack()
 
@@ -316,6 +319,7 @@ def _do_exit(task: Task, result: Any) -> None:
             if preempt.in_atomic():
                 log_store(5, f"note: {task.comm}[{task.pid}] exited with preempt_count "
                                     f"{preempt.preempt_count()}")
+        trace_point(PROCESS_EXIT)
         set_current(None)  # from here on the slot is only touched by exit_notify()
         exit_notify(rec, _to_int(result))
     finally:

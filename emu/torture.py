@@ -697,6 +697,7 @@ class Options:
     stat_interval: float = 5.0
     json_file: str | None = None
     broken: bool = False
+    trace: str | None = None  # a Perfetto trace file of the run
 
 
 @dataclass
@@ -1073,7 +1074,7 @@ def run_torture(opts: Options, out: Any = sys.stdout) -> dict[str, Any]:
     rng = random.Random(opts.seed)
     result: dict[str, Any] = {"seed": opts.seed}
     with boot(cpus=opts.cpus, hz=1000, hung_task_timeout_secs=max(5, int(opts.duration) + 5),
-              **boot_capacities(opts)) as kernel:
+              trace=opts.trace, **boot_capacities(opts)) as kernel:
         run = Run(kernel, opts, Atomic())
         try:
             _torture(run, rng, out)
@@ -1083,6 +1084,10 @@ def run_torture(opts: Options, out: Any = sys.stdout) -> dict[str, Any]:
             result.update(_report(run))
         except KernelDeadError:  # it died just now: it interrupts only once
             result.update(_report(run))
+        if opts.trace:
+            events, dropped = kernel.trace_stop()
+            result["trace"] = {"file": opts.trace, "events": events, "dropped": dropped,
+                               "bytes": os.path.getsize(opts.trace)}
     if "completion" in opts.types and not run.interrupted and not result["kernel_died"]:
         rate = posix_ipc_baseline(result["cpus"], opts.threads_per_cpu,
                                   min(opts.duration, 3.0), opts.cpus)
@@ -1092,6 +1097,10 @@ def run_torture(opts: Options, out: Any = sys.stdout) -> dict[str, Any]:
                               f"{rate:.0f} ops/s (completion-torture at {ours / rate:.0%} "
                               f"of it)")
     _summary(result, out)
+    if "trace" in result:
+        tr = result["trace"]
+        print(f"trace: {tr['file']}: {tr['bytes']} bytes, {tr['events']} events, "
+              f"{tr['dropped']} dropped", file=out)
     if opts.json_file:
         with open(opts.json_file, "w") as f:
             json.dump(result, f, indent=2)

@@ -26,6 +26,23 @@ def get_comm() -> bytes: ...
 def pid_is_dead(pid: int) -> bool: ...
 
 TASK_RUNNING: int
+TRACE_SWITCH_OUT: int
+TRACE_SWITCH_IN: int
+TRACE_WAKING: int
+TRACE_IRQ_ENTRY: int
+TRACE_IRQ_EXIT: int
+TRACE_COMPLETE: int
+TRACE_WAIT_BEGIN: int
+TRACE_WAIT_END: int
+TRACE_SOFTIRQ_ENTRY: int
+TRACE_SOFTIRQ_EXIT: int
+TRACE_WAKEUP_NEW: int
+TRACE_PROCESS_EXIT: int
+TRACE_TIMER_ENTRY: int
+TRACE_TIMER_EXIT: int
+TRACE_WORK_START: int
+TRACE_WORK_END: int
+TRACE_COMM: int
 TASK_INTERRUPTIBLE: int
 TASK_UNINTERRUPTIBLE: int
 TASK_WAKEKILL: int
@@ -65,6 +82,7 @@ class WaitCore:
     def try_wait(self, index: int, generation: int) -> bool | None: ...
     def reset(self, index: int, generation: int, drop_queue: bool) -> int | None: ...
     def remove_waiter(self, index: int, slot: int) -> bool: ...
+    def trace(self, type: int, arg0: int, arg1: int) -> None: ...
     def after_fork(self, pid: int) -> None: ...
     def set_current(self, slot: int) -> None: ...
     def set_timebase(self, jiffy_ns: int, forever_ns: int) -> None: ...

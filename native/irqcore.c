@@ -348,6 +348,7 @@ IrqCore_claim(IrqCore *ic, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         Py_RETURN_NONE;
     }
+    trace_event(&ic->wc->trace, (int)cpu, TRACE_IRQ_ENTRY, ic->wc->pid, (int32_t)irq, 0);
     return ic_live_tuple(ic, irq, live, n);
 }
 
@@ -366,6 +367,8 @@ IrqCore_actions(IrqCore *ic, PyObject *arg)
     wc_lock(ic->wc, lockw, "irq descriptor");
     n = ic_live_actions(ic, irq, live);
     raw_unlock(lockw);
+    trace_event(&ic->wc->trace, WC_CPU(ic->wc, -1), TRACE_IRQ_ENTRY, ic->wc->pid,
+                (int32_t)irq, 0);
     return ic_live_tuple(ic, irq, live, n);
 }
 
@@ -392,6 +395,8 @@ IrqCore_end(IrqCore *ic, PyObject *const *args, Py_ssize_t nargs)
     status = D_FIELD(ic, irq, ic->d_status, int32_t);
     count = D_FIELD(ic, irq, ic->d_count, int32_t);
     unhandled = D_FIELD(ic, irq, ic->d_unhandled, int32_t);
+    trace_event(&ic->wc->trace, WC_CPU(ic->wc, -1), TRACE_IRQ_EXIT, ic->wc->pid, (int32_t)irq,
+                ret);
     wc_lock(ic->wc, lockw, "irq descriptor");
     ++*count;
     if (ret == IRQ_NONE)
