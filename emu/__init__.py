@@ -132,7 +132,7 @@ from .irq import (
     synchronize_irq,
 )
 from .kernel import HZ_DEFAULT as HZ
-from .kernel import Kernel, boot
+from .kernel import NR_CPUS, Kernel, boot
 from .kthread import (
     kthread_bind,
     kthread_bind_mask,

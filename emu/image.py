@@ -11,11 +11,14 @@ POSIX semaphores (the tasks' sleep/wake primitive) are handled the same way.
 
 from __future__ import annotations
 
+import array
 import ctypes
+import functools
 import mmap
 import os
 import re
 import secrets
+from collections.abc import Sequence
 from ctypes import c_char, c_int32, c_int64, c_uint8, c_uint32, c_uint64
 from typing import Any
 
@@ -27,8 +30,10 @@ from .constants import KTHREAD_NAME_LEN, TASK_COMM_LEN
 from .errors import NotBootedError
 
 IMAGE_MAGIC = 0x454D55494D414745  # "EMUIMAGE"
-#: Emulated CPUs and IRQ lines are bits of 64-bit masks.
-MAX_CPUS = 64
+#: The most emulated CPUs a kernel may have (CONFIG_NR_CPUS). The per-CPU parts of the
+#: image are sized by the CPUs a kernel has, not by this.
+NR_CPUS = 1024
+#: IRQ lines are bits of a CPU's 64-bit pending mask.
 NR_IRQS_MAX = _native.NR_IRQS_MAX
 #: Actions (request_irq() users) one IRQ line can have (IRQF_SHARED).
 MAX_IRQ_ACTIONS = 4
@@ -238,33 +243,52 @@ class IrqAction(ctypes.Structure):
     ]
 
 
-class IrqDesc(ctypes.Structure):
-    """struct irq_desc: state, statistics and actions of one IRQ line."""
+@functools.cache
+def irq_desc_type(ncpus: int) -> type[ctypes.Structure]:
+    """struct irq_desc of a kernel with `ncpus` CPUs (its per-CPU counts are sized so)."""
 
-    _fields_ = [
-        ("lock", LockWord),
-        ("depth", c_int32),  # disable_irq() nesting
-        ("status", c_int32),  # IRQS_* (irq.py)
-        ("affinity", c_int32),  # target CPU
-        ("threads_active", c_int32),
-        ("irq_count", c_int32),  # note_interrupt(): interrupts in this window
-        ("irqs_unhandled", c_int32),
-        ("kstat", c_int64 * MAX_CPUS),  # /proc/interrupts counts per CPU
-        ("actions", IrqAction * MAX_IRQ_ACTIONS),
-    ]
+    class IrqDesc(ctypes.Structure):
+        """struct irq_desc: state, statistics and actions of one IRQ line."""
+
+        _fields_ = [
+            ("lock", LockWord),
+            ("depth", c_int32),  # disable_irq() nesting
+            ("status", c_int32),  # IRQS_* (irq.py)
+            ("affinity", c_int32),  # target CPU
+            ("threads_active", c_int32),
+            ("irq_count", c_int32),  # note_interrupt(): interrupts in this window
+            ("irqs_unhandled", c_int32),
+            ("actions", IrqAction * MAX_IRQ_ACTIONS),
+            ("kstat", c_int64 * ncpus),  # /proc/interrupts counts per CPU
+        ]
+
+    return IrqDesc
 
 
 class PerCpu(ctypes.Structure):
-    """Per-CPU interrupt controller and softirq state."""
+    """Per-CPU interrupt controller and softirq state.
+
+    Idle tasks are shared: one per real CPU serves every emulated CPU mapped onto it
+    (idle.py). A doorbell that finds no running task on a CPU queues the CPU on its
+    idle task's list (kept in the PerCpu of the idle task's home CPU) and signals it.
+    """
 
     _fields_ = [
         ("lock", LockWord),  # tasklet lists
         ("irq_pending", c_int64),  # bit n: IRQ n raised for this CPU, not yet handled
         ("softirq_pending", c_int32),
-        ("idle_slot", c_int32),  # this CPU's idle task, -1 until the IRQ layer starts
+        ("idle_slot", c_int32),  # the idle task serving this CPU, -1 until it exists
         ("tasklet_head", c_int32 * 2),  # [TASKLET_SOFTIRQ, HI_SOFTIRQ] FIFO lists
         ("tasklet_tail", c_int32 * 2),
+        ("idle_home", c_int32),  # the CPU whose idle_list this CPU joins (idle task's own)
+        ("idle_list", c_int32),  # home CPU only: CPUs to serve, a stack linked by idle_next
+        ("idle_next", c_int32),  # next CPU on the idle list, -1 = last
+        ("idle_queued", c_int32),  # on the idle list now
     ]
+
+#: PerCpu fields that start at -1 (the others at 0).
+PERCPU_NONE = ("idle_slot", "tasklet_head", "tasklet_tail", "idle_home", "idle_list",
+               "idle_next")
 
 
 class TaskletRec(ctypes.Structure):
@@ -343,7 +367,8 @@ class LogRec(ctypes.Structure):
 
 def image_type(max_tasks: int, max_completions: int, log_records: int,
                max_atomics: int, max_spinlocks: int, nr_irqs: int = NR_IRQS_MAX,
-               max_tasklets: int = 256, heap_size: int = 0) -> type[ctypes.Structure]:
+               max_tasklets: int = 256, heap_size: int = 0,
+               ncpus: int = 1) -> type[ctypes.Structure]:
     """The ctypes type of a whole image with the given capacities."""
 
     class Image(ctypes.Structure):
@@ -353,8 +378,8 @@ def image_type(max_tasks: int, max_completions: int, log_records: int,
             ("completions", CompletionRec * max_completions),
             ("atomics", AtomicRec * max_atomics),
             ("spinlocks", SpinlockRec * max_spinlocks),
-            ("irqs", IrqDesc * nr_irqs),
-            ("percpu", PerCpu * MAX_CPUS),
+            ("irqs", irq_desc_type(ncpus) * nr_irqs),
+            ("percpu", PerCpu * ncpus),
             ("tasklets", TaskletRec * max_tasklets),
             ("irq_sources", IrqSource * MAX_IRQ_SOURCES),
             ("log", LogRec * log_records),
@@ -362,6 +387,26 @@ def image_type(max_tasks: int, max_completions: int, log_records: int,
         ]
 
     return Image
+
+
+def percpu_fill(img: Any, name: str, values: Sequence[int] | int) -> None:
+    """Set int32 field `name` (each word of it, for an array) of every CPU's PerCpu
+    record of image `img` to `values` (one per CPU, or one for all), at C speed: a boot
+    with a thousand CPUs must not loop over them in Python."""
+    percpu = img.percpu
+    n = len(percpu)
+    words = array.array("i", [values] * n if isinstance(values, int) else values)
+    field = getattr(PerCpu, name)
+    stride = ctypes.sizeof(PerCpu) // 4
+    words_of_all = (ctypes.c_int32 * (stride * n)).from_address(ctypes.addressof(percpu))
+    with memoryview(words_of_all) as view, view.cast("B") as raw, raw.cast("i") as ints:
+        for word in range(field.offset // 4, (field.offset + field.size) // 4):
+            ints[word:stride * n:stride] = words
+
+
+def percpu_addr(img: Any, cpu: int, name: str) -> int:
+    """Absolute address of field `name` of `cpu`'s PerCpu record in image `img`."""
+    return ctypes.addressof(img.percpu) + cpu * ctypes.sizeof(PerCpu) + getattr(PerCpu, name).offset
 
 
 def field_addr(obj: ctypes.Structure, name: str) -> int:
@@ -374,10 +419,10 @@ class SharedImage:
 
     def __init__(self, max_tasks: int, max_completions: int, log_records: int,
                  max_atomics: int = 1024, max_spinlocks: int = 1024,
-                 nr_irqs: int = NR_IRQS_MAX, heap_size: int = 1 << 20) -> None:
+                 nr_irqs: int = NR_IRQS_MAX, heap_size: int = 1 << 20, ncpus: int = 1) -> None:
         prefix = f"/{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
         itype = image_type(max_tasks, max_completions, log_records, max_atomics, max_spinlocks,
-                           nr_irqs, heap_size=heap_size)
+                           nr_irqs, heap_size=heap_size, ncpus=ncpus)
         self.size = ctypes.sizeof(itype)
         shm = posix_ipc.SharedMemory(prefix, posix_ipc.O_CREX, mode=0o600, size=self.size)
         try:

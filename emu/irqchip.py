@@ -15,13 +15,14 @@ their threads and line control are irq.py.
 
 from __future__ import annotations
 
+import ctypes
 import signal as _os_signal
 from collections.abc import Callable
 from typing import Any
 
 import _emu_native as _native
 
-from . import bug, checks, image, preempt, records
+from . import bug, checks, image, irqflags, preempt, records
 from .callback import callback_load
 from .constants import PF_EXITING
 from .printk import log_store
@@ -71,14 +72,15 @@ class _Views:
         self.descs = [img.img.irqs[i] for i in range(img.img.hdr.nr_irqs)]
         self.actions = [[d.actions[j] for j in range(image.MAX_IRQ_ACTIONS)]
                         for d in self.descs]
-        self.softirq_pending = [image.field_addr(img.img.percpu[c], "softirq_pending")
-                                for c in range(image.MAX_CPUS)]
         #: (irq, action index) -> (callback ref, handler, dev) as given to request_irq()
         #: in this process (or inherited by fork): free_irq() finds `dev` by identity,
         #: and what they capture stays alive until then.
         self.requested: dict[tuple[int, int], tuple[tuple[int, int], Any, Any]] = {}
-        self.irq_pending = [image.field_addr(img.img.percpu[c], "irq_pending")
-                            for c in range(image.MAX_CPUS)]
+        # Per-CPU addresses: CPU c's is base + c * stride (no list: a kernel may have a
+        # thousand CPUs, and every task that takes an interrupt builds these views).
+        self.percpu_stride = ctypes.sizeof(image.PerCpu)
+        self.irq_pending0 = image.percpu_addr(img.img, 0, "irq_pending")
+        self.softirq_pending0 = image.percpu_addr(img.img, 0, "softirq_pending")
 
 
 def _views() -> _Views:
@@ -90,8 +92,9 @@ def _views() -> _Views:
 
 
 def softirq_pending_addr(cpu: int) -> int:
-    """Address of `cpu`'s softirq pending bits (cached per kernel)."""
-    return int(_views().softirq_pending[cpu])
+    """Address of `cpu`'s softirq pending bits."""
+    views = _views()
+    return views.softirq_pending0 + cpu * views.percpu_stride
 
 
 def _core() -> Any:
@@ -161,7 +164,9 @@ def resend_pending(cpu: int) -> None:
     another task or this call sees the bit.
     """
     views = _views()
-    if _native.load64(views.irq_pending[cpu]) or _native.load32(views.softirq_pending[cpu]):
+    offset = cpu * views.percpu_stride
+    if (_native.load64(views.irq_pending0 + offset)
+            or _native.load32(views.softirq_pending0 + offset)):
         _core().ring(cpu)
 
 
@@ -189,18 +194,27 @@ def do_IRQ() -> None:
     Like a CPU taking an interrupt, it runs with interrupts off until every pending
     line was handled; softirqs run afterwards with interrupts on. In a process that is
     not (or no longer) a task it does nothing: see install_doorbell(), resend_pending().
+    An idle task at its top level serves the CPUs that rang it instead (become_idle()).
     """
     if preempt.irqs_disabled() or preempt.in_hardirq():
         return
     cpu = preempt.this_cpu()
     if cpu < 0:
         return
+    if _idle_home >= 0 and not preempt.preempt_count():
+        _serve_idle_list()
+    else:
+        _do_IRQ_on(cpu)
+
+
+def _do_IRQ_on(cpu: int) -> None:
     core = _core()
     views = _views()
+    offset = cpu * views.percpu_stride
     # Loop until nothing is pending: an interrupt raised meanwhile (on this CPU, or to
     # our task from elsewhere) only left its bit, even one whose doorbell came after the
     # last look but before interrupts were on again (that doorbell's do_IRQ() returned).
-    while _native.load64(views.irq_pending[cpu]):
+    while _native.load64(views.irq_pending0 + offset):
         preempt.irqs_off_raw(True)
         try:
             while pending := core.take_pending(cpu):
@@ -210,9 +224,37 @@ def do_IRQ() -> None:
                     handle_irq(core, low.bit_length() - 1, cpu)
         finally:
             preempt.irqs_off_raw(False)
-    if _native.load32(views.softirq_pending[cpu]):
+    if _native.load32(views.softirq_pending0 + offset):
         for hook in irq_exit_hooks:
             hook()
+
+
+#: In a shared idle task (idle.py): its home CPU, whose idle list it serves; else -1.
+_idle_home = -1
+
+
+def become_idle(home: int) -> None:
+    """Make this task the idle task that serves every CPU queued on `home`'s idle list
+    (IrqCore queues a CPU there when its doorbell finds no running task): from now on
+    its doorbell serves only those CPUs, never its own CPU's interrupts unasked (a task
+    running there takes them)."""
+    global _idle_home
+    _idle_home = home
+
+
+def _serve_idle_list() -> None:
+    """A shared idle task, at its top level (no interrupt or softirq of another CPU in
+    progress): serve each CPU that rang it, as that CPU (smp_processor_id() is that CPU
+    meanwhile: its own counts, pending bits and tasklet lists), until none is queued."""
+    rec = irqflags.current_slot()
+    core = _core()
+    while cpus := core.idle_take(_idle_home):
+        for cpu in cpus:
+            saved = records.field_xchg(rec, "cpu", cpu)
+            try:
+                _do_IRQ_on(cpu)
+            finally:
+                records.field_store(rec, "cpu", saved)
 
 
 preempt.irq_enable_hooks.append(do_IRQ)

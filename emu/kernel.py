@@ -23,7 +23,20 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import bug, heap, image, irq, irqchip, kthread, preempt, records, sched, supervisor, task
+from . import (
+    bug,
+    heap,
+    idle,
+    image,
+    irq,
+    irqchip,
+    kthread,
+    preempt,
+    records,
+    sched,
+    supervisor,
+    task,
+)
 from .constants import PF_IDLE, PF_KTHREAD, TASK_RUNNING
 from .errors import AlreadyBootedError, EmuError, KernelDeadError, StaleObjectError
 from .kthread import KTHREAD_EXITED
@@ -34,6 +47,9 @@ F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
 HZ_DEFAULT = 250
 #: How long shutdown waits for kthreads to honour kthread_should_stop().
 SHUTDOWN_GRACE_SECS = 2.0
+#: The most emulated CPUs a kernel may have (CONFIG_NR_CPUS): boot(cpus=...) takes up to
+#: this many, and a machine with more real CPUs boots on the first NR_CPUS of them.
+NR_CPUS = image.NR_CPUS
 #: Sent to the booting process when the kernel dies (the supervisor panicked or is gone).
 SIG_KERNEL_DEAD = _os_signal.SIGRTMIN + 4
 
@@ -50,11 +66,15 @@ def _check_int(value: Any, name: str, low: int, high: int) -> int:
 
 
 def _cpu_map(cpus: Any) -> list[int]:
+    """The real CPU of each emulated CPU for boot(cpus=...)."""
     allowed = sorted(os.sched_getaffinity(0))
     if cpus is None:
-        return allowed
+        if len(allowed) > NR_CPUS:
+            print(f"emu: {len(allowed)} CPUs available, booting on the first {NR_CPUS} "
+                  f"(emu.NR_CPUS)", file=sys.stderr)
+        return allowed[:NR_CPUS]
     if isinstance(cpus, int) and not isinstance(cpus, bool):
-        _check_int(cpus, "cpus", 1, image.MAX_CPUS)
+        _check_int(cpus, "cpus", 1, NR_CPUS)
         return [allowed[i % len(allowed)] for i in range(cpus)]
     try:
         wanted = list(cpus)
@@ -62,12 +82,13 @@ def _cpu_map(cpus: Any) -> list[int]:
         raise TypeError(
             f"cpus must be a CPU count or a list of real CPU ids, not {type(cpus).__name__}"
         ) from None
-    if not 1 <= len(wanted) <= image.MAX_CPUS:
-        raise ValueError(f"cpus must name 1 to {image.MAX_CPUS} CPUs, got {len(wanted)}")
+    if not 1 <= len(wanted) <= NR_CPUS:
+        raise ValueError(f"cpus must name 1 to {NR_CPUS} CPUs (emu.NR_CPUS), got {len(wanted)}")
+    allowed_set = set(allowed)
     for c in wanted:
         if not isinstance(c, int) or isinstance(c, bool):
             raise TypeError(f"cpus must hold int CPU ids, got {c!r}")
-        if c not in allowed:
+        if c not in allowed_set:
             raise ValueError(f"cpus: CPU {c} is not one this process may run on ({allowed})")
     return wanted
 
@@ -335,7 +356,7 @@ def boot(
 
     image.reclaim_orphans()
     img = image.SharedImage(max_tasks, max_completions + 2 * max_tasks, log_records,
-                            max_atomics, max_spinlocks, nr_irqs, heap_size)
+                            max_atomics, max_spinlocks, nr_irqs, heap_size, len(cpu_map))
     heap.heap_init(img, heap_size)
     hdr = img.img.hdr
     hdr.magic = image.IMAGE_MAGIC
@@ -356,9 +377,9 @@ def boot(
     hdr.hung_task_panic = hung_task_panic
     hdr.softlockup_thresh_secs = softlockup_thresh_secs
     hdr.nr_irqs = nr_irqs
-    for pc in img.img.percpu:
-        pc.idle_slot = -1
-        pc.tasklet_head[0] = pc.tasklet_head[1] = pc.tasklet_tail[0] = pc.tasklet_tail[1] = -1
+    for name in image.PERCPU_NONE:
+        image.percpu_fill(img.img, name, -1)
+    image.percpu_fill(img.img, "idle_home", idle.idle_homes(cpu_map))
     img.cpu_map = cpu_map
     image.attach(img)
     try:

@@ -47,10 +47,12 @@ typedef struct {
     Py_ssize_t action_size, nr_actions, a_in_use, a_ref, a_ref_gen;
     char *percpu;
     Py_ssize_t percpu_size, ncpus, p_irq_pending, p_idle_slot;
+    Py_ssize_t p_idle_home, p_idle_list, p_idle_next, p_idle_queued;
     Py_ssize_t t_in_use, t_cpu, t_pid;
     int32_t *task_high;
     int signo;
     Py_ssize_t *last_target;  /* per CPU: the slot that took its last doorbell, or -1 */
+    int32_t *idle_buf;  /* scratch for idle_take(): one entry per CPU */
 } IrqCore;
 
 #define D_FIELD(ic, irq, off, type) ((type *)((ic)->descs + (irq) * (ic)->desc_size + (off)))
@@ -122,6 +124,28 @@ ic_target(IrqCore *ic, int32_t cpu)
 }
 
 /*
+ * Queue `cpu` (once) on the list of CPUs its idle task serves, which that task takes
+ * with idle_take(): one idle task serves every emulated CPU of a real CPU, and learns
+ * this way which of them rang. A lock-free stack (push, take all); the queued flag
+ * keeps a CPU from being on it twice. Called before the signal is sent.
+ */
+static void
+ic_queue_idle(IrqCore *ic, int32_t cpu)
+{
+    int32_t home = LOAD32(P_FIELD(ic, cpu, ic->p_idle_home, int32_t)), head, *list;
+
+    if (home < 0 || home >= ic->ncpus ||
+        __atomic_exchange_n(P_FIELD(ic, cpu, ic->p_idle_queued, int32_t), 1, __ATOMIC_SEQ_CST))
+        return;  /* no idle task yet, or already queued */
+    list = P_FIELD(ic, home, ic->p_idle_list, int32_t);
+    head = LOAD32(list);
+    do {
+        __atomic_store_n(P_FIELD(ic, cpu, ic->p_idle_next, int32_t), head, __ATOMIC_SEQ_CST);
+    } while (!__atomic_compare_exchange_n(list, &head, cpu, 0, __ATOMIC_SEQ_CST,
+                                          __ATOMIC_SEQ_CST));
+}
+
+/*
  * Ring `cpu`'s doorbell: signal the task running there, or else the CPU's idle task,
  * even if that is the caller. Returns 0; with neither yet, the interrupts and softirqs
  * stay pending. -1 with an OSError if the signal cannot be sent.
@@ -138,6 +162,8 @@ ic_ring(IrqCore *ic, int32_t cpu)
         slot = ic_target(ic, cpu);
         if (slot < 0 || (pid = LOAD32(T_FIELD(wc, slot, ic->t_pid, int32_t))) <= 0)
             return 0;
+        if (slot == LOAD32(P_FIELD(ic, cpu, ic->p_idle_slot, int32_t)))
+            ic_queue_idle(ic, cpu);
         if (kill(pid, ic->signo) < 0) {
             if (errno == ESRCH)
                 continue;  /* it exited meanwhile: look again */
@@ -225,6 +251,39 @@ IrqCore_take_pending(IrqCore *ic, PyObject *arg)
         return NULL;
     return PyLong_FromUnsignedLongLong(
         __atomic_exchange_n(P_FIELD(ic, cpu, ic->p_irq_pending, uint64_t), 0, __ATOMIC_SEQ_CST));
+}
+
+/*
+ * idle_take(home): the CPUs queued for the idle task whose home CPU is `home`, oldest
+ * first; each may be queued again from now on (its interrupts raised before are
+ * pending by then).
+ */
+static PyObject *
+IrqCore_idle_take(IrqCore *ic, PyObject *arg)
+{
+    Py_ssize_t home, n = 0, i;
+    int32_t cpu, next;
+    PyObject *list, *item;
+
+    if (ic_cpu_arg(ic, arg, &home) < 0)
+        return NULL;
+    cpu = __atomic_exchange_n(P_FIELD(ic, home, ic->p_idle_list, int32_t), -1, __ATOMIC_SEQ_CST);
+    while (cpu >= 0 && cpu < ic->ncpus && n < ic->ncpus) {
+        next = LOAD32(P_FIELD(ic, cpu, ic->p_idle_next, int32_t));  /* before it may be reused */
+        __atomic_store_n(P_FIELD(ic, cpu, ic->p_idle_queued, int32_t), 0, __ATOMIC_SEQ_CST);
+        ic->idle_buf[n++] = cpu;
+        cpu = next;
+    }
+    if ((list = PyList_New(n)) == NULL)
+        return NULL;  /* their pending bits stay: the next doorbell queues them again */
+    for (i = 0; i < n; i++) {
+        if ((item = PyLong_FromLong(ic->idle_buf[n - 1 - i])) == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, item);
+    }
+    return list;
 }
 
 /* The live actions of a line (descriptor locked): n entries of (index, ref, ref_gen). */
@@ -443,6 +502,10 @@ IrqCore_init(IrqCore *ic, PyObject *args, PyObject *kwds)
     const LayoutField percpu_fields[] = {
         FIELD("irq_pending", &ic->p_irq_pending, uint64_t),
         FIELD("idle_slot", &ic->p_idle_slot, int32_t),
+        FIELD("idle_home", &ic->p_idle_home, int32_t),
+        FIELD("idle_list", &ic->p_idle_list, int32_t),
+        FIELD("idle_next", &ic->p_idle_next, int32_t),
+        FIELD("idle_queued", &ic->p_idle_queued, int32_t),
         END_FIELDS,
     };
     Py_ssize_t task_high;
@@ -505,7 +568,8 @@ IrqCore_init(IrqCore *ic, PyObject *args, PyObject *kwds)
         return -1;
     }
     ic->last_target = PyMem_Calloc((size_t)ic->ncpus, sizeof(Py_ssize_t));
-    if (ic->last_target == NULL) {
+    ic->idle_buf = PyMem_Calloc((size_t)ic->ncpus, sizeof(int32_t));
+    if (ic->last_target == NULL || ic->idle_buf == NULL) {
         PyErr_NoMemory();
         return -1;
     }
@@ -525,6 +589,7 @@ IrqCore_dealloc(IrqCore *ic)
     PyTypeObject *tp = Py_TYPE(ic);
 
     PyMem_Free(ic->last_target);
+    PyMem_Free(ic->idle_buf);
     Py_CLEAR(ic->wc);
     tp->tp_free((PyObject *)ic);
     Py_DECREF(tp);
@@ -540,6 +605,9 @@ static PyMethodDef IrqCore_methods[] = {
      "ring(cpu) -> signal the task running on the CPU, or its idle task, even the caller"},
     {"take_pending", (PyCFunction)IrqCore_take_pending, METH_O,
      "take_pending(cpu) -> the CPU's pending IRQ bits, now cleared"},
+    {"idle_take", (PyCFunction)IrqCore_idle_take, METH_O,
+     "idle_take(home) -> [cpu, ...]: the CPUs that rang the idle task of CPU `home` "
+     "since the last call, oldest first"},
     {"claim", (PyCFunction)(void (*)(void))IrqCore_claim, METH_FASTCALL,
      "claim(irq, cpu) -> ((index, ref, ref_generation), ...) of the live actions to run, "
      "the line now in progress; or None (left pending or marked for replay)"},
