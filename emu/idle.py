@@ -1,68 +1,108 @@
 """The idle tasks (kernel/sched/idle.c): they take a CPU's interrupts and softirqs while
-no other task runs there. Created on the first request_irq() or tasklet, one per real
-CPU, each serving every emulated CPU mapped onto its real CPU.
+no other task runs there.
+
+An emulated CPU nothing runs on costs no process. Idle tasks are shared: at most one
+per real CPU, serving each emulated CPU mapped onto that real CPU, as that CPU
+(irqchip.py). The first request_irq() or tasklet creates the first one, on CPU 0's real
+CPU, and it serves every CPU at first; a real CPU gets its own when an interrupt is
+routed to one of its CPUs (idle_for()). So a thousand emulated CPUs on two real ones
+cost at most two processes, and a big machine only as many as it routes interrupts to.
 """
 
 from __future__ import annotations
 
 import time
 
-from . import image, records
+from . import image, preempt, records
 from .constants import PF_IDLE
-from .irqchip import become_idle, do_IRQ, resend_pending
+from .irqchip import do_IRQ, resend_pending
 from .kthread import kthread_create_on_cpu, kthread_should_stop
 from .sched import schedule_timeout_idle
-from .task import wake_up_process
+from .task import Task, wake_up_process
 
 #: The idle task's sleep in jiffies (decades): it ends with an interrupt or a wake-up.
 IDLE_SLEEP_JIFFIES = 1 << 40
 
+# hdr.irq_ready and a home CPU's PerCpu.idle_state
+IRQ_LAYER_STARTING = 1
+IRQ_LAYER_READY = 2
+
 
 def _idle(home: int) -> int:
-    """The idle task of a real CPU: it takes the interrupts and softirqs of each emulated
-    CPU on it while no task runs there (irqchip.become_idle())."""
-    become_idle(home)
-    do_IRQ()  # CPUs that rang before it served the list
+    """An idle task: it takes the interrupts and softirqs of each CPU it serves while no
+    task runs there (irqchip.do_IRQ())."""
+    do_IRQ()  # CPUs that rang before it could serve them
     while not kthread_should_stop():
         schedule_timeout_idle(IDLE_SLEEP_JIFFIES)
     return 0
 
 
-IRQ_LAYER_STARTING = 1
-IRQ_LAYER_READY = 2
+def _create_idle(home: int) -> Task:
+    t = kthread_create_on_cpu(_idle, home, home, "swapper/%u")
+    records.field_or(t._rec, "flags", PF_IDLE)  # before any doorbell can find it
+    return t
+
+
+def _wait_ready(rec: object, field: str) -> None:
+    """Another task is creating an idle task: wait until it is there."""
+    img = image.this()
+    while records.field_load(rec, field) != IRQ_LAYER_READY:
+        img.core.raise_if_dead()
+        time.sleep(0.001)
 
 
 def start_irq_layer() -> None:
-    """Create the idle tasks on the first request_irq() or tasklet (idempotent, any task).
-
-    One idle task per real CPU serves every emulated CPU mapped onto it: it is created
-    on the first of them (its home, named swapper/<home>) and takes the interrupts and
-    softirqs of each while no task runs there, as that CPU. So a thousand emulated CPUs
-    on two real ones cost two processes.
-    """
+    """Create the first idle task on the first request_irq() or tasklet (idempotent,
+    any task): the idle task of CPU 0's real CPU, serving every CPU until their real CPU
+    gets its own (idle_for())."""
     img = image.this()
     hdr = img.img.hdr
-    if records.field_cmpxchg(hdr, "irq_ready", 0, IRQ_LAYER_STARTING) != 0:
-        # another task is creating them
-        while records.field_load(hdr, "irq_ready") != IRQ_LAYER_READY:
-            img.core.raise_if_dead()
-            time.sleep(0.001)
+    if records.field_load(hdr, "irq_ready") == IRQ_LAYER_READY:
         return
-    homes = idle_homes(img.cpu_map)
-    slots = {home: kthread_create_on_cpu(_idle, home, home, "swapper/%u")
-             for home in sorted(set(homes))}
-    for t in slots.values():
-        records.field_or(t._rec, "flags", PF_IDLE)
-    image.percpu_fill(img.img, "idle_slot", [slots[home].slot for home in homes])
-    for t in slots.values():
-        wake_up_process(t)
+    if records.field_cmpxchg(hdr, "irq_ready", 0, IRQ_LAYER_STARTING) != 0:
+        _wait_ready(hdr, "irq_ready")
+        return
+    t = _create_idle(0)
+    image.percpu_fill(img.img, "idle_slot", t.slot)
+    image.percpu_fill(img.img, "idle_home", 0)
+    records.field_store(img.img.percpu[0], "idle_state", IRQ_LAYER_READY)
+    wake_up_process(t)
     for cpu in range(hdr.ncpus):
         resend_pending(cpu)  # raised while `cpu` had no target: nobody was rung
     records.field_store(hdr, "irq_ready", IRQ_LAYER_READY)
 
 
-def idle_homes(cpu_map: list[int]) -> list[int]:
-    """For each emulated CPU, the home of its idle task: the first emulated CPU on the
-    same real CPU."""
-    first: dict[int, int] = {}
-    return [first.setdefault(real, cpu) for cpu, real in enumerate(cpu_map)]
+def idle_home(cpu: int) -> int:
+    """The home of the idle task of `cpu`'s real CPU: its first emulated CPU."""
+    cpu_map = image.this().cpu_map
+    return cpu_map.index(cpu_map[cpu])
+
+
+def idle_for(cpu: int) -> None:
+    """Give the real CPU of emulated CPU `cpu` its own idle task, if it has none yet.
+
+    request_irq() and irq_set_affinity() call it for the CPU an interrupt is routed to.
+    It creates a kthread, so only in preemptible process context; elsewhere (and until
+    then) the first idle task serves `cpu`, from CPU 0's real CPU.
+    """
+    if not preempt.preemptible():
+        return
+    start_irq_layer()
+    img = image.this()
+    home = idle_home(cpu)
+    pc = img.img.percpu[home]
+    if records.field_load(pc, "idle_state") == IRQ_LAYER_READY:
+        return
+    if records.field_cmpxchg(pc, "idle_state", 0, IRQ_LAYER_STARTING) != 0:
+        _wait_ready(pc, "idle_state")
+        return
+    t = _create_idle(home)
+    # Its own slot first: IrqCore finds a CPU's idle task through the home's idle_slot.
+    records.field_store(pc, "idle_slot", t.slot)
+    cpu_map = img.cpu_map
+    for c, real in enumerate(cpu_map):
+        if real == cpu_map[home]:
+            records.field_store(img.img.percpu[c], "idle_slot", t.slot)
+            records.field_store(img.img.percpu[c], "idle_home", home)
+    records.field_store(pc, "idle_state", IRQ_LAYER_READY)
+    wake_up_process(t)

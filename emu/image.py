@@ -268,9 +268,10 @@ def irq_desc_type(ncpus: int) -> type[ctypes.Structure]:
 class PerCpu(ctypes.Structure):
     """Per-CPU interrupt controller and softirq state.
 
-    Idle tasks are shared: one per real CPU serves every emulated CPU mapped onto it
-    (idle.py). A doorbell that finds no running task on a CPU queues the CPU on its
-    idle task's list (kept in the PerCpu of the idle task's home CPU) and signals it.
+    Idle tasks are shared: one per real CPU serves every emulated CPU mapped onto it,
+    and the first one also those whose real CPU has none yet (idle.py). A doorbell that
+    finds no running task on a CPU queues the CPU on the list of the idle task serving
+    it (kept in the PerCpu of that task's home CPU) and signals that task.
     """
 
     _fields_ = [
@@ -284,6 +285,7 @@ class PerCpu(ctypes.Structure):
         ("idle_list", c_int32),  # home CPU only: CPUs to serve, a stack linked by idle_next
         ("idle_next", c_int32),  # next CPU on the idle list, -1 = last
         ("idle_queued", c_int32),  # on the idle list now
+        ("idle_state", c_int32),  # home CPUs (idle.py): 0 no idle task, 1 starting, 2 running
     ]
 
 #: PerCpu fields that start at -1 (the others at 0).

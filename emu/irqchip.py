@@ -24,7 +24,7 @@ import _emu_native as _native
 
 from . import bug, checks, image, irqflags, preempt, records
 from .callback import callback_load
-from .constants import PF_EXITING
+from .constants import PF_EXITING, PF_IDLE
 from .printk import log_store
 from .task import task_from_slot, wake_up_process
 
@@ -194,14 +194,14 @@ def do_IRQ() -> None:
     Like a CPU taking an interrupt, it runs with interrupts off until every pending
     line was handled; softirqs run afterwards with interrupts on. In a process that is
     not (or no longer) a task it does nothing: see install_doorbell(), resend_pending().
-    An idle task at its top level serves the CPUs that rang it instead (become_idle()).
+    An idle task at its top level serves the CPUs that rang it instead.
     """
     if preempt.irqs_disabled() or preempt.in_hardirq():
         return
     cpu = preempt.this_cpu()
     if cpu < 0:
         return
-    if _idle_home >= 0 and not preempt.preempt_count():
+    if not preempt.preempt_count() and irqflags.current_slot().flags & PF_IDLE:
         _serve_idle_list()
     else:
         _do_IRQ_on(cpu)
@@ -229,24 +229,19 @@ def _do_IRQ_on(cpu: int) -> None:
             hook()
 
 
-#: In a shared idle task (idle.py): its home CPU, whose idle list it serves; else -1.
+#: In an idle task (idle.py): its home CPU, whose idle list it serves; else -1.
 _idle_home = -1
 
 
-def become_idle(home: int) -> None:
-    """Make this task the idle task that serves every CPU queued on `home`'s idle list
-    (IrqCore queues a CPU there when its doorbell finds no running task): from now on
-    its doorbell serves only those CPUs, never its own CPU's interrupts unasked (a task
-    running there takes them)."""
-    global _idle_home
-    _idle_home = home
-
-
 def _serve_idle_list() -> None:
-    """A shared idle task, at its top level (no interrupt or softirq of another CPU in
+    """An idle task, at its top level (no interrupt or softirq of another CPU in
     progress): serve each CPU that rang it, as that CPU (smp_processor_id() is that CPU
-    meanwhile: its own counts, pending bits and tasklet lists), until none is queued."""
+    meanwhile: its own counts, pending bits and tasklet lists), until none is queued.
+    Never its own CPU's interrupts unasked: a task running there takes them."""
+    global _idle_home
     rec = irqflags.current_slot()
+    if _idle_home < 0:
+        _idle_home = int(rec.cpu)  # the first call is not nested: the CPU it is bound to
     core = _core()
     while cpus := core.idle_take(_idle_home):
         for cpu in cpus:

@@ -23,20 +23,7 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import (
-    bug,
-    heap,
-    idle,
-    image,
-    irq,
-    irqchip,
-    kthread,
-    preempt,
-    records,
-    sched,
-    supervisor,
-    task,
-)
+from . import bug, heap, image, irq, irqchip, kthread, preempt, records, sched, supervisor, task
 from .constants import PF_IDLE, PF_KTHREAD, TASK_RUNNING
 from .errors import AlreadyBootedError, EmuError, KernelDeadError, StaleObjectError
 from .kthread import KTHREAD_EXITED
@@ -379,7 +366,6 @@ def boot(
     hdr.nr_irqs = nr_irqs
     for name in image.PERCPU_NONE:
         image.percpu_fill(img.img, name, -1)
-    image.percpu_fill(img.img, "idle_home", idle.idle_homes(cpu_map))
     img.cpu_map = cpu_map
     image.attach(img)
     try:

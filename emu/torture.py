@@ -538,11 +538,11 @@ def _start_irq(run: Run, rng: random.Random) -> None:
                               "torture-thread", st)
     lines = _irq_lines(k.ncpus)
     devs = [(st, Atomic()) for _ in range(lines)]
-    for cpu in range(k.ncpus):
-        if cpu < lines:  # one device per CPU, as far as there are lines
-            line = IRQ_LINE_BASE + cpu
-            _irq.request_irq(line, irq_torture_handler, 0, "torture-irq", devs[cpu])
-            _irq.irq_set_affinity(line, cpu)
+    for cpu in range(lines):  # one device per CPU, as far as there are lines
+        line = IRQ_LINE_BASE + cpu
+        _irq.request_irq(line, irq_torture_handler, 0, "torture-irq", devs[cpu])
+        _irq.irq_set_affinity(line, cpu)  # its real CPU's idle task starts here
+    for cpu in range(k.ncpus):  # the last tasks a run starts (tests/killing.py)
         run.threads.append(kthread_run_on_cpu(_gated(run, _irq_worker), (st, run.stop, counters),
                                               cpu, "irqwork/%u"))
 

@@ -28,6 +28,7 @@
 #define IRQS_ONESHOT 0x8  /* masked until the threaded handler returns */
 #define IRQS_SPURIOUS_DISABLED 0x10  /* "nobody cared" */
 #define ACTION_LIVE 1  /* IrqAction.in_use: its handler runs */
+#define PF_IDLE 0x00000002  /* TaskSlot.flags: an idle task (never a running task) */
 #define IRQ_NONE 0
 /* note_interrupt(): a line with more than SPURIOUS_LIMIT of SPURIOUS_WINDOW unhandled. */
 #define SPURIOUS_WINDOW 100000
@@ -48,7 +49,7 @@ typedef struct {
     char *percpu;
     Py_ssize_t percpu_size, ncpus, p_irq_pending, p_idle_slot;
     Py_ssize_t p_idle_home, p_idle_list, p_idle_next, p_idle_queued;
-    Py_ssize_t t_in_use, t_cpu, t_pid;
+    Py_ssize_t t_in_use, t_cpu, t_pid, t_flags;
     int32_t *task_high;
     int signo;
     Py_ssize_t *last_target;  /* per CPU: the slot that took its last doorbell, or -1 */
@@ -96,47 +97,54 @@ ic_running_on(IrqCore *ic, Py_ssize_t slot, int32_t cpu)
     return LOAD32(T_FIELD(wc, slot, ic->t_in_use, int32_t)) &&
            LOAD32(T_FIELD(wc, slot, ic->t_cpu, int32_t)) == cpu &&
            LOAD32(T_FIELD(wc, slot, wc->t_state, int32_t)) == TASK_RUNNING &&
+           !(LOAD32(T_FIELD(wc, slot, ic->t_flags, int32_t)) & PF_IDLE) &&
            LOAD32(T_FIELD(wc, slot, ic->t_pid, int32_t)) > 0;
 }
 
 /*
- * The slot of a task running on `cpu`, else of the CPU's idle task; -1 if neither. The
- * idle task runs only when no other task does: while it starts up (state R) it is not
+ * The slot of a task running on `cpu`, else of the idle task that serves it (*home is
+ * then that idle task's home CPU, else -1); -1 if neither. An idle task runs a CPU only
+ * when no other task does: while it serves one (state R, its cpu that CPU) it is not
  * taken for a running task.
  */
 static Py_ssize_t
-ic_target(IrqCore *ic, int32_t cpu)
+ic_target(IrqCore *ic, int32_t cpu, int32_t *home)
 {
     Py_ssize_t slot = ic->last_target[cpu], high = LOAD32(ic->task_high);
-    Py_ssize_t idle = LOAD32(P_FIELD(ic, cpu, ic->p_idle_slot, int32_t));
 
-    if (slot >= 0 && slot != idle && ic_running_on(ic, slot, cpu))
+    *home = -1;
+    if (slot >= 0 && ic_running_on(ic, slot, cpu))
         return slot;
     if (high > ic->wc->ntasks)
         high = ic->wc->ntasks;
     for (slot = 0; slot < high; slot++) {
-        if (slot != idle && ic_running_on(ic, slot, cpu)) {
+        if (ic_running_on(ic, slot, cpu)) {
             ic->last_target[cpu] = slot;
             return slot;
         }
     }
-    return idle < ic->wc->ntasks ? idle : -1;
+    *home = LOAD32(P_FIELD(ic, cpu, ic->p_idle_home, int32_t));
+    if (*home < 0 || *home >= ic->ncpus)
+        return *home = -1;
+    slot = LOAD32(P_FIELD(ic, *home, ic->p_idle_slot, int32_t));
+    if (slot < 0 || slot >= ic->wc->ntasks)
+        return *home = -1;
+    return slot;
 }
 
 /*
- * Queue `cpu` (once) on the list of CPUs its idle task serves, which that task takes
- * with idle_take(): one idle task serves every emulated CPU of a real CPU, and learns
- * this way which of them rang. A lock-free stack (push, take all); the queued flag
- * keeps a CPU from being on it twice. Called before the signal is sent.
+ * Queue `cpu` (once) on the list of CPUs the idle task of CPU `home` serves, which that
+ * task takes with idle_take(): an idle task serves many emulated CPUs, and learns this
+ * way which of them rang. A lock-free stack (push, take all); the queued flag keeps a
+ * CPU from being on it twice. Called before the signal is sent.
  */
 static void
-ic_queue_idle(IrqCore *ic, int32_t cpu)
+ic_queue_idle(IrqCore *ic, int32_t cpu, int32_t home)
 {
-    int32_t home = LOAD32(P_FIELD(ic, cpu, ic->p_idle_home, int32_t)), head, *list;
+    int32_t head, *list;
 
-    if (home < 0 || home >= ic->ncpus ||
-        __atomic_exchange_n(P_FIELD(ic, cpu, ic->p_idle_queued, int32_t), 1, __ATOMIC_SEQ_CST))
-        return;  /* no idle task yet, or already queued */
+    if (__atomic_exchange_n(P_FIELD(ic, cpu, ic->p_idle_queued, int32_t), 1, __ATOMIC_SEQ_CST))
+        return;  /* already queued */
     list = P_FIELD(ic, home, ic->p_idle_list, int32_t);
     head = LOAD32(list);
     do {
@@ -155,15 +163,16 @@ ic_ring(IrqCore *ic, int32_t cpu)
 {
     WaitCore *wc = ic->wc;
     Py_ssize_t slot;
+    int32_t home;
     int i, value;
     pid_t pid;
 
     for (i = 0; i < DOORBELL_TRIES; i++) {
-        slot = ic_target(ic, cpu);
+        slot = ic_target(ic, cpu, &home);
         if (slot < 0 || (pid = LOAD32(T_FIELD(wc, slot, ic->t_pid, int32_t))) <= 0)
             return 0;
-        if (slot == LOAD32(P_FIELD(ic, cpu, ic->p_idle_slot, int32_t)))
-            ic_queue_idle(ic, cpu);
+        if (home >= 0)
+            ic_queue_idle(ic, cpu, home);
         if (kill(pid, ic->signo) < 0) {
             if (errno == ESRCH)
                 continue;  /* it exited meanwhile: look again */
@@ -491,6 +500,7 @@ IrqCore_init(IrqCore *ic, PyObject *args, PyObject *kwds)
         FIELD("in_use", &ic->t_in_use, int32_t),
         FIELD("cpu", &ic->t_cpu, int32_t),
         FIELD("pid", &ic->t_pid, int32_t),
+        FIELD("flags", &ic->t_flags, int32_t),
         END_FIELDS,
     };
     const LayoutField action_fields[] = {
@@ -652,6 +662,7 @@ emu_irqcore_exec(PyObject *module)
         PyModule_AddIntConstant(module, "IRQS_ONESHOT", IRQS_ONESHOT) < 0 ||
         PyModule_AddIntConstant(module, "IRQS_SPURIOUS_DISABLED", IRQS_SPURIOUS_DISABLED) < 0 ||
         PyModule_AddIntConstant(module, "ACTION_LIVE", ACTION_LIVE) < 0 ||
+        PyModule_AddIntConstant(module, "PF_IDLE", PF_IDLE) < 0 ||
         PyModule_AddIntConstant(module, "SPURIOUS_WINDOW", SPURIOUS_WINDOW) < 0 ||
         PyModule_AddIntConstant(module, "SPURIOUS_LIMIT", SPURIOUS_LIMIT) < 0 ||
         PyModule_AddIntConstant(module, "IRQ_END_REPLAY", IRQ_END_REPLAY) < 0 ||
