@@ -23,6 +23,8 @@ from emu.task import live_tasks
 
 from util import wait_until
 
+pytest_plugins = ["pytester"]
+
 HERE = Path(__file__).parent
 IRQ = 5
 T = 20  # seconds: a generous bound for anything that waits on another process
@@ -203,3 +205,63 @@ def test_image_per_cpu_parts_are_sized_by_the_kernels_cpus():
         assert len(img.percpu) == 3
         assert len(img.irqs[0].kstat) == 3
         assert image.NR_CPUS == emu.NR_CPUS
+
+
+# --- pytest-xdist: each worker boots its own kernels ------------------------------------------
+
+XDIST_TESTS = '''
+import os, time
+from pathlib import Path
+import pytest
+import emu
+
+BARRIER = Path(os.environ["EMU_XDIST_BARRIER"])
+
+
+def count(irq, hits):
+    emu.atomic_inc(hits)
+    return emu.IRQ_HANDLED
+
+
+def meet(name):
+    """Both workers' tests reach this point before either goes on (bounded)."""
+    (BARRIER / name).touch()
+    deadline = time.monotonic() + 60
+    while len(list(BARRIER.iterdir())) < 2:
+        assert time.monotonic() < deadline, "the other worker never came"
+        time.sleep(0.01)
+
+
+@pytest.mark.emu_boot(cpus=4)
+@pytest.mark.parametrize("n", [0, 1])
+def test_side_by_side(kernel, n):
+    hits = emu.Atomic()
+    assert emu.request_irq(5, count, 0, f"worker{n}", hits) == 0
+    assert emu.irq_set_affinity(5, 3) == 0
+    threads = [emu.kthread_run_on_cpu(lambda d: 0 if emu.msleep(50) is None else 1, None,
+                                      c, "side/%u") for c in range(4)]
+    meet(os.environ["PYTEST_XDIST_WORKER"])
+    kernel.add_irq_source(5, rate_hz=200, count=20)
+    deadline = time.monotonic() + 30
+    while emu.atomic_read(hits) < 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [emu.kthread_stop(t) for t in threads] == [0, 0, 0, 0]
+    assert {t.pid for t in kernel.tasks()} == {os.getpid()}
+    assert emu.free_irq(5, hits) == f"worker{n}"
+    assert 1 <= emu.atomic_read(hits) <= 20
+'''
+
+
+def test_the_kernel_fixture_boots_one_kernel_per_xdist_worker(pytester, tmp_path, monkeypatch):
+    """Two xdist workers boot kernels at the same time (the tests meet at a barrier),
+    each with kthreads and interrupts: neither sees the other's tasks, and the fixture
+    finds no leftover process or IPC object in either."""
+    pytest.importorskip("xdist")
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    monkeypatch.setenv("EMU_XDIST_BARRIER", str(barrier))
+    pytester.makepyfile(XDIST_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q", "-n", "2",
+                                           "--dist", "load", timeout=120)
+    result.assert_outcomes(passed=2)
+    assert sorted(p.name for p in barrier.iterdir()) == ["gw0", "gw1"]
