@@ -16,6 +16,7 @@ their threads and line control are irq.py.
 from __future__ import annotations
 
 import ctypes
+import os
 import signal as _os_signal
 from collections.abc import Callable
 from typing import Any
@@ -201,7 +202,10 @@ def do_IRQ() -> None:
     cpu = preempt.this_cpu()
     if cpu < 0:
         return
-    if not preempt.preempt_count() and irqflags.current_slot().flags & PF_IDLE:
+    idle = _idle
+    if idle is None:
+        idle = bool(irqflags.current_slot().flags & PF_IDLE)
+    if idle and not preempt.preempt_count():
         _serve_idle_list()
     else:
         _do_IRQ_on(cpu)
@@ -229,8 +233,26 @@ def _do_IRQ_on(cpu: int) -> None:
             hook()
 
 
+#: Whether this task is an idle task (PF_IDLE, set by its creator before it starts),
+#: kept here for do_IRQ(); None in a new kthread until it starts (task_started()).
+_idle: bool | None = False
 #: In an idle task (idle.py): its home CPU, whose idle list it serves; else -1.
 _idle_home = -1
+
+
+def task_started(rec: Any) -> None:
+    """A new kthread starts (after its first wake-up): whether it is an idle task is
+    settled."""
+    global _idle
+    _idle = bool(rec.flags & PF_IDLE)
+
+
+def _after_fork_in_child() -> None:
+    global _idle, _idle_home
+    _idle, _idle_home = None, -1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _serve_idle_list() -> None:

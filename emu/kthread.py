@@ -270,6 +270,7 @@ def _kthread(task: Task) -> None:
         rec = task._rec
         schedule()  # created in TASK_UNINTERRUPTIBLE: wait for the first wake-up
         records.field_or(rec, "kflags", KTHREAD_STARTED)
+        irqchip.task_started(rec)
         if rec.kflags & KTHREAD_SHOULD_STOP:
             result = -EINTR
         else:

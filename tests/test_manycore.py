@@ -8,6 +8,7 @@ machine with N CPUs (os.sched_getaffinity), its pinning mapped onto the real one
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -141,6 +142,25 @@ def test_big_machine_runs_kthreads_and_takes_interrupts_on_high_cpus(kernel, ncp
         assert emu.kthread_stop(t) == 0
     assert emu.free_irq(IRQ, (hit_cpu, hit_pid, done, tasklet)) == "high"
     emu.tasklet_kill(tasklet)
+
+
+def idle_until_stopped(_):
+    while not emu.kthread_should_stop():
+        emu.schedule_timeout_interruptible(emu.MAX_SCHEDULE_TIMEOUT)
+    return 0
+
+
+@pytest.mark.emu_boot(cpus=1024)
+def test_kthread_bind_mask_takes_masks_of_high_cpus(kernel):
+    t = emu.kthread_create(idle_until_stopped, None, "masked")
+    emu.kthread_bind_mask(t, range(700, 1024))
+    assert t.cpu == 700
+    assert os.sched_getaffinity(t.pid) == {kernel.cpu_map[700]}
+    assert emu.kthread_stop(t) == -errno.EINTR  # never woken
+    x = emu.kthread_create(idle_until_stopped, None, "x")
+    with pytest.raises(ValueError, match="cpus 1024 does not exist"):
+        emu.kthread_bind_mask(x, [5, 1024])
+    assert emu.kthread_stop(x) == -errno.EINTR
 
 
 def test_unused_cpus_cost_no_process_and_little_memory():
