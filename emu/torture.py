@@ -89,6 +89,7 @@ from .sched import (
 from .signal import allow_signal, flush_signals, send_sig
 from .softirq import Tasklet, tasklet_kill, tasklet_schedule
 from .spinlock import (
+    SOFTLOCKUP_THRESH_DEFAULT,
     Spinlock,
     spin_lock,
     spin_lock_irqsave,
@@ -618,6 +619,20 @@ def boot_capacities(opts: Options) -> dict[str, int]:
             "nr_irqs": max(32, IRQ_LINE_BASE + _irq_lines(ncpus))}
 
 
+def boot_watchdogs(opts: Options) -> dict[str, int]:
+    """The hung-task and soft-lockup thresholds of a run with `opts`: the defaults, times
+    the emulated CPUs per real CPU. The host time-slices that many busy CPUs' tasks on
+    one real CPU, so a task may wait that many times longer to run (a lock holder too)."""
+    ncpus = _ncpus(opts.cpus)
+    if opts.cpus is None or isinstance(opts.cpus, int):
+        real = min(ncpus, len(os.sched_getaffinity(0)))
+    else:
+        real = len(set(opts.cpus))
+    over = -(-ncpus // max(real, 1))
+    return {"hung_task_timeout_secs": max(5, int(opts.duration) + 5) * over,
+            "softlockup_thresh_secs": SOFTLOCKUP_THRESH_DEFAULT * over}
+
+
 def _stat_line(kind: str, counters: Counters, elapsed: float) -> str:
     per_cpu = counters.per_cpu()
     total = sum(per_cpu)
@@ -721,8 +736,7 @@ def run_torture(opts: Options, out: Any = sys.stdout) -> dict[str, Any]:
     """
     rng = random.Random(opts.seed)
     result: dict[str, Any] = {"seed": opts.seed}
-    with boot(cpus=opts.cpus, hz=1000, hung_task_timeout_secs=max(5, int(opts.duration) + 5),
-              **boot_capacities(opts)) as kernel:
+    with boot(cpus=opts.cpus, hz=1000, **boot_watchdogs(opts), **boot_capacities(opts)) as kernel:
         run = Run(kernel, opts, Atomic())
         try:
             _torture(run, rng, out)
