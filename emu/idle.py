@@ -15,6 +15,7 @@ import time
 
 from . import image, preempt, records
 from .constants import PF_IDLE
+from .errors import CapacityError
 from .irqchip import do_IRQ, resend_pending
 from .kthread import kthread_create_on_cpu, kthread_should_stop
 from .sched import schedule_timeout_idle
@@ -62,7 +63,11 @@ def start_irq_layer() -> None:
     if records.field_cmpxchg(hdr, "irq_ready", 0, IRQ_LAYER_STARTING) != 0:
         _wait_ready(hdr, "irq_ready")
         return
-    t = _create_idle(0)
+    try:
+        t = _create_idle(0)
+    except BaseException:
+        records.field_store(hdr, "irq_ready", 0)  # the next request_irq() tries again
+        raise
     image.percpu_fill(img.img, "idle_slot", t.slot)
     image.percpu_fill(img.img, "idle_home", 0)
     records.field_store(img.img.percpu[0], "idle_state", IRQ_LAYER_READY)
@@ -82,8 +87,9 @@ def idle_for(cpu: int) -> None:
     """Give the real CPU of emulated CPU `cpu` its own idle task, if it has none yet.
 
     request_irq() and irq_set_affinity() call it for the CPU an interrupt is routed to.
-    It creates a kthread, so only in preemptible process context; elsewhere (and until
-    then) the first idle task serves `cpu`, from CPU 0's real CPU.
+    It creates a kthread, so only in preemptible process context, and only while a task
+    slot is free; elsewhere (and until then) the first idle task serves `cpu`, from CPU
+    0's real CPU.
     """
     if not preempt.preemptible():
         return
@@ -96,7 +102,14 @@ def idle_for(cpu: int) -> None:
     if records.field_cmpxchg(pc, "idle_state", 0, IRQ_LAYER_STARTING) != 0:
         _wait_ready(pc, "idle_state")
         return
-    t = _create_idle(home)
+    try:
+        t = _create_idle(home)
+    except CapacityError:  # no task slot left: the first idle task goes on serving it
+        records.field_store(pc, "idle_state", 0)
+        return
+    except BaseException:
+        records.field_store(pc, "idle_state", 0)
+        raise
     # Its own slot first: IrqCore finds a CPU's idle task through the home's idle_slot.
     records.field_store(pc, "idle_slot", t.slot)
     cpu_map = img.cpu_map

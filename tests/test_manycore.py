@@ -285,3 +285,22 @@ def test_the_kernel_fixture_boots_one_kernel_per_xdist_worker(pytester, tmp_path
                                            "--dist", "load", timeout=120)
     result.assert_outcomes(passed=2)
     assert sorted(p.name for p in barrier.iterdir()) == ["gw0", "gw1"]
+
+
+@pytest.mark.emu_boot(cpus=4, max_tasks=3)
+def test_no_task_slot_for_an_idle_task_leaves_the_first_one_serving(kernel):
+    """irq_set_affinity() does not fail for want of a slot for its CPU's idle task: the
+    first idle task serves that CPU (real CPU 1's CPUs are 1 and 3 here)."""
+    if len(set(kernel.cpu_map)) < 2:
+        pytest.skip("needs two real CPUs")
+    hit_cpu, done = emu.Atomic(-1), emu.Completion()
+    blocker = emu.kthread_create(idle_until_stopped, None, "slot-taker")  # slots: boot, it,
+    assert emu.request_irq(IRQ, lambda irq, d: emu.atomic_set(d[0], emu.current().cpu)
+                           or emu.complete(d[1]) or 1, 0, "x", (hit_cpu, done)) == 0  # idle
+    assert emu.irq_set_affinity(IRQ, 3) == 0
+    assert len(idle_tasks()) == 1
+    emu.irq_inject_interrupt(IRQ)
+    assert emu.wait_for_completion_timeout(done, T * kernel.hz)
+    assert emu.atomic_read(hit_cpu) == 3
+    emu.free_irq(IRQ, (hit_cpu, done))
+    assert emu.kthread_stop(blocker) == -errno.EINTR
