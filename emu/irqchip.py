@@ -264,14 +264,20 @@ def _serve_idle_list() -> None:
     rec = irqflags.current_slot()
     if _idle_home < 0:
         _idle_home = int(rec.cpu)  # the first call is not nested: the CPU it is bound to
-    core = _core()
-    while cpus := core.idle_take(_idle_home):
+    take = _core().idle_take
+    while cpus := take(_idle_home):
+        saved = rec.cpu
         for cpu in cpus:
-            saved = records.field_xchg(rec, "cpu", cpu)
+            if cpu == saved:
+                _do_IRQ_on(cpu)
+                continue
+            # A plain store: no other process goes by an idle task's cpu (IrqCore never
+            # takes it for a running task), only this one's smp_processor_id().
+            rec.cpu = cpu
             try:
                 _do_IRQ_on(cpu)
             finally:
-                records.field_store(rec, "cpu", saved)
+                rec.cpu = saved
 
 
 preempt.irq_enable_hooks.append(do_IRQ)
