@@ -136,7 +136,8 @@ ic_target(IrqCore *ic, int32_t cpu, int32_t *home)
  * Queue `cpu` (once) on the list of CPUs the idle task of CPU `home` serves, which that
  * task takes with idle_take(): an idle task serves many emulated CPUs, and learns this
  * way which of them rang. A lock-free stack (push, take all); the queued flag keeps a
- * CPU from being on it twice. Called before the signal is sent.
+ * CPU from being on it twice. Called before the signal is sent. (A raiser SIGKILLed
+ * between setting the flag and the push would leave the CPU marked but off the list.)
  */
 static void
 ic_queue_idle(IrqCore *ic, int32_t cpu, int32_t home)
