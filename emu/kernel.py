@@ -59,6 +59,9 @@ F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
 HZ_DEFAULT = 250
 #: How long shutdown waits for kthreads to honour kthread_should_stop().
 SHUTDOWN_GRACE_SECS = 2.0
+#: The most emulated CPUs a kernel may have (CONFIG_NR_CPUS): boot(cpus=...) takes up to
+#: this many, and a machine with more real CPUs boots on the first NR_CPUS of them.
+NR_CPUS = image.NR_CPUS
 #: Sent to the booting process when the kernel dies (the supervisor panicked or is gone).
 SIG_KERNEL_DEAD = _os_signal.SIGRTMIN + 4
 
@@ -75,11 +78,15 @@ def _check_int(value: Any, name: str, low: int, high: int) -> int:
 
 
 def _cpu_map(cpus: Any) -> list[int]:
+    """The real CPU of each emulated CPU for boot(cpus=...)."""
     allowed = sorted(os.sched_getaffinity(0))
     if cpus is None:
-        return allowed
+        if len(allowed) > NR_CPUS:
+            print(f"emu: {len(allowed)} CPUs available, booting on the first {NR_CPUS} "
+                  f"(emu.NR_CPUS)", file=sys.stderr)
+        return allowed[:NR_CPUS]
     if isinstance(cpus, int) and not isinstance(cpus, bool):
-        _check_int(cpus, "cpus", 1, image.MAX_CPUS)
+        _check_int(cpus, "cpus", 1, NR_CPUS)
         return [allowed[i % len(allowed)] for i in range(cpus)]
     try:
         wanted = list(cpus)
@@ -87,12 +94,13 @@ def _cpu_map(cpus: Any) -> list[int]:
         raise TypeError(
             f"cpus must be a CPU count or a list of real CPU ids, not {type(cpus).__name__}"
         ) from None
-    if not 1 <= len(wanted) <= image.MAX_CPUS:
-        raise ValueError(f"cpus must name 1 to {image.MAX_CPUS} CPUs, got {len(wanted)}")
+    if not 1 <= len(wanted) <= NR_CPUS:
+        raise ValueError(f"cpus must name 1 to {NR_CPUS} CPUs (emu.NR_CPUS), got {len(wanted)}")
+    allowed_set = set(allowed)
     for c in wanted:
         if not isinstance(c, int) or isinstance(c, bool):
             raise TypeError(f"cpus must hold int CPU ids, got {c!r}")
-        if c not in allowed:
+        if c not in allowed_set:
             raise ValueError(f"cpus: CPU {c} is not one this process may run on ({allowed})")
     return wanted
 
@@ -438,7 +446,7 @@ def boot(
     printk_ratelimit: int = RATELIMIT_INTERVAL_SECS_DEFAULT,
     printk_ratelimit_burst: int = RATELIMIT_BURST_DEFAULT,
     trace: str | os.PathLike[str] | None = None,
-    trace_buf_events: int = _trace.TRACE_BUF_EVENTS_DEFAULT,
+    trace_buf_events: int | None = None,
 ) -> Kernel:
     """Boot a kernel in this process; use as ``with emu.boot(...) as kernel:``.
 
@@ -451,7 +459,8 @@ def boot(
     "<function>: N callbacks suppressed"; printk_ratelimit=0 logs every report.
     `trace`: a Perfetto trace file to record into from boot on (see
     Kernel.trace_start()); each emulated CPU has a ring of `trace_buf_events` events (a
-    power of two).
+    power of two; by default 131072 events shared out among the CPUs, at least 1024
+    each: 65536 on 2 CPUs).
     """
     if image._this is not None:
         raise AlreadyBootedError(
@@ -476,6 +485,8 @@ def boot(
     _check_int(heap_size, "heap_size", 4096, (1 << 31) - 1)
     _check_int(printk_ratelimit, "printk_ratelimit", 0, 1 << 20)
     _check_int(printk_ratelimit_burst, "printk_ratelimit_burst", 1, 1 << 30)
+    if trace_buf_events is None:
+        trace_buf_events = _trace.default_buf_events(len(cpu_map))
     _check_int(trace_buf_events, "trace_buf_events", 16, 1 << 24)
     if trace_buf_events & (trace_buf_events - 1):
         raise ValueError(f"trace_buf_events must be a power of two, got {trace_buf_events}")
@@ -507,11 +518,10 @@ def boot(
     hdr.nr_irqs = nr_irqs
     hdr.ratelimit_interval_ns = printk_ratelimit * 1_000_000_000
     hdr.ratelimit_burst = printk_ratelimit_burst
-    for pc in img.img.percpu:
-        pc.idle_slot = -1
-        pc.tasklet_head[0] = pc.tasklet_head[1] = pc.tasklet_tail[0] = pc.tasklet_tail[1] = -1
-        pc.timer_head = pc.timer_running = -1
-        pc.timer_next_ns = pc.idle_clock_ns = sched.FOREVER_NS
+    for name in image.PERCPU_NONE:
+        image.percpu_fill(img.img, name, -1)
+    for name in ("timer_next_ns", "idle_clock_ns"):
+        image.percpu_fill(img.img, name, sched.FOREVER_NS)
     hdr.clock_programmed_ns = sched.FOREVER_NS
     img.cpu_map = cpu_map
     image.attach(img)

@@ -289,6 +289,7 @@ def _kthread(task: Task) -> None:
         schedule()  # created in TASK_UNINTERRUPTIBLE (WCHAN_KTHREAD): wait for the first wake-up
         wchan_exit(WCHAN_NONE)
         records.field_or(rec, "kflags", KTHREAD_STARTED)
+        irqchip.task_started(rec)
         if rec.kflags & KTHREAD_SHOULD_STOP:
             result = -EINTR
         else:

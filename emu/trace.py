@@ -51,9 +51,18 @@ WORK_START = _native.TRACE_WORK_START
 WORK_END = _native.TRACE_WORK_END
 COMM = _native.TRACE_COMM
 
-#: Events per CPU ring unless boot() says otherwise (40 bytes each: 2.5 MiB per CPU,
-#: whose pages cost memory only once tracing touches them).
-TRACE_BUF_EVENTS_DEFAULT = 65536
+#: Events of all CPU rings together unless boot() says otherwise (40 bytes each: 5 MiB,
+#: whose pages cost memory only once tracing touches them), shared out among the CPUs.
+TRACE_EVENTS_TOTAL = 131072
+#: A CPU's ring holds at least this many events by default, however many CPUs there are.
+TRACE_BUF_EVENTS_MIN = 1024
+
+
+def default_buf_events(ncpus: int) -> int:
+    """Events per CPU ring by default: TRACE_EVENTS_TOTAL shared by `ncpus` CPUs (65536
+    each on 2 CPUs, 1024 on 1024: an emulated CPU costs no more than 40 KiB of rings)."""
+    share = TRACE_EVENTS_TOTAL // max(ncpus, 1)
+    return max(TRACE_BUF_EVENTS_MIN, 1 << (share.bit_length() - 1))
 FRAME = struct.Struct("<iiqq")
 EVENTS, DROPPED, META, TASKS, IRQS, LOG = range(1, 7)
 #: The last events of a ring that may still be being written when the drainer looks;

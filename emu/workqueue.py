@@ -90,11 +90,11 @@ __WQ_ORDERED = 1 << 17
 WQ_MAX_ACTIVE = 512 * 4
 WQ_DFL_ACTIVE = WQ_MAX_ACTIVE // 2
 #: queue_work() leaves the CPU choice to the workqueue: the local CPU.
-WORK_CPU_UNBOUND = image.MAX_CPUS
+WORK_CPU_UNBOUND = image.NR_CPUS
 WQ_NAME_LEN = image.WQ_NAME_LEN
 
-_HIGHPRI_BASE = image.MAX_CPUS
-UNBOUND_POOL = 2 * image.MAX_CPUS
+_HIGHPRI_BASE = image.NR_CPUS
+UNBOUND_POOL = 2 * image.NR_CPUS
 #: (name, flags, max_active) of the system workqueues, at these record indices.
 _SYSTEM_WQS = (("events", 0, 0), ("events_highpri", WQ_HIGHPRI, 0),
                ("events_unbound", WQ_UNBOUND, WQ_MAX_ACTIVE), ("events_long", 0, 0))
