@@ -28,7 +28,7 @@ from .callback import callback_load
 from .constants import PF_EXITING, PF_IDLE
 from .printk import log_store
 from .task import task_from_slot, wake_up_process
-from .wait import wake_up_var
+from .wait import var_waitqueue, wake_up_all
 
 IRQ_NONE = 0
 IRQ_HANDLED = 1
@@ -72,7 +72,8 @@ class _Views:
 
     def __init__(self, img: image.SharedImage) -> None:
         self.descs = [img.img.irqs[i] for i in range(img.img.hdr.nr_irqs)]
-        self.desc_addrs = [ctypes.addressof(d) for d in self.descs]
+        #: where synchronize_irq() waits for each line (wait_var_event() on its descriptor)
+        self.desc_waitqueues = [var_waitqueue(ctypes.addressof(d)) for d in self.descs]
         self.actions = [[d.actions[j] for j in range(image.MAX_IRQ_ACTIONS)]
                         for d in self.descs]
         #: (irq, action index) -> (callback ref, handler, dev) as given to request_irq()
@@ -240,7 +241,7 @@ def _do_IRQ_on(cpu: int) -> None:
                 while pending:
                     low = pending & -pending
                     pending ^= low
-                    handle_irq(core, low.bit_length() - 1, cpu)
+                    handle_irq(core, views, low.bit_length() - 1, cpu)
         finally:
             preempt.irqs_off_raw(False)
     if _native.load32(views.softirq_pending0 + offset):
@@ -298,7 +299,7 @@ def _serve_idle_list() -> None:
 preempt.irq_enable_hooks.append(do_IRQ)
 
 
-def handle_irq(core: Any, irq: int, cpu: int) -> None:
+def handle_irq(core: Any, views: _Views, irq: int, cpu: int) -> None:
     """handle_edge_irq(): run the line's handlers on `cpu` unless it is disabled, masked
     or in progress elsewhere (then IrqCore marks it pending, or for one replay here)."""
     live = core.claim(irq, cpu)
@@ -312,7 +313,9 @@ def handle_irq(core: Any, irq: int, cpu: int) -> None:
         if end & _native.IRQ_END_NOBODY_CARED:
             _report_nobody_cared(irq)
         live = core.actions(irq) if end & _native.IRQ_END_REPLAY else None
-    wake_up_var(_views().desc_addrs[irq])  # synchronize_irq() waits for the end
+    wq = views.desc_waitqueues[irq]
+    if wq._rec.head != -1:  # synchronize_irq() waits for the end (wake_up_var())
+        wake_up_all(wq)
 
 
 def _run_actions(irq: int, live: tuple[tuple[int, int, int], ...]) -> int:
