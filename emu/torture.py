@@ -971,16 +971,19 @@ def boot_capacities(opts: Options) -> dict[str, int]:
 
 
 def boot_watchdogs(opts: Options) -> dict[str, int]:
-    """The hung-task and soft-lockup thresholds of a run with `opts`: the defaults, times
-    the emulated CPUs per real CPU. The host time-slices that many busy CPUs' tasks on
-    one real CPU, so a task may wait that many times longer to run (a lock holder too)."""
+    """The hung-task and soft-lockup thresholds of a run with `opts`: the run's length
+    plus 20 s (at least 20 s; the booting process waits for the whole run and then for
+    every thread to end, on a host that may be loaded) and the soft-lockup default, both
+    times the emulated CPUs per real CPU. The host time-slices that many busy CPUs' tasks
+    on one real CPU, so a task may wait that many times longer to run (a lock holder
+    too)."""
     ncpus = _ncpus(opts.cpus)
     if opts.cpus is None or isinstance(opts.cpus, int):
         real = min(ncpus, len(os.sched_getaffinity(0)))
     else:
         real = len(set(opts.cpus))
     over = -(-ncpus // max(real, 1))
-    return {"hung_task_timeout_secs": max(5, int(opts.duration) + 5) * over,
+    return {"hung_task_timeout_secs": max(20, int(opts.duration) + 20) * over,
             "softlockup_thresh_secs": SOFTLOCKUP_THRESH_DEFAULT * over}
 
 

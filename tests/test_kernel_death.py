@@ -300,14 +300,19 @@ def test_a_supervisor_that_crashes_takes_the_kernel_down_and_says_why(monkeypatc
         raise RuntimeError("broken on purpose")
 
     monkeypatch.setattr(supervisor.Supervisor, "watch_new_tasks", broken)  # before the fork
-    k = emu.boot()
+    # The death may interrupt the booting process as soon as boot() has returned, even
+    # before its result is stored: the whole sequence is inside the expectation.
+    expect = pytest.raises(emu.KernelDeadError,
+                           match="the supervisor crashed: RuntimeError: broken on purpose")
     try:
-        with pytest.raises(emu.KernelDeadError,
-                           match="the supervisor crashed: RuntimeError: broken on purpose"):
+        with expect:
+            emu.boot()
             emu.msleep(10_000)
         assert "emu: the supervisor crashed" in capfd.readouterr().err
     finally:
-        k.shutdown()
+        booted = emu.kernel._booted
+        if booted is not None:
+            booted.shutdown()
 
 
 # --- the kill matrix: one run per kind of process, at a random moment -------------------------

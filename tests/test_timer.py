@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import emu
+from emu import image
 
 from util import stop_after_exit, wait_state, wait_until
 
@@ -448,7 +449,9 @@ def test_overdue_timers_of_a_cpu_with_interrupts_off_wait_and_nothing_stalls(ker
     count = emu.Atomic()
     assert emu.request_irq(7, h_count, 0, "still-alive", count) == 0
     kernel.add_irq_source(7, rate_hz=500, count=10)
-    wait_until(lambda: read(count) == 10, T, "the supervisor's device interrupts")
+    desc = image.this().img.irqs[7]  # an edge raised while one is pending merges with it
+    wait_until(lambda: read(count) + desc.merged == 10 and read(count) >= 1, T,
+               "the supervisor's device interrupts")
     emu.atomic_set(go, 1)
     wait_until(lambda: read(t.probe.runs) == 1, T, "the timer, once interrupts are on")
     assert read(t.probe.cpu) == 1 and read(t.probe.early) == 0
