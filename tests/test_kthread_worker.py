@@ -306,8 +306,6 @@ def test_kthread_delayed_work_with_no_delay_and_mod_and_cancel(kernel):
     emu.kthread_destroy_worker(w)
 
 
-@pytest.mark.xfail(raises=NotImplementedError, strict=True,
-                   reason="delayed work with a delay waits for emu's timers (timer.py)")
 def test_kthread_delayed_work_runs_after_its_delay(kernel):
     w = emu.kthread_run_worker(0, "kw")
     done = emu.Completion()
@@ -317,5 +315,96 @@ def test_kthread_delayed_work_runs_after_its_delay(kernel):
         assert emu.kthread_queue_delayed_work(w, dwork, emu.msecs_to_jiffies(20)) is True
         emu.wait_for_completion(done)
         assert emu.jiffies() - start >= emu.msecs_to_jiffies(20)
+    finally:
+        emu.kthread_destroy_worker(w)
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_kthread_delayed_work_never_runs_before_its_delay_in_jiffies(kernel):
+    w = emu.kthread_run_worker(0, "kw")
+    try:
+        for delay in (1, 3, 11):
+            when, done = emu.Atomic64(), emu.Completion()
+
+            def fn(work, when=when, done=done):
+                emu.atomic64_set(when, emu.jiffies())
+                emu.complete(done)
+
+            dwork = emu.KthreadDelayedWork(fn)
+            start = emu.jiffies()
+            assert emu.kthread_queue_delayed_work(w, dwork, delay) is True
+            assert emu.kthread_queue_delayed_work(w, dwork, delay) is False  # armed
+            emu.wait_for_completion(done)
+            assert emu.atomic64_read(when) >= start + delay + 1  # time_after(jiffies, expires)
+    finally:
+        emu.kthread_destroy_worker(w)
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_kthread_mod_delayed_work_rearms_and_cancel_sync_of_an_armed_timer(kernel):
+    w = emu.kthread_run_worker(0, "kw")
+    runs, done, sentinel_done = emu.Atomic(), emu.Completion(), emu.Completion()
+
+    def fn(work):
+        emu.atomic_inc(runs)
+        emu.complete(done)
+
+    dwork = emu.KthreadDelayedWork(fn)
+    sentinel = emu.KthreadDelayedWork(lambda wk: emu.complete(sentinel_done))
+    try:
+        assert emu.kthread_mod_delayed_work(w, dwork, 3600 * 1000) is False  # was idle
+        assert emu.kthread_mod_delayed_work(w, dwork, 2) is True  # armed: re-armed
+        emu.wait_for_completion(done)  # in 2 jiffies, not in an hour
+        assert emu.kthread_queue_delayed_work(w, dwork, 5) is True
+        assert emu.kthread_cancel_delayed_work_sync(dwork) is True
+        assert emu.kthread_cancel_delayed_work_sync(dwork) is False
+        assert not emu.timer_pending(dwork.timer)
+        emu.kthread_queue_delayed_work(w, sentinel, 20)  # due well after dwork was
+        emu.wait_for_completion(sentinel_done)
+        assert emu.atomic_read(runs) == 1
+    finally:
+        emu.kthread_destroy_worker(w)
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_a_kthread_delayed_work_that_rearms_itself_and_its_cancel(kernel):
+    w = emu.kthread_run_worker(0, "kw")
+    runs, done = emu.Atomic(), emu.Completion()
+
+    def again(work):
+        n = emu.atomic_inc_return(runs)
+        if n == 5:
+            emu.complete(done)
+        emu.kthread_queue_delayed_work(w, work, 1)  # for ever (False once cancelling)
+
+    dwork = emu.KthreadDelayedWork(again)
+    try:
+        emu.kthread_queue_delayed_work(w, dwork, 1)
+        emu.wait_for_completion(done)
+        emu.kthread_cancel_delayed_work_sync(dwork)
+        seen = emu.atomic_read(runs)
+        assert seen >= 5 and not emu.timer_pending(dwork.timer)
+        sentinel_done = emu.Completion()
+        sentinel = emu.KthreadDelayedWork(lambda wk: emu.complete(sentinel_done))
+        emu.kthread_queue_delayed_work(w, sentinel, 10)
+        emu.wait_for_completion(sentinel_done)
+        assert emu.atomic_read(runs) == seen
+    finally:
+        emu.kthread_destroy_worker(w)
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_kthread_cancel_racing_the_timer_runs_each_instance_exactly_once_or_never(kernel):
+    w = emu.kthread_run_worker(0, "kw")
+    runs = emu.Atomic()
+    dwork = emu.KthreadDelayedWork(lambda wk: emu.atomic_inc(runs))
+    cancelled = 0
+    try:
+        for i in range(150):
+            assert emu.kthread_queue_delayed_work(w, dwork, 1) is True
+            for _ in range(i * 37 % 3000):  # land the cancel anywhere around the expiry
+                pass
+            cancelled += emu.kthread_cancel_delayed_work_sync(dwork)
+            assert emu.atomic_read(runs) + cancelled == i + 1
     finally:
         emu.kthread_destroy_worker(w)
