@@ -9,13 +9,14 @@ posts, and keep it running as long as they need by making it wait on a gate.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
 import emu
 from emu.examples import kthread_worker as spi
 
-from util import wait_state, wait_until
+from util import stop_after_exit, wait_state, wait_until
 
 IRQ = 5
 
@@ -406,5 +407,58 @@ def test_kthread_cancel_racing_the_timer_runs_each_instance_exactly_once_or_neve
                 pass
             cancelled += emu.kthread_cancel_delayed_work_sync(dwork)
             assert emu.atomic_read(runs) + cancelled == i + 1
+    finally:
+        emu.kthread_destroy_worker(w)
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_kthread_mod_delayed_work_while_the_timer_fires_never_runs_it_early(kernel):
+    """kthread_mod_delayed_work() waits for a running timer callback (timer_delete_sync),
+    takes the instance it queued and re-arms: the old arming never queues the item."""
+    w = emu.kthread_run_worker(0, "kw")
+    runs, firing = emu.Atomic(), emu.Atomic()
+    dwork = emu.KthreadDelayedWork(lambda wk: emu.atomic_inc(runs))
+
+    def slow(timer):  # 50 ms (busy: softirq) between firing and queueing the item
+        emu.atomic_set(firing, 1)
+        deadline = time.monotonic() + 0.05
+        while time.monotonic() < deadline:
+            pass
+        emu.kthread_worker.kthread_delayed_work_timer_fn(timer)
+        emu.atomic_set(firing, 2)
+
+    timer = dwork.timer
+    timer.dwork = dwork
+    emu.timer_setup(timer, slow, emu.TIMER_IRQSAFE)
+    result, in_window, done = emu.Atomic(-1), emu.Atomic(), emu.Completion()
+
+    def armer(_):  # stays running on CPU 1: the timer fires there
+        emu.kthread_queue_delayed_work(w, dwork, 1)
+        while emu.atomic_read(firing) != 2:
+            pass
+        return 0
+
+    def racer(_):  # on CPU 0, once the callback started
+        while emu.atomic_read(firing) == 0:
+            pass
+        emu.atomic_set(in_window, int(emu.atomic_read(firing) == 1))  # else: came late
+        emu.atomic_set(result, int(emu.kthread_mod_delayed_work(w, dwork, 3600 * 1000)))
+        emu.complete(done)
+        return 0
+
+    try:
+        threads = [emu.kthread_run_on_cpu(racer, None, 0, "racer"),
+                   emu.kthread_run_on_cpu(armer, None, 1, "armer")]
+        emu.wait_for_completion(done)
+        for t in threads:
+            stop_after_exit(t)
+        # As in the kernel: False if the callback ran while mod's timer_delete_sync()
+        # waited (mod's `canceling` made it drop the instance), True if it had queued
+        # the item before (mod took it off the list).
+        assert emu.atomic_read(result) in (0, 1)
+        emu.kthread_flush_worker(w)
+        if emu.atomic_read(in_window):
+            assert emu.atomic_read(runs) == 0  # re-armed for an hour: not run
+        assert emu.kthread_cancel_delayed_work_sync(dwork) is True
     finally:
         emu.kthread_destroy_worker(w)

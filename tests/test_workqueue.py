@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -20,7 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import emu
 from emu.examples import wq_irq
 
-from util import wait_state, wait_until
+from util import stop_after_exit, wait_state, wait_until
 
 IRQ = 5
 
@@ -795,6 +796,101 @@ def test_cancel_racing_the_timer_runs_each_queued_instance_exactly_once_or_never
         cancelled += emu.cancel_delayed_work_sync(dwork)
         assert emu.atomic_read(runs) + cancelled == i + 1
     assert not emu.work_pending(dwork)
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_flush_delayed_work_racing_the_timer_always_waits_for_the_run(kernel):
+    """Whether the timer is armed, firing (its callback queueing the item) or done,
+    flush_delayed_work() returns only once that instance has run."""
+    runs = emu.Atomic()
+    dwork = emu.DelayedWork(counting(runs))
+    for i in range(150):
+        assert emu.queue_delayed_work_on(i % 2, emu.system_wq, dwork, 1) is True
+        for _ in range(i * 37 % 3000):
+            pass
+        emu.flush_delayed_work(dwork)
+        assert emu.atomic_read(runs) == i + 1 and not emu.work_pending(dwork)
+
+
+def slow_timer_fn(firing, real_fn):
+    """A delayed work's timer callback that says it fired, then takes 50 ms (busy, as
+    softirq code may not sleep) before it does its job: a window for a racing call."""
+    def fn(timer):
+        emu.atomic_set(firing, 1)
+        deadline = time.monotonic() + 0.05
+        while time.monotonic() < deadline:
+            pass
+        real_fn(timer)
+        emu.atomic_set(firing, 2)
+    return fn
+
+
+def race_with_firing_timer(arm, firing, race):
+    """Arm a timer from a kthread on CPU 1 that stays there, running (so the timer fires
+    on CPU 1 in it or its idle task), and call `race()` from a kthread on CPU 0 once the
+    callback has started. Returns (what `race()` returned, as an int; True if the call
+    started while the callback still ran: a racer kept off its CPU for the callback's
+    50 ms comes late, and then only the exactly-once accounting holds)."""
+    result, in_window, done = emu.Atomic(-1), emu.Atomic(), emu.Completion()
+
+    def armer(_):
+        arm()
+        while emu.atomic_read(firing) != 2:  # bounded by the test's timeout
+            pass
+        return 0
+
+    def racer(_):
+        while emu.atomic_read(firing) == 0:
+            pass
+        emu.atomic_set(in_window, int(emu.atomic_read(firing) == 1))
+        emu.atomic_set(result, int(race()))
+        emu.complete(done)
+        return 0
+
+    threads = [emu.kthread_run_on_cpu(racer, None, 0, "racer"),
+               emu.kthread_run_on_cpu(armer, None, 1, "armer")]
+    emu.wait_for_completion(done)
+    for t in threads:
+        stop_after_exit(t)
+    return emu.atomic_read(result), bool(emu.atomic_read(in_window))
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_flush_delayed_work_waits_for_a_timer_callback_that_is_running(kernel):
+    runs, firing = emu.Atomic(), emu.Atomic()
+    dwork = emu.DelayedWork(counting(runs))
+    timer = dwork.timer
+    timer.dwork = dwork
+    emu.timer_setup(timer, slow_timer_fn(firing, emu.workqueue.delayed_work_timer_fn),
+                    emu.TIMER_IRQSAFE)
+    flushed, in_window = race_with_firing_timer(
+        lambda: emu.queue_delayed_work(emu.system_wq, dwork, 1), firing,
+        lambda: emu.flush_delayed_work(dwork))
+    assert emu.atomic_read(runs) == 1  # the flush returned after the run, in any case
+    if in_window:
+        assert flushed == 1  # it waited for the callback, then for the run it queued
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_cancel_delayed_work_sync_while_the_timer_fires_takes_the_queued_instance(kernel):
+    """try_to_grab_pending(): the timer cannot be deleted any more, so it waits for the
+    callback to queue the item, then steals it: True, and it never runs."""
+    runs, firing = emu.Atomic(), emu.Atomic()
+    dwork = emu.DelayedWork(counting(runs))
+    timer = dwork.timer
+    timer.dwork = dwork
+    emu.timer_setup(timer, slow_timer_fn(firing, emu.workqueue.delayed_work_timer_fn),
+                    emu.TIMER_IRQSAFE)
+    cancelled, in_window = race_with_firing_timer(
+        lambda: emu.queue_delayed_work(emu.system_wq, dwork, 1), firing,
+        lambda: emu.cancel_delayed_work_sync(dwork))
+    emu.flush_workqueue(emu.system_wq)
+    assert emu.atomic_read(runs) + cancelled == 1 and not emu.work_pending(dwork)
+    if in_window:
+        assert cancelled == 1
+    # The pool of CPU 1 may be growing (the armer kept its only worker off the CPU).
+    wait_until(lambda: all(emu.task_state_to_char(t) == "I"
+                           for t in kworkers(kernel, "kworker/")), what="idle kworkers")
 
 
 def test_a_delayed_work_with_a_cpu_is_queued_on_that_cpu(kernel):
