@@ -796,10 +796,13 @@ def kthread_delayed_work_timer_fn(timer: TimerList) -> None:
     list, unless a cancel runs (then it is no longer pending, and not queued)."""
     dwork: KthreadDelayedWork = timer.dwork
     rec = dwork._rec
-    if rec.pool < 0:
-        bug.warn("kthread_delayed_work_timer_fn(): a delayed work without a worker", depth=2)
+    pool = pool_by_id(rec.pool) if rec.pool >= 0 else None
+    if pool is None or not pool.in_use or pool.workers[0].slot < 0:
+        # The kernel's WARN_ON_ONCE(!worker), or a use-after-free of a destroyed worker.
+        bug.warn(f"kthread_delayed_work_timer_fn(): {describe(rec)} has no running worker: "
+                 "dropped (cancel delayed work before kthread_destroy_worker())", depth=2)
+        records.field_and(rec, "data", ~(WORK_STRUCT_TIMER | WORK_STRUCT_PENDING))
         return
-    pool = pool_by_id(rec.pool)
     wake = False
     pool_lock(pool)
     try:
@@ -989,7 +992,9 @@ def _kthread_cancel_work_sync(rec: Any, work: KthreadWork, is_dwork: bool) -> bo
 
 def kthread_destroy_worker(worker: KthreadWorker) -> None:
     """Flush `worker`, stop its thread and free it. A worker without a thread is a WARN.
-    Items still queued afterwards (queued meanwhile) are a WARN. Process context only."""
+    Items still queued afterwards (queued meanwhile) are a WARN, and so are delayed
+    works whose timer is still armed (cancel them first: when one fires it is reported
+    and dropped). Process context only."""
     pool = _live_worker(worker)
     t = worker.task
     if t is None:
@@ -1000,6 +1005,9 @@ def kthread_destroy_worker(worker: KthreadWorker) -> None:
     if pool.head != -1:
         bug.warn("kthread_destroy_worker(): work items still queued", depth=2)
         return
+    if any(w.in_use and w.pool == pool.id and w.data & WORK_STRUCT_TIMER for w in works()):
+        # WARN_ON(!list_empty(&worker->delayed_work_list)); the kernel frees it anyway.
+        bug.warn("kthread_destroy_worker(): delayed work still armed", depth=2)
     worker._owner = os.getpid()
     worker._free()
     worker._owner = 0

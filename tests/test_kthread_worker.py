@@ -462,3 +462,15 @@ def test_kthread_mod_delayed_work_while_the_timer_fires_never_runs_it_early(kern
         assert emu.kthread_cancel_delayed_work_sync(dwork) is True
     finally:
         emu.kthread_destroy_worker(w)
+
+
+@pytest.mark.emu_expect(warnings=2)
+def test_destroying_a_worker_with_an_armed_delayed_work_warns_and_its_timer_drops_it(kernel):
+    w = emu.kthread_run_worker(0, "kw")
+    runs = emu.Atomic()
+    dwork = emu.KthreadDelayedWork(lambda wk: emu.atomic_inc(runs))
+    assert emu.kthread_queue_delayed_work(w, dwork, 2) is True
+    emu.kthread_destroy_worker(w)  # WARN: the kernel's delayed_work_list is not empty
+    wait_until(lambda: any("has no running worker" in line for line in kernel.dmesg()),
+               what="the timer's report")
+    assert emu.atomic_read(runs) == 0 and not emu.timer_pending(dwork.timer)
