@@ -13,7 +13,7 @@ setup(
         Extension(
             "_emu_native",
             ["native/module.c", "native/atomic.c", "native/lock.c", "native/waitcore.c",
-             "native/irqcore.c", "native/slab.c"],
+             "native/irqcore.c", "native/slab.c", "native/trace.c"],
             depends=["native/emu.h"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra",
                                 "-Wno-unused-parameter"],

@@ -171,7 +171,8 @@ class Attached:
         hdr = image.Header.from_address(self._addr)
         itype = image.image_type(hdr.max_tasks, hdr.max_completions, hdr.log_records,
                                  hdr.max_atomics, hdr.max_spinlocks, hdr.nr_irqs,
-                                 heap_size=hdr.heap.size, max_timers=hdr.max_timers)
+                                 heap_size=hdr.heap.size, max_timers=hdr.max_timers,
+                                 ncpus=hdr.ncpus, trace_buf_events=hdr.trace_buf_events)
         if hdr.magic != image.IMAGE_MAGIC or ctypes.sizeof(itype) != self._size:
             self.close()
             raise AttachError(f"kernel {ref.pid} is still booting, or runs another version "

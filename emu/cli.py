@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from emu import attach, top
+from emu import attach, top, tracefile
 from emu.kernel import HZ_DEFAULT
 from emu.module import run_module
 from emu.torture import TYPES, Options, run_torture
@@ -24,8 +24,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if args.trace is not None:
-        parser.error("--trace: tracing to Perfetto is not available in this version of emu yet")
     words = list(args.args)
     if args.module is None:
         if not words:
@@ -40,7 +38,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(f"module parameters are name=value, got {word!r}")
         params[name] = value
     return run_module(target, is_file, params, cpus=args.cpus, hz=args.hz,
-                      duration=args.duration)
+                      duration=args.duration, trace=args.trace)
 
 
 # --- looking at a running kernel from another terminal (attach.py) -------------------------
@@ -112,9 +110,18 @@ def _torture(args: argparse.Namespace) -> int:
                    duration=args.duration, irq_rate=args.irq_rate,
                    signal_rate=args.signal_rate, seed=args.seed,
                    stat_interval=args.stat_interval, json_file=args.json,
-                   broken=args.inject_bug)
+                   broken=args.inject_bug, trace=args.trace)
     result = run_torture(opts)
     return 0 if result["verdict"] == "SUCCESS" else 1
+
+
+def _trace_report(args: argparse.Namespace) -> int:
+    try:
+        print(tracefile.report(args.file))
+    except tracefile.TraceError as exc:
+        print(f"emu trace report: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _positive(kind: type) -> Callable[[str], Any]:
@@ -146,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--duration", type=_positive(float), default=None, metavar="SECONDS",
                      help="unload after this many seconds (default: at Ctrl-C or SIGTERM)")
     run.add_argument("--trace", default=None, metavar="FILE",
-                     help="write a Perfetto trace (not available yet)")
+                     help="write a Perfetto trace of the run (open it at ui.perfetto.dev)")
     run.add_argument("args", nargs="*", metavar="FILE.py | name=value",
                      help="the module's file (without -m), then its parameters")
     run.set_defaults(func=lambda a: _run(a, run))
@@ -194,8 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stat-interval", type=_positive(float), default=5.0,
                    help="seconds between statistics lines (default 5)")
     t.add_argument("--json", default=None, metavar="FILE", help="write the statistics as JSON")
+    t.add_argument("--trace", default=None, metavar="FILE",
+                   help="write a Perfetto trace of the run (open it at ui.perfetto.dev)")
     t.add_argument("--inject-bug", action="store_true", help=argparse.SUPPRESS)
     t.set_defaults(func=_torture)
+
+    tr = sub.add_parser("trace", help="look at a Perfetto trace written by --trace")
+    trs = tr.add_subparsers(dest="trace_command", required=True)
+    rep = trs.add_parser("report", help="per task run/sleep time and wake-up latency, IRQ "
+                                        "handler latency, longest uninterruptible sleeps")
+    rep.add_argument("file", metavar="FILE")
+    rep.set_defaults(func=_trace_report)
     return parser
 
 

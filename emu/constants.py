@@ -41,7 +41,7 @@ TASK_REPORT_IDLE = TASK_REPORT + 1
 TASK_SPECIAL_STATES = __TASK_STOPPED | __TASK_TRACED | TASK_PARKED | TASK_DEAD
 
 # Task flags (include/linux/sched.h).
-PF_IDLE = 0x00000002
+PF_IDLE = _native.PF_IDLE
 PF_EXITING = 0x00000004
 PF_WQ_WORKER = 0x00000020  # a kworker: the workqueue's, not a module's
 PF_KTHREAD = 0x00200000

@@ -11,12 +11,14 @@ POSIX semaphores (the tasks' sleep/wake primitive) are handled the same way.
 
 from __future__ import annotations
 
+import array
 import ctypes
+import functools
 import mmap
 import os
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from ctypes import c_char, c_int32, c_int64, c_uint8, c_uint32, c_uint64
 from typing import Any, Protocol, TypeVar, cast, overload
 
@@ -28,8 +30,10 @@ from .constants import KTHREAD_NAME_LEN, TASK_COMM_LEN
 from .errors import NotBootedError
 
 IMAGE_MAGIC = 0x454D55494D414745  # "EMUIMAGE"
-#: Emulated CPUs and IRQ lines are bits of 64-bit masks.
-MAX_CPUS = 64
+#: The most emulated CPUs a kernel may have (CONFIG_NR_CPUS). The per-CPU parts of the
+#: image are sized by the CPUs a kernel has, not by this.
+NR_CPUS = 1024
+#: IRQ lines are bits of a CPU's 64-bit pending mask.
 NR_IRQS_MAX = _native.NR_IRQS_MAX
 #: Actions (request_irq() users) one IRQ line can have (IRQF_SHARED).
 MAX_IRQ_ACTIONS = 4
@@ -325,6 +329,12 @@ class Header(ctypes.Structure):
     clock_programmed_ns: int
     max_timers: int
     max_timers_pad: int
+    trace_on: int
+    trace_buf_events: int
+    trace_lock: LockWord
+    trace_spool_fd: int
+    trace_spool_pad: int
+    trace_log_seq: int
 
     _fields_ = [
         ("magic", c_uint64),
@@ -388,6 +398,13 @@ class Header(ctypes.Structure):
         ("kthread_workers_pool", PoolHdr),
         ("wq_ready", c_int32),  # worker pools: 0 not started, 1 starting, 2 running
         ("wq_highpri", c_int32),  # the highpri pools' first workers: the same
+        # tracing (trace.py): the one flag every trace point tests, the ring size
+        ("trace_on", c_int32),
+        ("trace_buf_events", c_int32),  # events per CPU ring, a power of two
+        ("trace_lock", LockWord),  # held by whoever drains the rings
+        ("trace_spool_fd", c_int32),  # the booting process's spool file, -1 = none
+        ("trace_spool_pad", c_int32),
+        ("trace_log_seq", c_uint64),  # next printk record the trace takes
     ]
 
 
@@ -489,9 +506,9 @@ class IrqDesc(ctypes.Structure):
     threads_active: int
     irq_count: int
     irqs_unhandled: int
-    kstat: Table[int]
     actions: Table[IrqAction]
     merged: int
+    kstat: Table[int]  # the last field, sized by the kernel's CPUs: irq_desc_type()
 
     _fields_ = [
         ("lock", LockWord),
@@ -501,14 +518,29 @@ class IrqDesc(ctypes.Structure):
         ("threads_active", c_int32),
         ("irq_count", c_int32),  # note_interrupt(): interrupts in this window
         ("irqs_unhandled", c_int32),
-        ("kstat", c_int64 * MAX_CPUS),  # /proc/interrupts counts per CPU
         ("actions", IrqAction * MAX_IRQ_ACTIONS),
         ("merged", c_int64),  # edges raised while the line was pending on its CPU
     ]
 
 
+@functools.cache
+def irq_desc_type(ncpus: int) -> type[IrqDesc]:
+    """struct irq_desc of a kernel with `ncpus` CPUs: IrqDesc and its per-CPU counts."""
+
+    class IrqDescN(IrqDesc):
+        _fields_ = [("kstat", c_int64 * ncpus)]  # /proc/interrupts counts per CPU
+
+    return IrqDescN
+
+
 class PerCpu(ctypes.Structure):
-    """Per-CPU interrupt controller and softirq state."""
+    """Per-CPU interrupt controller and softirq state.
+
+    Idle tasks are shared: one per real CPU serves every emulated CPU mapped onto it,
+    and the first one also those whose real CPU has none yet (idle.py). A doorbell that
+    finds no running task on a CPU queues the CPU on the list of the idle task serving
+    it (kept in the PerCpu of that task's home CPU) and signals that task.
+    """
 
     lock: LockWord
     irq_pending: int
@@ -523,12 +555,17 @@ class PerCpu(ctypes.Structure):
     timer_pad: int
     timer_next_ns: int
     idle_clock_ns: int
+    idle_home: int
+    idle_list: int
+    idle_next: int
+    idle_queued: int
+    idle_state: int
 
     _fields_ = [
         ("lock", LockWord),  # tasklet lists
         ("irq_pending", c_int64),  # bit n: IRQ n raised for this CPU, not yet handled
         ("softirq_pending", c_int32),
-        ("idle_slot", c_int32),  # this CPU's idle task, -1 until the IRQ layer starts
+        ("idle_slot", c_int32),  # the idle task serving this CPU, -1 until it exists
         ("tasklet_head", c_int32 * 2),  # [TASKLET_SOFTIRQ, HI_SOFTIRQ] FIFO lists
         ("tasklet_tail", c_int32 * 2),
         ("softirq_count", c_int64),  # softirq vectors run (/proc/softirqs, for emu top)
@@ -538,7 +575,16 @@ class PerCpu(ctypes.Structure):
         ("timer_pad", c_int32),
         ("timer_next_ns", c_int64),  # CLOCK_MONOTONIC when the first one is due
         ("idle_clock_ns", c_int64),  # when the idle task, asleep, wakes for the timers
+        ("idle_home", c_int32),  # the CPU whose idle_list this CPU joins (idle task's own)
+        ("idle_list", c_int32),  # home CPU only: CPUs to serve, a stack linked by idle_next
+        ("idle_next", c_int32),  # next CPU on the idle list, -1 = last
+        ("idle_queued", c_int32),  # on the idle list now
+        ("idle_state", c_int32),  # home CPUs (idle.py): 0 no idle task, 1 starting, 2 running
     ]
+
+#: PerCpu fields that start at -1 (the others at 0).
+PERCPU_NONE = ("idle_slot", "tasklet_head", "tasklet_tail", "idle_home", "idle_list",
+               "idle_next", "timer_head", "timer_running")
 
 
 class TaskletRec(ctypes.Structure):
@@ -692,7 +738,7 @@ MAX_KTHREAD_WORKERS = 64
 #: The kworkers one pool grows to at most; a kthread worker uses one.
 MAX_POOL_WORKERS = 32
 #: Per-CPU pools (normal, then highpri) and the unbound pool.
-NR_WQ_POOLS = 2 * MAX_CPUS + 1
+NR_WQ_POOLS = 2 * NR_CPUS + 1
 WQ_NAME_LEN = 32
 
 
@@ -854,7 +900,7 @@ class WorkqueueRec(ctypes.Structure):
         ("warned", c_int32),  # "cannot queue" printed (WARN_ONCE)
         ("pad", c_int32),
         ("name", c_char * WQ_NAME_LEN),
-        ("pwqs", PwqEnt * MAX_CPUS),  # per CPU; an unbound workqueue uses [0]
+        ("pwqs", PwqEnt * NR_CPUS),  # per CPU; an unbound workqueue uses [0]
     ]
 
 
@@ -880,11 +926,54 @@ class LogRec(ctypes.Structure):
     ]
 
 
+class TraceRing(ctypes.Structure):
+    """One CPU's trace ring: writers reserve event `head` (then head + 1) atomically; the
+    drainer alone moves `tail` and counts what writers overwrote before it read it."""
+
+    head: int
+    tail: int
+    dropped: int
+    pad: int
+
+    _fields_ = [
+        ("head", c_uint64),  # events ever reserved on this CPU
+        ("tail", c_uint64),  # events drained (or given up as dropped)
+        ("dropped", c_uint64),  # overwritten before the drainer read them
+        ("pad", c_uint64),
+    ]
+
+
+class TraceEvent(ctypes.Structure):
+    """One trace event (trace.py names the types and their arguments). `seq` is the
+    event's number + 1 once written, 0 while a writer fills it in."""
+
+    ts_ns: int
+    seq: int
+    arg1: int
+    pid: int
+    arg0: int
+    type: int
+    cpu: int
+    pad: int
+
+    _fields_ = [
+        ("ts_ns", c_int64),  # CLOCK_MONOTONIC
+        ("seq", c_uint64),
+        ("arg1", c_int64),
+        ("pid", c_int32),  # the task that caused it
+        ("arg0", c_int32),
+        ("type", ctypes.c_uint16),
+        ("cpu", ctypes.c_uint16),  # emulated CPU: also which ring holds it
+        ("pad", c_int32),
+    ]
+
+
 def image_type(max_tasks: int, max_completions: int, log_records: int,
                max_atomics: int, max_spinlocks: int, nr_irqs: int = NR_IRQS_MAX,
-               max_tasklets: int = 256, heap_size: int = 0,
-               max_timers: int = 1024) -> type[ctypes.Structure]:
-    """The ctypes type of a whole image with the given capacities."""
+               max_tasklets: int = 256, heap_size: int = 0, max_timers: int = 1024,
+               ncpus: int = 1, trace_buf_events: int = 0) -> type[ctypes.Structure]:
+    """The ctypes type of a whole image with the given capacities (`ncpus` CPUs, and a
+    trace ring of `trace_buf_events` events for each)."""
 
     class Image(ctypes.Structure):
         _fields_ = [
@@ -893,8 +982,8 @@ def image_type(max_tasks: int, max_completions: int, log_records: int,
             ("completions", CompletionRec * max_completions),
             ("atomics", AtomicRec * max_atomics),
             ("spinlocks", SpinlockRec * max_spinlocks),
-            ("irqs", IrqDesc * nr_irqs),
-            ("percpu", PerCpu * MAX_CPUS),
+            ("irqs", irq_desc_type(ncpus) * nr_irqs),
+            ("percpu", PerCpu * ncpus),
             ("tasklets", TaskletRec * max_tasklets),
             ("timers", TimerRec * max_timers),
             ("irq_sources", IrqSource * MAX_IRQ_SOURCES),
@@ -903,6 +992,8 @@ def image_type(max_tasks: int, max_completions: int, log_records: int,
             ("workqueues", WorkqueueRec * MAX_WORKQUEUES),
             ("worker_pools", WorkerPoolRec * NR_WQ_POOLS),
             ("kthread_workers", WorkerPoolRec * MAX_KTHREAD_WORKERS),
+            ("trace_rings", TraceRing * ncpus),
+            ("trace_events", TraceEvent * (ncpus * trace_buf_events)),
             ("heap", c_uint8 * heap_size),  # last: its pages are touched only when used
         ]
 
@@ -927,7 +1018,33 @@ class ImageView(Protocol):
     workqueues: Table[WorkqueueRec]
     worker_pools: Table[WorkerPoolRec]
     kthread_workers: Table[WorkerPoolRec]
+    trace_rings: Table[TraceRing]
+    trace_events: Table[TraceEvent]
     heap: ctypes.Array[ctypes.c_uint8]
+
+
+def percpu_fill(img: Any, name: str, values: Sequence[int] | int) -> None:
+    """Set int32 or int64 field `name` (each word of it, for an array of int32) of every
+    CPU's PerCpu record of image `img` to `values` (one per CPU, or one for all), at C
+    speed: a boot with a thousand CPUs must not loop over them in Python."""
+    percpu = img.percpu
+    n = len(percpu)
+    ctype = next(f[1] for f in PerCpu._fields_ if f[0] == name)
+    fmt, size = ("q", 8) if ctype is c_int64 else ("i", 4)
+    words = array.array(fmt, [values] * n if isinstance(values, int) else values)
+    field = getattr(PerCpu, name)
+    stride = ctypes.sizeof(PerCpu) // size
+    words_of_all = (ctypes.c_int32 * (ctypes.sizeof(PerCpu) // 4 * n)).from_address(
+        ctypes.addressof(percpu))
+    with memoryview(words_of_all) as view, view.cast("B") as raw, \
+            raw.cast("q" if size == 8 else "i") as ints:
+        for word in range(field.offset // size, (field.offset + field.size) // size):
+            ints[word:stride * n:stride] = words
+
+
+def percpu_addr(img: Any, cpu: int, name: str) -> int:
+    """Absolute address of field `name` of `cpu`'s PerCpu record in image `img`."""
+    return ctypes.addressof(img.percpu) + cpu * ctypes.sizeof(PerCpu) + offsetof(PerCpu, name)
 
 
 def field_addr(obj: ctypes.Structure | ImageView, name: str) -> int:
@@ -942,10 +1059,11 @@ class SharedImage:
     def __init__(self, max_tasks: int, max_completions: int, log_records: int,
                  max_atomics: int = 1024, max_spinlocks: int = 1024,
                  nr_irqs: int = NR_IRQS_MAX, heap_size: int = 1 << 20,
-                 max_timers: int = 1024) -> None:
+                 max_timers: int = 1024, ncpus: int = 1, trace_buf_events: int = 4096) -> None:
         prefix = f"/{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
         itype = image_type(max_tasks, max_completions, log_records, max_atomics, max_spinlocks,
-                           nr_irqs, heap_size=heap_size, max_timers=max_timers)
+                           nr_irqs, heap_size=heap_size, max_timers=max_timers, ncpus=ncpus,
+                           trace_buf_events=trace_buf_events)
         self.size = ctypes.sizeof(itype)
         shm = posix_ipc.SharedMemory(prefix, posix_ipc.O_CREX, mode=0o600, size=self.size)
         try:
@@ -964,6 +1082,9 @@ class SharedImage:
         self.img.hdr.max_atomics = max_atomics
         self.img.hdr.max_spinlocks = max_spinlocks
         self.img.hdr.max_timers = max_timers
+        self.img.hdr.ncpus = ncpus
+        self.img.hdr.trace_buf_events = trace_buf_events
+        self.img.hdr.trace_spool_fd = -1
         self.base = ctypes.addressof(mapped)
         self.sems: list[posix_ipc.Semaphore] = []
         #: native WaitCore: sleep/wake and completion queues
@@ -1001,8 +1122,13 @@ class SharedImage:
 
     def _core_layout(self) -> dict[str, Any]:
         """Where WaitCore finds task and completion fields: each table by field name."""
-        return {"tasks": record_table(self.img.tasks),
-                "completions": record_table(self.img.completions)}
+        img = self.img
+        return {"tasks": record_table(img.tasks),
+                "completions": record_table(img.completions),
+                "header": {"addr": ctypes.addressof(img.hdr), "size": ctypes.sizeof(Header),
+                           "count": 1, "fields": record_fields(Header)},
+                "trace_rings": record_table(img.trace_rings),
+                "trace_events": record_table(img.trace_events)}
 
     def irq_layout(self) -> dict[str, Any]:
         """Where IrqCore finds descriptor, action, per-CPU, task and header fields (after
@@ -1045,9 +1171,10 @@ class SharedImage:
 
 
 def record_fields(rtype: Any) -> dict[str, tuple[int, int]]:
-    """Every field of a ctypes record as native/ looks it up: name -> (offset, size)."""
+    """Every field of a ctypes record (its base records' first) as native/ looks it up:
+    name -> (offset, size)."""
     return {name: (getattr(rtype, name).offset, getattr(rtype, name).size)
-            for name, *_ in rtype._fields_}
+            for cls in reversed(rtype.__mro__) for name, *_ in vars(cls).get("_fields_", ())}
 
 
 def record_table(records: Any, count: int | None = None) -> dict[str, Any]:

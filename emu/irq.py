@@ -30,7 +30,7 @@ import _emu_native as _native
 from . import bug, checks, image, preempt, records
 from .callback import callback_free, callback_load, callback_store
 from .constants import EBUSY, EINVAL, ENOMEM, TASK_INTERRUPTIBLE, TASK_RUNNING
-from .idle import start_irq_layer
+from .idle import idle_for, start_irq_layer
 from .irqchip import (
     ACTION_LIVE,
     ACTION_RESERVED,
@@ -141,6 +141,7 @@ def request_threaded_irq(irq: int, handler: Callable[[int, Any], int] | None,
         return -EINVAL
     preempt.might_sleep()
     start_irq_layer()
+    idle_for(desc.affinity)
     ref = callback_store(handler or irq_default_primary_handler, dev, "handler", "dev")
     index = _claim_action(irq, desc, flags, name, ref)
     if index < 0:
@@ -298,15 +299,18 @@ def _cpu_list(cpus: Any) -> list[int]:
 
 
 def irq_set_affinity(irq: int, cpus: Any) -> int:
-    """Route `irq` to a CPU of `cpus` (a CPU number or an iterable of them): 0, or
-    -EINVAL if one of them does not exist or there are none."""
+    """Route `irq` to a CPU of `cpus` (a CPU number or an iterable of them, up to
+    emu.NR_CPUS): 0, or -EINVAL if one of them does not exist or there are none. The
+    lowest is the effective target; in process context its real CPU gets an idle task
+    if it has none yet (idle.idle_for())."""
     desc = _desc(irq)
     ncpus = image.this().img.hdr.ncpus
-    wanted = sorted(_cpu_list(cpus))
-    valid = [c for c in wanted if 0 <= c < ncpus]
-    if not valid or len(valid) != len(wanted):
+    wanted = _cpu_list(cpus)
+    if not wanted or not all(0 <= c < ncpus for c in wanted):
         return -EINVAL
-    desc.affinity = valid[0]
+    target = min(wanted)
+    idle_for(target)
+    desc.affinity = target
     return 0
 
 

@@ -16,18 +16,19 @@ their threads and line control are irq.py.
 from __future__ import annotations
 
 import ctypes
+import os
 import signal as _os_signal
 from collections.abc import Callable
 from typing import Any
 
 import _emu_native as _native
 
-from . import bug, checks, image, preempt, records
+from . import bug, checks, image, irqflags, preempt, records
 from .callback import callback_load
-from .constants import PF_EXITING
+from .constants import PF_EXITING, PF_IDLE
 from .printk import log_store
 from .task import task_from_slot, wake_up_process
-from .wait import wake_up_var
+from .wait import var_waitqueue, wake_up_all
 
 IRQ_NONE = 0
 IRQ_HANDLED = 1
@@ -71,17 +72,19 @@ class _Views:
 
     def __init__(self, img: image.SharedImage) -> None:
         self.descs = [img.img.irqs[i] for i in range(img.img.hdr.nr_irqs)]
-        self.desc_addrs = [ctypes.addressof(d) for d in self.descs]
+        #: where synchronize_irq() waits for each line (wait_var_event() on its descriptor)
+        self.desc_waitqueues = [var_waitqueue(ctypes.addressof(d)) for d in self.descs]
         self.actions = [[d.actions[j] for j in range(image.MAX_IRQ_ACTIONS)]
                         for d in self.descs]
-        self.softirq_pending = [image.field_addr(img.img.percpu[c], "softirq_pending")
-                                for c in range(image.MAX_CPUS)]
         #: (irq, action index) -> (callback ref, handler, dev) as given to request_irq()
         #: in this process (or inherited by fork): free_irq() finds `dev` by identity,
         #: and what they capture stays alive until then.
         self.requested: dict[tuple[int, int], tuple[tuple[int, int], Any, Any]] = {}
-        self.irq_pending = [image.field_addr(img.img.percpu[c], "irq_pending")
-                            for c in range(image.MAX_CPUS)]
+        # Per-CPU addresses: CPU c's is base + c * stride (no list: a kernel may have a
+        # thousand CPUs, and every task that takes an interrupt builds these views).
+        self.percpu_stride = ctypes.sizeof(image.PerCpu)
+        self.irq_pending0 = image.percpu_addr(img.img, 0, "irq_pending")
+        self.softirq_pending0 = image.percpu_addr(img.img, 0, "softirq_pending")
 
 
 def _views() -> _Views:
@@ -93,8 +96,9 @@ def _views() -> _Views:
 
 
 def softirq_pending_addr(cpu: int) -> int:
-    """Address of `cpu`'s softirq pending bits (cached per kernel)."""
-    return int(_views().softirq_pending[cpu])
+    """Address of `cpu`'s softirq pending bits."""
+    views = _views()
+    return views.softirq_pending0 + cpu * views.percpu_stride
 
 
 def _core() -> Any:
@@ -177,7 +181,9 @@ def resend_pending(cpu: int) -> None:
     another task or this call sees the bit.
     """
     views = _views()
-    if _native.load64(views.irq_pending[cpu]) or _native.load32(views.softirq_pending[cpu]):
+    offset = cpu * views.percpu_stride
+    if (_native.load64(views.irq_pending0 + offset)
+            or _native.load32(views.softirq_pending0 + offset)):
         _core().ring(cpu)
 
 
@@ -205,36 +211,95 @@ def do_IRQ() -> None:
     Like a CPU taking an interrupt, it runs with interrupts off until every pending
     line was handled; softirqs run afterwards with interrupts on. In a process that is
     not (or no longer) a task it does nothing: see install_doorbell(), resend_pending().
+    An idle task at its top level serves the CPUs that rang it instead.
     """
     if preempt.irqs_disabled() or preempt.in_hardirq():
         return
     cpu = preempt.this_cpu()
     if cpu < 0:
         return
+    idle = _idle
+    if idle is None:
+        idle = bool(irqflags.current_slot().flags & PF_IDLE)
+    if idle and not preempt.preempt_count():
+        _serve_idle_list()
+    else:
+        _do_IRQ_on(cpu)
+
+
+def _do_IRQ_on(cpu: int) -> None:
     core = _core()
     views = _views()
+    offset = cpu * views.percpu_stride
     # Loop until nothing is pending: an interrupt raised meanwhile (on this CPU, or to
     # our task from elsewhere) only left its bit, even one whose doorbell came after the
     # last look but before interrupts were on again (that doorbell's do_IRQ() returned).
-    while _native.load64(views.irq_pending[cpu]):
+    while _native.load64(views.irq_pending0 + offset):
         preempt.irqs_off_raw(True)
         try:
             while pending := core.take_pending(cpu):
                 while pending:
                     low = pending & -pending
                     pending ^= low
-                    handle_irq(core, low.bit_length() - 1, cpu)
+                    handle_irq(core, views, low.bit_length() - 1, cpu)
         finally:
             preempt.irqs_off_raw(False)
-    if _native.load32(views.softirq_pending[cpu]):
+    if _native.load32(views.softirq_pending0 + offset):
         for hook in irq_exit_hooks:
             hook()
+
+
+#: Whether this task is an idle task (PF_IDLE, set by its creator before it starts),
+#: kept here for do_IRQ(); None in a new kthread until it starts (task_started()).
+_idle: bool | None = False
+#: In an idle task (idle.py): its home CPU, whose idle list it serves; else -1.
+_idle_home = -1
+
+
+def task_started(rec: Any) -> None:
+    """A new kthread starts (after its first wake-up): whether it is an idle task is
+    settled."""
+    global _idle
+    _idle = bool(rec.flags & PF_IDLE)
+
+
+def _after_fork_in_child() -> None:
+    global _idle, _idle_home
+    _idle, _idle_home = None, -1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _serve_idle_list() -> None:
+    """An idle task, at its top level (no interrupt or softirq of another CPU in
+    progress): serve each CPU that rang it, as that CPU (smp_processor_id() is that CPU
+    meanwhile: its own counts, pending bits and tasklet lists), until none is queued.
+    Never its own CPU's interrupts unasked: a task running there takes them."""
+    global _idle_home
+    rec = irqflags.current_slot()
+    if _idle_home < 0:
+        _idle_home = int(rec.cpu)  # the first call is not nested: the CPU it is bound to
+    take = _core().idle_take
+    while cpus := take(_idle_home):
+        saved = rec.cpu
+        for cpu in cpus:
+            if cpu == saved:
+                _do_IRQ_on(cpu)
+                continue
+            # A plain store: no other process goes by an idle task's cpu (IrqCore never
+            # takes it for a running task), only this one's smp_processor_id().
+            rec.cpu = cpu
+            try:
+                _do_IRQ_on(cpu)
+            finally:
+                rec.cpu = saved
 
 
 preempt.irq_enable_hooks.append(do_IRQ)
 
 
-def handle_irq(core: Any, irq: int, cpu: int) -> None:
+def handle_irq(core: Any, views: _Views, irq: int, cpu: int) -> None:
     """handle_edge_irq(): run the line's handlers on `cpu` unless it is disabled, masked
     or in progress elsewhere (then IrqCore marks it pending, or for one replay here)."""
     live = core.claim(irq, cpu)
@@ -248,7 +313,9 @@ def handle_irq(core: Any, irq: int, cpu: int) -> None:
         if end & _native.IRQ_END_NOBODY_CARED:
             _report_nobody_cared(irq)
         live = core.actions(irq) if end & _native.IRQ_END_REPLAY else None
-    wake_up_var(_views().desc_addrs[irq])  # synchronize_irq() waits for the end
+    wq = views.desc_waitqueues[irq]
+    if wq._rec.head != -1:  # synchronize_irq() waits for the end (wake_up_var())
+        wake_up_all(wq)
 
 
 def _run_actions(irq: int, live: tuple[tuple[int, int, int], ...]) -> int:

@@ -19,6 +19,7 @@ import functools
 import os
 import signal as _os_signal
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -37,8 +38,10 @@ from . import (
     sched,
     supervisor,
     task,
+    tracefile,
     wait,
 )
+from . import trace as _trace
 from .constants import PF_IDLE, PF_KTHREAD, PF_WQ_WORKER, TASK_RUNNING
 from .errors import AlreadyBootedError, EmuError, KernelDeadError, StaleObjectError
 from .kthread import KTHREAD_EXITED
@@ -56,6 +59,9 @@ F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
 HZ_DEFAULT = 250
 #: How long shutdown waits for kthreads to honour kthread_should_stop().
 SHUTDOWN_GRACE_SECS = 2.0
+#: The most emulated CPUs a kernel may have (CONFIG_NR_CPUS): boot(cpus=...) takes up to
+#: this many, and a machine with more real CPUs boots on the first NR_CPUS of them.
+NR_CPUS = image.NR_CPUS
 #: Sent to the booting process when the kernel dies (the supervisor panicked or is gone).
 SIG_KERNEL_DEAD = _os_signal.SIGRTMIN + 4
 
@@ -72,11 +78,15 @@ def _check_int(value: Any, name: str, low: int, high: int) -> int:
 
 
 def _cpu_map(cpus: Any) -> list[int]:
+    """The real CPU of each emulated CPU for boot(cpus=...)."""
     allowed = sorted(os.sched_getaffinity(0))
     if cpus is None:
-        return allowed
+        if len(allowed) > NR_CPUS:
+            print(f"emu: {len(allowed)} CPUs available, booting on the first {NR_CPUS} "
+                  f"(emu.NR_CPUS)", file=sys.stderr)
+        return allowed[:NR_CPUS]
     if isinstance(cpus, int) and not isinstance(cpus, bool):
-        _check_int(cpus, "cpus", 1, image.MAX_CPUS)
+        _check_int(cpus, "cpus", 1, NR_CPUS)
         return [allowed[i % len(allowed)] for i in range(cpus)]
     try:
         wanted = list(cpus)
@@ -84,12 +94,13 @@ def _cpu_map(cpus: Any) -> list[int]:
         raise TypeError(
             f"cpus must be a CPU count or a list of real CPU ids, not {type(cpus).__name__}"
         ) from None
-    if not 1 <= len(wanted) <= image.MAX_CPUS:
-        raise ValueError(f"cpus must name 1 to {image.MAX_CPUS} CPUs, got {len(wanted)}")
+    if not 1 <= len(wanted) <= NR_CPUS:
+        raise ValueError(f"cpus must name 1 to {NR_CPUS} CPUs (emu.NR_CPUS), got {len(wanted)}")
+    allowed_set = set(allowed)
     for c in wanted:
         if not isinstance(c, int) or isinstance(c, bool):
             raise TypeError(f"cpus must hold int CPU ids, got {c!r}")
-        if c not in allowed:
+        if c not in allowed_set:
             raise ValueError(f"cpus: CPU {c} is not one this process may run on ({allowed})")
     return wanted
 
@@ -108,6 +119,7 @@ class Kernel:
         #: asked (they ignore kthread_should_stop()); Linux would never finish unloading.
         self.killed_kthreads: list[str] = []
         self._var_wait: list[wait.WaitQueueHead] = []  # wait_var_event()'s heads, kept alive
+        self._trace: tuple[str, Any] | None = None  # (path, spool file) while tracing
 
     # configuration and counters
     @property
@@ -217,6 +229,44 @@ class Kernel:
         """The tasks queued on completion `c`, in the order they will be woken."""
         return completion.waiters(c)
 
+    def trace_start(self, path: str | os.PathLike[str]) -> None:
+        """Start tracing to Perfetto trace file `path` (written by trace_stop() or at
+        shutdown). From the booting process; raises EmuError if already tracing."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
+        if self._trace is not None:
+            raise EmuError(f"already tracing to {self._trace[0]!r}: call trace_stop() first")
+        if not self._img.is_boot_process:
+            raise EmuError("only the process that booted the kernel may start tracing")
+        tracefile._need_perfetto()
+        where = os.path.dirname(os.path.abspath(path)) or "."
+        if not os.access(where, os.W_OK | os.X_OK):
+            raise EmuError(f"cannot write trace {os.fspath(path)!r}: directory {where!r} "
+                           "is missing or not writable")
+        spool = tempfile.TemporaryFile(prefix="emu-trace-")
+        # The supervisor appends to it too (trace.py): every write goes to the end.
+        fcntl.fcntl(spool.fileno(), fcntl.F_SETFL,
+                    fcntl.fcntl(spool.fileno(), fcntl.F_GETFL) | os.O_APPEND)
+        _trace.start(self._img, spool.fileno())
+        self._trace = (os.fspath(path), spool)
+
+    def trace_stop(self) -> tuple[int, int]:
+        """Stop tracing and write the trace file; returns (events, dropped events).
+        (0, 0) if not tracing."""
+        if self._trace is None:
+            return 0, 0
+        path, spool = self._trace
+        self._trace = None
+        with spool:
+            _trace.stop(self._img)
+            spool.seek(0)
+            return tracefile.write_trace(spool, path)
+
+    @property
+    def tracing(self) -> bool:
+        """Whether a trace is being recorded (trace_start() or boot(trace=...))."""
+        return self._trace is not None
+
     @property
     def alive(self) -> bool:
         """False once the kernel was shut down or died (its supervisor panicked or is gone)."""
@@ -288,7 +338,10 @@ class Kernel:
             else:
                 self._stop_kthreads()
         finally:
-            self._teardown()
+            try:
+                self.trace_stop()
+            finally:
+                self._teardown()
 
     def _stop_kthreads(self) -> None:
         for t in self.stop_kthreads([t for t in task.live_tasks() if t.flags & PF_KTHREAD]):
@@ -392,6 +445,8 @@ def boot(
     heap_size: int = heap.HEAP_SIZE_DEFAULT,
     printk_ratelimit: int = RATELIMIT_INTERVAL_SECS_DEFAULT,
     printk_ratelimit_burst: int = RATELIMIT_BURST_DEFAULT,
+    trace: str | os.PathLike[str] | None = None,
+    trace_buf_events: int | None = None,
 ) -> Kernel:
     """Boot a kernel in this process; use as ``with emu.boot(...) as kernel:``.
 
@@ -402,6 +457,10 @@ def boot(
     printk_ratelimit_burst are the sysctls of the same names: at most that many
     identical reports (same kind and place) are logged every that many seconds, then
     "<function>: N callbacks suppressed"; printk_ratelimit=0 logs every report.
+    `trace`: a Perfetto trace file to record into from boot on (see
+    Kernel.trace_start()); each emulated CPU has a ring of `trace_buf_events` events (a
+    power of two; by default 131072 events shared out among the CPUs, at least 1024
+    each: 65536 on 2 CPUs).
     """
     if image._this is not None:
         raise AlreadyBootedError(
@@ -426,11 +485,17 @@ def boot(
     _check_int(heap_size, "heap_size", 4096, (1 << 31) - 1)
     _check_int(printk_ratelimit, "printk_ratelimit", 0, 1 << 20)
     _check_int(printk_ratelimit_burst, "printk_ratelimit_burst", 1, 1 << 30)
+    if trace_buf_events is None:
+        trace_buf_events = _trace.default_buf_events(len(cpu_map))
+    _check_int(trace_buf_events, "trace_buf_events", 16, 1 << 24)
+    if trace_buf_events & (trace_buf_events - 1):
+        raise ValueError(f"trace_buf_events must be a power of two, got {trace_buf_events}")
 
     image.reclaim_orphans()
     extra_queues = 2 * max_tasks + wait.VAR_WAIT_TABLE_SIZE  # kthread's; wait_var_event()'s
     img = image.SharedImage(max_tasks, max_completions + extra_queues, log_records,
-                            max_atomics, max_spinlocks, nr_irqs, heap_size, max_timers)
+                            max_atomics, max_spinlocks, nr_irqs, heap_size, max_timers,
+                            len(cpu_map), trace_buf_events)
     heap.heap_init(img, heap_size)
     hdr = img.img.hdr
     hdr.magic = image.IMAGE_MAGIC
@@ -453,11 +518,10 @@ def boot(
     hdr.nr_irqs = nr_irqs
     hdr.ratelimit_interval_ns = printk_ratelimit * 1_000_000_000
     hdr.ratelimit_burst = printk_ratelimit_burst
-    for pc in img.img.percpu:
-        pc.idle_slot = -1
-        pc.tasklet_head[0] = pc.tasklet_head[1] = pc.tasklet_tail[0] = pc.tasklet_tail[1] = -1
-        pc.timer_head = pc.timer_running = -1
-        pc.timer_next_ns = pc.idle_clock_ns = sched.FOREVER_NS
+    for name in image.PERCPU_NONE:
+        image.percpu_fill(img.img, name, -1)
+    for name in ("timer_next_ns", "idle_clock_ns"):
+        image.percpu_fill(img.img, name, sched.FOREVER_NS)
     hdr.clock_programmed_ns = sched.FOREVER_NS
     img.cpu_map = cpu_map
     image.attach(img)
@@ -475,6 +539,12 @@ def boot(
     kernel._var_wait = var_wait
     atexit.register(kernel.shutdown)
     _watch_death(kernel)
+    if trace is not None:
+        try:
+            kernel.trace_start(trace)
+        except BaseException:
+            kernel.shutdown()
+            raise
     return kernel
 
 

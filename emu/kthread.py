@@ -34,6 +34,7 @@ from .constants import (
     PF_EXITING,
     PF_KTHREAD,
     PF_NO_SETAFFINITY,
+    PF_WQ_WORKER,
     TASK_DEAD,
     TASK_PARKED,
     TASK_RUNNING,
@@ -58,6 +59,7 @@ from .task import (
     wchan_enter,
     wchan_exit,
 )
+from .trace import PROCESS_EXIT, WAKEUP_NEW, trace_comm, trace_point
 from .wait import wait_var_event, wake_up_var
 
 # struct kthread flags (kernel/kthread.c), plus emu's own life-cycle bits.
@@ -134,14 +136,15 @@ def real_cpu(cpu: int) -> int:
     return cpu_map[cpu % len(cpu_map)]
 
 
-def _create(threadfn: Callable[[Any], int], data: Any, name: str, cpu: int | None) -> Task:
+def _create(threadfn: Callable[[Any], int], data: Any, name: str, cpu: int | None,
+            pf_flags: int = 0) -> Task:
     img = image.this()
     current()
     preempt.might_sleep(depth=3)
     img.core.raise_if_dead()  # no new task for a dead kernel: it would join no group
     reap_children()
     bound = cpu is not None
-    flags = PF_KTHREAD | (PF_NO_SETAFFINITY if bound else 0)
+    flags = PF_KTHREAD | (PF_NO_SETAFFINITY if bound else 0) | pf_flags
     task = alloc_slot(name, flags, _place() if cpu is None else cpu, TASK_UNINTERRUPTIBLE)
     rec = task._rec
     rec.wchan = WCHAN_KTHREAD  # until its first wake-up (see _kthread())
@@ -161,6 +164,7 @@ def _create(threadfn: Callable[[Any], int], data: Any, name: str, cpu: int | Non
     if img.is_boot_process:
         _children[pid] = rec  # before the pid too: the supervisor may ask us to reap it
     rec.pid = pid
+    trace_point(WAKEUP_NEW, pid, rec.cpu)
     if img.is_boot_process:
         try:
             os.setpgid(pid, img.img.hdr.supervisor_pid)
@@ -225,6 +229,16 @@ def _per_cpu_name(namefmt: str, cpu: int) -> str:
         return _format_name(namefmt, ())
 
 
+def create_kworker(threadfn: Callable[[Any], int], data: Any, name: str,
+                   cpu: int | None) -> Task:
+    """The workqueue's kthread_create[_on_cpu](): a kworker named `name`, bound to `cpu`
+    unless it is None, marked PF_WQ_WORKER from birth (the kernel's own thread, never a
+    test's leaked one). Process context."""
+    if cpu is not None:
+        check_cpu(cpu)
+    return _create(threadfn, data, name, cpu, PF_WQ_WORKER)
+
+
 def kthread_create_on_cpu(threadfn: Callable[[Any], int], data: Any, cpu: int,
                           namefmt: str) -> Task:
     """Create a kthread bound to `cpu`, named ``namefmt % cpu`` (e.g. "ksoftirqd/%u")."""
@@ -273,6 +287,7 @@ def _become_kthread(task: Task) -> None:
     if task._rec.flags & PF_NO_SETAFFINITY:
         complete(_task_completion(task, "parked"))  # the creator waits for this
     set_current(task)
+    trace_comm(task.comm)
     irqchip.install_doorbell()
     install_show_stack()
 
@@ -286,6 +301,7 @@ def _kthread(task: Task) -> None:
         schedule()  # created in TASK_UNINTERRUPTIBLE (WCHAN_KTHREAD): wait for the first wake-up
         wchan_exit(WCHAN_NONE)
         records.field_or(rec, "kflags", KTHREAD_STARTED)
+        irqchip.task_started(rec)
         if rec.kflags & KTHREAD_SHOULD_STOP:
             result = -EINTR
         else:
@@ -316,6 +332,7 @@ def _do_exit(task: Task, result: Any) -> None:
             if preempt.in_atomic():
                 log_store(5, f"note: {task.comm}[{task.pid}] exited with preempt_count "
                                     f"{preempt.preempt_count()}")
+        trace_point(PROCESS_EXIT)
         set_current(None)  # from here on the slot is only touched by exit_notify()
         exit_notify(rec, _to_int(result))
     finally:

@@ -44,6 +44,7 @@ from .printk import log_store
 from .sched import jiffies, schedule
 from .task import Task, current, set_current_state, task_from_slot, wake_slot, wake_up_process
 from .timer import TIMER_IRQSAFE, TimerList, mod_timer, timer_delete, timer_delete_sync, timer_setup
+from .trace import WORK_END, WORK_START, trace_point
 
 WORK_STRUCT_PENDING = 1 << 0
 WORK_STRUCT_BARRIER = 1 << 8  # emu: the record is a flush barrier, not a work item
@@ -474,6 +475,7 @@ def run_work(rec: Any, handle: Any) -> None:
     global _running_here, _running_handle
     fn = callback_load(rec.ref, rec.ref_generation)[0]
     _running_here, _running_handle = rec, handle
+    trace_point(WORK_START, handle.index)
     try:
         fn(handle)
     except bug.TaskKilled:
@@ -481,6 +483,7 @@ def run_work(rec: Any, handle: Any) -> None:
     except BaseException as exc:  # kthread_exit() or SystemExit too: the worker lives on
         bug.oops(exc, f"{type(exc).__name__} in work item {qualname(fn)}: {exc}")
     finally:
+        trace_point(WORK_END, handle.index)
         _running_here = _running_handle = None
     _check_leak(fn)
 

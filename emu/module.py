@@ -241,14 +241,15 @@ def _failed(k: kernel.Kernel) -> bool:
 
 def run_module(target: str, is_file: bool, params: dict[str, str], *, cpus: Any = None,
                hz: int = kernel.HZ_DEFAULT, duration: float | None = None,
-               out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+               trace: str | None = None, out: TextIO = sys.stdout,
+               err: TextIO = sys.stderr) -> int:
     """``emu run``: boot, insmod, stream the log to `out` until `duration` seconds passed
     (None: until Ctrl-C or SIGTERM), rmmod, shut down. Returns the exit status: 0, or
     1 if loading failed or the kernel logged a WARN, BUG, Oops or hung task."""
     old_term = _os_signal.signal(_os_signal.SIGTERM, _sigterm)
     try:
         # Everything goes to `out` as it is logged; the console (stderr) would repeat it.
-        with kernel.boot(cpus=cpus, hz=hz, console_loglevel=0) as k:
+        with kernel.boot(cpus=cpus, hz=hz, console_loglevel=0, trace=trace) as k:
             reader = attach.LogReader(image.this().img)
             status = _load_run_unload(k, reader, target, is_file, params, duration, out, err)
             _stream(reader, out, final=True)

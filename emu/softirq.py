@@ -22,6 +22,7 @@ from . import bug, checks, image, preempt, records
 from .callback import callback_free, callback_load, callback_store
 from .idle import start_irq_layer
 from .irqchip import irq_exit_hooks, ring_doorbell, softirq_pending_addr
+from .trace import SOFTIRQ_ENTRY, SOFTIRQ_EXIT, trace_point
 from .wait import wait_var_event, wake_up_var
 
 HI_SOFTIRQ = 0
@@ -241,7 +242,9 @@ def do_softirq() -> None:
         try:
             for nr in sorted(softirq_vec):
                 if pending & (1 << nr):
+                    trace_point(SOFTIRQ_ENTRY, nr)
                     softirq_vec[nr](cpu)
+                    trace_point(SOFTIRQ_EXIT, nr)
         finally:
             preempt.irq_exit(saved)
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import bug, image, records
+from . import bug, image, records, trace
 from .completion import _from_index, complete_all
 from .constants import (
     PF_EXITING,
@@ -103,6 +103,7 @@ class Supervisor:
         _os_signal.signal(SIG_WAKE, lambda signum, frame: None)
         self.poller.register(self.wake_r, select.POLLIN)
         self.clock = ClockEvent(img)  # the backup clock event device of the timers
+        self.tracer = trace.SpoolWriter(img)
 
     def run(self) -> None:
         while not self.hdr.shutting_down:
@@ -115,6 +116,7 @@ class Supervisor:
                 else:
                     self.task_died(fd)
             self.hung.maybe_scan()
+            self.tracer.poll()
 
     def watch_new_tasks(self) -> None:
         tasks = self.img.img.tasks

@@ -32,6 +32,7 @@ from .idle import start_irq_layer
 from .irqchip import resend_pending, ring_doorbell, softirq_pending_addr
 from .sched import FOREVER_NS, jiffies
 from .softirq import TIMER_SOFTIRQ, open_softirq
+from .trace import TIMER_ENTRY, TIMER_EXIT, trace_point
 from .wait import wait_var_event, wake_up_var
 
 TIMER_DEFERRABLE = 0x00080000
@@ -527,6 +528,7 @@ def call_timer_fn(timer: TimerList, fn: TimerFn, irqsafe: bool) -> None:
     count = preempt.preempt_count()
     flags = preempt.local_irq_save() if irqsafe else None
     _running_here.append(timer.index)
+    trace_point(TIMER_ENTRY, timer.index)
     try:
         fn(timer)
     except bug.TaskKilled:
@@ -534,6 +536,7 @@ def call_timer_fn(timer: TimerList, fn: TimerFn, irqsafe: bool) -> None:
     except Exception as exc:
         bug.oops(exc, f"{type(exc).__name__} in timer callback {qualname(fn)}: {exc}")
     finally:
+        trace_point(TIMER_EXIT, timer.index)
         _running_here.pop()
         if flags is not None:
             preempt.local_irq_restore(flags)

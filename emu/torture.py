@@ -106,6 +106,7 @@ from .sched import (
 from .signal import allow_signal, flush_signals, send_sig
 from .softirq import Tasklet, tasklet_kill, tasklet_schedule
 from .spinlock import (
+    SOFTLOCKUP_THRESH_DEFAULT,
     Spinlock,
     spin_lock,
     spin_lock_irqsave,
@@ -708,6 +709,7 @@ class Options:
     stat_interval: float = 5.0
     json_file: str | None = None
     broken: bool = False
+    trace: str | None = None  # a Perfetto trace file of the run
 
 
 @dataclass
@@ -892,11 +894,11 @@ def _start_irq(run: Run, rng: random.Random) -> None:
                               "torture-thread", st)
     lines = _irq_lines(k.ncpus)
     devs = [(st, Atomic()) for _ in range(lines)]
-    for cpu in range(k.ncpus):
-        if cpu < lines:  # one device per CPU, as far as there are lines
-            line = IRQ_LINE_BASE + cpu
-            _irq.request_irq(line, irq_torture_handler, 0, "torture-irq", devs[cpu])
-            _irq.irq_set_affinity(line, cpu)
+    for cpu in range(lines):  # one device per CPU, as far as there are lines
+        line = IRQ_LINE_BASE + cpu
+        _irq.request_irq(line, irq_torture_handler, 0, "torture-irq", devs[cpu])
+        _irq.irq_set_affinity(line, cpu)  # its real CPU's idle task starts here
+    for cpu in range(k.ncpus):  # the last tasks a run starts (tests/killing.py)
         run.threads.append(kthread_run_on_cpu(_gated(run, _irq_worker), (st, run.stop, counters),
                                               cpu, "irqwork/%u"))
 
@@ -977,6 +979,20 @@ def boot_capacities(opts: Options) -> dict[str, int]:
         tasks += ncpus * 8 + 32    # grow while items sleep, and the unbound pool
     return {"max_tasks": max(256, tasks + tasks // 4),
             "nr_irqs": max(32, IRQ_LINE_BASE + _irq_lines(ncpus))}
+
+
+def boot_watchdogs(opts: Options) -> dict[str, int]:
+    """The hung-task and soft-lockup thresholds of a run with `opts`: the defaults, times
+    the emulated CPUs per real CPU. The host time-slices that many busy CPUs' tasks on
+    one real CPU, so a task may wait that many times longer to run (a lock holder too)."""
+    ncpus = _ncpus(opts.cpus)
+    if opts.cpus is None or isinstance(opts.cpus, int):
+        real = min(ncpus, len(os.sched_getaffinity(0)))
+    else:
+        real = len(set(opts.cpus))
+    over = -(-ncpus // max(real, 1))
+    return {"hung_task_timeout_secs": max(5, int(opts.duration) + 5) * over,
+            "softlockup_thresh_secs": SOFTLOCKUP_THRESH_DEFAULT * over}
 
 
 def _stat_line(kind: str, counters: Counters, elapsed: float) -> str:
@@ -1083,7 +1099,7 @@ def run_torture(opts: Options, out: Any = sys.stdout) -> dict[str, Any]:
     """
     rng = random.Random(opts.seed)
     result: dict[str, Any] = {"seed": opts.seed}
-    with boot(cpus=opts.cpus, hz=1000, hung_task_timeout_secs=max(5, int(opts.duration) + 5),
+    with boot(cpus=opts.cpus, hz=1000, trace=opts.trace, **boot_watchdogs(opts),
               **boot_capacities(opts)) as kernel:
         run = Run(kernel, opts, Atomic())
         try:
@@ -1094,6 +1110,10 @@ def run_torture(opts: Options, out: Any = sys.stdout) -> dict[str, Any]:
             result.update(_report(run))
         except KernelDeadError:  # it died just now: it interrupts only once
             result.update(_report(run))
+        if opts.trace:
+            events, dropped = kernel.trace_stop()
+            result["trace"] = {"file": opts.trace, "events": events, "dropped": dropped,
+                               "bytes": os.path.getsize(opts.trace)}
     if "completion" in opts.types and not run.interrupted and not result["kernel_died"]:
         rate = posix_ipc_baseline(result["cpus"], opts.threads_per_cpu,
                                   min(opts.duration, 3.0), opts.cpus)
@@ -1103,6 +1123,10 @@ def run_torture(opts: Options, out: Any = sys.stdout) -> dict[str, Any]:
                               f"{rate:.0f} ops/s (completion-torture at {ours / rate:.0%} "
                               f"of it)")
     _summary(result, out)
+    if "trace" in result:
+        tr = result["trace"]
+        print(f"trace: {tr['file']}: {tr['bytes']} bytes, {tr['events']} events, "
+              f"{tr['dropped']} dropped", file=out)
     if opts.json_file:
         with open(opts.json_file, "w") as f:
             json.dump(result, f, indent=2)

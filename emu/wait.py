@@ -24,7 +24,7 @@ from typing import Any
 
 import _emu_native as _native
 
-from . import bug, checks, image, preempt, records
+from . import bug, checks, image, preempt, records, task
 from .constants import (
     ERESTARTSYS,
     MAX_SCHEDULE_TIMEOUT,
@@ -210,6 +210,27 @@ def ___wait_event(wq_head: WaitQueueHead, condition: Condition, timeout: int, st
     """
     if type(wq_head) is not WaitQueueHead:
         _check(wq_head)
+    hook = task.sched_hook
+    if hook is not None:  # in a kworker
+        return _wait_event_hooked(wq_head, condition, timeout, state, exclusive, hook)
+    return _wait_event(wq_head, condition, timeout, state, exclusive)
+
+
+def _wait_event_hooked(wq_head: WaitQueueHead, condition: Condition, timeout: int, state: int,
+                       exclusive: bool, hook: Callable[[bool], None]) -> int:
+    """___wait_event() in a kworker: the workqueue hears when it blocks and runs again
+    (wq_worker_sleeping()), so that a sleeping work item does not hold up its pool."""
+    if condition():
+        return _wait_event(wq_head, condition, timeout, state, exclusive)
+    hook(True)
+    try:
+        return _wait_event(wq_head, condition, timeout, state, exclusive)
+    finally:
+        hook(False)
+
+
+def _wait_event(wq_head: WaitQueueHead, condition: Condition, timeout: int, state: int,
+                exclusive: bool) -> int:
     try:
         left = wq_head._core.wait_event(wq_head.index, wq_head.generation, condition, timeout,
                                         state, exclusive)
@@ -330,7 +351,8 @@ def var_wait_table_init() -> list[WaitQueueHead]:
     return heads
 
 
-def __var_waitqueue(var: int) -> WaitQueueHead:
+def var_waitqueue(var: int) -> WaitQueueHead:
+    """__var_waitqueue(): the wait queue head that the variable at `var` hashes to."""
     img = image.this()
     heads: list[WaitQueueHead] | None = img.var_wait
     if heads is None:
@@ -344,18 +366,18 @@ def wait_var_event(var: int, condition: Condition) -> None:
     """Sleep in D until `condition()` is true, woken by wake_up_var(`var`) (an address
     in the image). Other variables hashed to the same head wake it spuriously: the
     condition is re-evaluated, as for every wait_event()."""
-    ___wait_event(__var_waitqueue(var), condition, MAX_SCHEDULE_TIMEOUT,
+    ___wait_event(var_waitqueue(var), condition, MAX_SCHEDULE_TIMEOUT,
                   TASK_UNINTERRUPTIBLE, False)
 
 
 def wait_var_event_timeout(var: int, condition: Condition, timeout: int) -> int:
     """wait_var_event() for at most `timeout` jiffies; wait_event_timeout()'s result."""
-    return ___wait_event(__var_waitqueue(var), condition, timeout, TASK_UNINTERRUPTIBLE, False)
+    return ___wait_event(var_waitqueue(var), condition, timeout, TASK_UNINTERRUPTIBLE, False)
 
 
 def wake_up_var(var: int) -> None:
     """Wake the tasks waiting for the variable at `var` (after changing it, with a full
     barrier: emu's atomics are). Any context; costs a look at the head when none waits."""
-    wq = __var_waitqueue(var)
+    wq = var_waitqueue(var)
     if wq._rec.head != -1:
         wake_up_all(wq)

@@ -30,9 +30,9 @@ import _emu_native as _native
 
 from . import bug, checks, image, irqflags, preempt, records, task
 from .completion import Completion
-from .constants import PF_WQ_WORKER, TASK_IDLE, TASK_NORMAL, TASK_RUNNING
+from .constants import TASK_IDLE, TASK_NORMAL, TASK_RUNNING
 from .errors import CapacityError, EmuError, StaleObjectError
-from .kthread import kthread_create, kthread_create_on_cpu, kthread_should_stop
+from .kthread import create_kworker, kthread_should_stop
 from .kthread_worker import (
     POOL_HIGHPRI,
     POOL_UNBOUND,
@@ -94,11 +94,11 @@ __WQ_ORDERED = 1 << 17
 WQ_MAX_ACTIVE = 512 * 4
 WQ_DFL_ACTIVE = WQ_MAX_ACTIVE // 2
 #: queue_work() leaves the CPU choice to the workqueue: the local CPU.
-WORK_CPU_UNBOUND = image.MAX_CPUS
+WORK_CPU_UNBOUND = image.NR_CPUS
 WQ_NAME_LEN = image.WQ_NAME_LEN
 
-_HIGHPRI_BASE = image.MAX_CPUS
-UNBOUND_POOL = 2 * image.MAX_CPUS
+_HIGHPRI_BASE = image.NR_CPUS
+UNBOUND_POOL = 2 * image.NR_CPUS
 #: (name, flags, max_active) of the system workqueues, at these record indices.
 _SYSTEM_WQS = (("events", 0, 0), ("events_highpri", WQ_HIGHPRI, 0),
                ("events_unbound", WQ_UNBOUND, WQ_MAX_ACTIVE), ("events_long", 0, 0))
@@ -286,14 +286,11 @@ def create_worker(pool: Any) -> bool:
         pool_unlock(pool)
     name = _worker_name(pool, index)
     try:
-        if pool.flags & POOL_UNBOUND:
-            t = kthread_create(worker_thread, (pool.id, index), "%s", name)
-        else:
-            t = kthread_create_on_cpu(worker_thread, (pool.id, index), pool.cpu, name)
+        t = create_kworker(worker_thread, (pool.id, index), name,
+                           None if pool.flags & POOL_UNBOUND else pool.cpu)
     except BaseException:
         pool.workers[index].slot = -1
         raise
-    records.field_or(t._rec, "flags", PF_WQ_WORKER)
     pool_lock(pool)
     ent = pool.workers[index]
     ent.generation = t.generation

@@ -101,6 +101,48 @@ void raw_unlock(int32_t *lockw);
 extern PyMethodDef emu_atomic_methods[];
 extern PyMethodDef emu_lock_methods[];
 
+/* --- trace.c: the per-CPU trace rings (emu/trace.py drains them) ----------- */
+
+/* Event types; emu/trace.py takes them from the module (TRACE_*). */
+#define TRACE_SWITCH_OUT 1  /* the task sleeps: arg0 its state, arg1 completion id + 1 or 0 */
+#define TRACE_SWITCH_IN 2  /* the task runs again after a sleep */
+#define TRACE_WAKING 3  /* arg0 the woken task's pid, arg1 its CPU */
+#define TRACE_IRQ_ENTRY 4  /* arg0 the IRQ line */
+#define TRACE_IRQ_EXIT 5  /* arg0 the IRQ line, arg1 the handlers' IRQ_* results */
+#define TRACE_COMPLETE 6  /* arg0 completion id, arg1 1 for complete_all() */
+#define TRACE_WAIT_BEGIN 7  /* arg0 completion id: a wait_for_completion*() that sleeps */
+#define TRACE_WAIT_END 8  /* arg0 completion id, arg1 1 if it got the completion */
+/* Recorded from Python (WaitCore.trace()): */
+#define TRACE_SOFTIRQ_ENTRY 9  /* arg0 the softirq vector */
+#define TRACE_SOFTIRQ_EXIT 10
+#define TRACE_WAKEUP_NEW 11  /* arg0 the new task's pid, arg1 its CPU */
+#define TRACE_PROCESS_EXIT 12  /* the task exits */
+#define TRACE_TIMER_ENTRY 13  /* arg0 the timer's id: its callback starts */
+#define TRACE_TIMER_EXIT 14
+#define TRACE_WORK_START 15  /* arg0 the work item's id: its function starts */
+#define TRACE_WORK_END 16
+#define TRACE_COMM 17  /* a new task's name: arg0 the offset (0, 8), arg1 8 bytes of it */
+#define TRACE_MAX 17
+
+typedef struct {
+    int32_t *on;  /* the image's trace_on flag; NULL before trace_init() */
+    char *rings, *events;
+    Py_ssize_t ring_size, ev_size, nevents, ncpus;
+    Py_ssize_t r_head, e_ts, e_seq, e_arg1, e_pid, e_arg0, e_type, e_cpu;
+} TraceBuf;
+
+int trace_init(TraceBuf *tb, PyObject *layout);
+void trace_record(TraceBuf *tb, int cpu, int type, int pid, int32_t arg0, int64_t arg1);
+int emu_trace_exec(PyObject *module);
+
+/* The trace point: with tracing off it costs one load and one predictable branch. */
+static inline void
+trace_event(TraceBuf *tb, int cpu, int type, int pid, int32_t arg0, int64_t arg1)
+{
+    if (__builtin_expect(tb->on != NULL && __atomic_load_n(tb->on, __ATOMIC_RELAXED), 0))
+        trace_record(tb, cpu, type, pid, arg0, arg1);
+}
+
 /* --- waitcore.c ------------------------------------------------------------ */
 
 /* The kernel numbers the C logic uses; exported to emu/constants.py, which defines none
@@ -121,7 +163,7 @@ typedef struct {
     Py_ssize_t task_size, ntasks;
     Py_ssize_t t_state, t_wq_next, t_wq_on, t_wq_flags, t_sigpending, t_notify, t_nvcsw;
     Py_ssize_t t_preempt, t_irqs_off;  /* this process mirrors its context there */
-    Py_ssize_t t_recent_cpu;
+    Py_ssize_t t_recent_cpu, t_cpu, t_pid;
     char *comps;
     Py_ssize_t comp_size, ncomps;
     Py_ssize_t c_lock, c_done, c_head, c_tail, c_gen;
@@ -134,12 +176,21 @@ typedef struct {
     long long jiffy_ns, forever_ns;  /* 0 until set_timebase() */
     PyObject *dead_owner_hook;  /* hook(what, pid): a lock taken over from a dead holder */
     PyObject *dead_type, *dead_msg;  /* set_dead(): the kernel died; sleeps raise this */
+    TraceBuf trace;  /* the trace rings (trace.c) */
 } WaitCore;
+
+/* The emulated CPU of task `slot` (of the caller's task when slot < 0, 0 if none). */
+#define WC_CPU(wc, slot)                                                                    \
+    ((slot) >= 0 ? __atomic_load_n(T_FIELD(wc, slot, (wc)->t_cpu, int32_t), __ATOMIC_RELAXED) \
+     : (wc)->current >= 0 ? __atomic_load_n(T_FIELD(wc, (wc)->current, (wc)->t_cpu, int32_t), \
+                                            __ATOMIC_RELAXED) : 0)
 
 #define T_FIELD(wc, slot, off, type) ((type *)((wc)->tasks + (slot) * (wc)->task_size + (off)))
 #define C_FIELD(wc, idx, off, type) ((type *)((wc)->comps + (idx) * (wc)->comp_size + (off)))
 
 int WaitCore_init(WaitCore *wc, PyObject *args, PyObject *kwds);
+/* WaitCore.trace(type, arg0, arg1): a trace event of the current task (trace.c). */
+PyObject *WaitCore_trace(WaitCore *wc, PyObject *const *args, Py_ssize_t nargs);
 void wc_lock(WaitCore *wc, int32_t *lockw, const char *what);
 int wc_report_dead_owner(WaitCore *wc);
 extern PyType_Spec WaitCore_spec;

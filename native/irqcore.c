@@ -30,6 +30,7 @@
 #define IRQS_ONESHOT 0x8  /* masked until the threaded handler returns */
 #define IRQS_SPURIOUS_DISABLED 0x10  /* "nobody cared" */
 #define ACTION_LIVE 1  /* IrqAction.in_use: its handler runs */
+#define PF_IDLE 0x00000002  /* TaskSlot.flags: an idle task (never a running task) */
 #define IRQ_NONE 0
 /* note_interrupt(): a line with more than SPURIOUS_LIMIT of SPURIOUS_WINDOW unhandled. */
 #define SPURIOUS_WINDOW 100000
@@ -49,10 +50,12 @@ typedef struct {
     Py_ssize_t action_size, nr_actions, a_in_use, a_ref, a_ref_gen;
     char *percpu;
     Py_ssize_t percpu_size, ncpus, p_irq_pending, p_idle_slot;
-    Py_ssize_t t_in_use, t_cpu, t_pid;
+    Py_ssize_t p_idle_home, p_idle_list, p_idle_next, p_idle_queued;
+    Py_ssize_t t_in_use, t_cpu, t_pid, t_flags;
     int32_t *task_high;
     int signo;
     Py_ssize_t *last_target;  /* per CPU: the slot that took its last doorbell, or -1 */
+    int32_t *idle_buf;  /* scratch for idle_take(): one entry per CPU */
 } IrqCore;
 
 #define D_FIELD(ic, irq, off, type) ((type *)((ic)->descs + (irq) * (ic)->desc_size + (off)))
@@ -96,31 +99,61 @@ ic_running_on(IrqCore *ic, Py_ssize_t slot, int32_t cpu)
     return LOAD32(T_FIELD(wc, slot, ic->t_in_use, int32_t)) &&
            LOAD32(T_FIELD(wc, slot, ic->t_cpu, int32_t)) == cpu &&
            LOAD32(T_FIELD(wc, slot, wc->t_state, int32_t)) == TASK_RUNNING &&
+           !(LOAD32(T_FIELD(wc, slot, ic->t_flags, int32_t)) & PF_IDLE) &&
            LOAD32(T_FIELD(wc, slot, ic->t_pid, int32_t)) > 0;
 }
 
 /*
- * The slot of a task running on `cpu`, else of the CPU's idle task; -1 if neither. The
- * idle task runs only when no other task does: while it starts up (state R) it is not
+ * The slot of a task running on `cpu`, else of the idle task that serves it (*home is
+ * then that idle task's home CPU, else -1); -1 if neither. An idle task runs a CPU only
+ * when no other task does: while it serves one (state R, its cpu that CPU) it is not
  * taken for a running task.
  */
 static Py_ssize_t
-ic_target(IrqCore *ic, int32_t cpu)
+ic_target(IrqCore *ic, int32_t cpu, int32_t *home)
 {
     Py_ssize_t slot = ic->last_target[cpu], high = LOAD32(ic->task_high);
-    Py_ssize_t idle = LOAD32(P_FIELD(ic, cpu, ic->p_idle_slot, int32_t));
 
-    if (slot >= 0 && slot != idle && ic_running_on(ic, slot, cpu))
+    *home = -1;
+    if (slot >= 0 && ic_running_on(ic, slot, cpu))
         return slot;
     if (high > ic->wc->ntasks)
         high = ic->wc->ntasks;
     for (slot = 0; slot < high; slot++) {
-        if (slot != idle && ic_running_on(ic, slot, cpu)) {
+        if (ic_running_on(ic, slot, cpu)) {
             ic->last_target[cpu] = slot;
             return slot;
         }
     }
-    return idle < ic->wc->ntasks ? idle : -1;
+    *home = LOAD32(P_FIELD(ic, cpu, ic->p_idle_home, int32_t));
+    if (*home < 0 || *home >= ic->ncpus)
+        return *home = -1;
+    slot = LOAD32(P_FIELD(ic, *home, ic->p_idle_slot, int32_t));
+    if (slot < 0 || slot >= ic->wc->ntasks)
+        return *home = -1;
+    return slot;
+}
+
+/*
+ * Queue `cpu` (once) on the list of CPUs the idle task of CPU `home` serves, which that
+ * task takes with idle_take(): an idle task serves many emulated CPUs, and learns this
+ * way which of them rang. A lock-free stack (push, take all); the queued flag keeps a
+ * CPU from being on it twice. Called before the signal is sent. (A raiser SIGKILLed
+ * between setting the flag and the push would leave the CPU marked but off the list.)
+ */
+static void
+ic_queue_idle(IrqCore *ic, int32_t cpu, int32_t home)
+{
+    int32_t head, *list;
+
+    if (__atomic_exchange_n(P_FIELD(ic, cpu, ic->p_idle_queued, int32_t), 1, __ATOMIC_SEQ_CST))
+        return;  /* already queued */
+    list = P_FIELD(ic, home, ic->p_idle_list, int32_t);
+    head = LOAD32(list);
+    do {
+        __atomic_store_n(P_FIELD(ic, cpu, ic->p_idle_next, int32_t), head, __ATOMIC_SEQ_CST);
+    } while (!__atomic_compare_exchange_n(list, &head, cpu, 0, __ATOMIC_SEQ_CST,
+                                          __ATOMIC_SEQ_CST));
 }
 
 /*
@@ -133,13 +166,16 @@ ic_ring(IrqCore *ic, int32_t cpu)
 {
     WaitCore *wc = ic->wc;
     Py_ssize_t slot;
+    int32_t home;
     int i, value;
     pid_t pid;
 
     for (i = 0; i < DOORBELL_TRIES; i++) {
-        slot = ic_target(ic, cpu);
+        slot = ic_target(ic, cpu, &home);
         if (slot < 0 || (pid = LOAD32(T_FIELD(wc, slot, ic->t_pid, int32_t))) <= 0)
             return 0;
+        if (home >= 0)
+            ic_queue_idle(ic, cpu, home);
         if (kill(pid, ic->signo) < 0) {
             if (errno == ESRCH)
                 continue;  /* it exited meanwhile: look again */
@@ -233,6 +269,39 @@ IrqCore_take_pending(IrqCore *ic, PyObject *arg)
         return NULL;
     return PyLong_FromUnsignedLongLong(
         __atomic_exchange_n(P_FIELD(ic, cpu, ic->p_irq_pending, uint64_t), 0, __ATOMIC_SEQ_CST));
+}
+
+/*
+ * idle_take(home): the CPUs queued for the idle task whose home CPU is `home`, oldest
+ * first; each may be queued again from now on (its interrupts raised before are
+ * pending by then).
+ */
+static PyObject *
+IrqCore_idle_take(IrqCore *ic, PyObject *arg)
+{
+    Py_ssize_t home, n = 0, i;
+    int32_t cpu, next;
+    PyObject *list, *item;
+
+    if (ic_cpu_arg(ic, arg, &home) < 0)
+        return NULL;
+    cpu = __atomic_exchange_n(P_FIELD(ic, home, ic->p_idle_list, int32_t), -1, __ATOMIC_SEQ_CST);
+    while (cpu >= 0 && cpu < ic->ncpus && n < ic->ncpus) {
+        next = LOAD32(P_FIELD(ic, cpu, ic->p_idle_next, int32_t));  /* before it may be reused */
+        __atomic_store_n(P_FIELD(ic, cpu, ic->p_idle_queued, int32_t), 0, __ATOMIC_SEQ_CST);
+        ic->idle_buf[n++] = cpu;
+        cpu = next;
+    }
+    if ((list = PyList_New(n)) == NULL)
+        return NULL;  /* their pending bits stay: the next doorbell queues them again */
+    for (i = 0; i < n; i++) {
+        if ((item = PyLong_FromLong(ic->idle_buf[n - 1 - i])) == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, item);
+    }
+    return list;
 }
 
 /* The live actions of a line (descriptor locked): n entries of (index, ref, ref_gen). */
@@ -348,6 +417,7 @@ IrqCore_claim(IrqCore *ic, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         Py_RETURN_NONE;
     }
+    trace_event(&ic->wc->trace, (int)cpu, TRACE_IRQ_ENTRY, ic->wc->pid, (int32_t)irq, 0);
     return ic_live_tuple(ic, irq, live, n);
 }
 
@@ -366,6 +436,8 @@ IrqCore_actions(IrqCore *ic, PyObject *arg)
     wc_lock(ic->wc, lockw, "irq descriptor");
     n = ic_live_actions(ic, irq, live);
     raw_unlock(lockw);
+    trace_event(&ic->wc->trace, WC_CPU(ic->wc, -1), TRACE_IRQ_ENTRY, ic->wc->pid,
+                (int32_t)irq, 0);
     return ic_live_tuple(ic, irq, live, n);
 }
 
@@ -392,6 +464,8 @@ IrqCore_end(IrqCore *ic, PyObject *const *args, Py_ssize_t nargs)
     status = D_FIELD(ic, irq, ic->d_status, int32_t);
     count = D_FIELD(ic, irq, ic->d_count, int32_t);
     unhandled = D_FIELD(ic, irq, ic->d_unhandled, int32_t);
+    trace_event(&ic->wc->trace, WC_CPU(ic->wc, -1), TRACE_IRQ_EXIT, ic->wc->pid, (int32_t)irq,
+                ret);
     wc_lock(ic->wc, lockw, "irq descriptor");
     ++*count;
     if (ret == IRQ_NONE)
@@ -550,6 +624,7 @@ IrqCore_init(IrqCore *ic, PyObject *args, PyObject *kwds)
         FIELD("in_use", &ic->t_in_use, int32_t),
         FIELD("cpu", &ic->t_cpu, int32_t),
         FIELD("pid", &ic->t_pid, int32_t),
+        FIELD("flags", &ic->t_flags, int32_t),
         END_FIELDS,
     };
     const LayoutField action_fields[] = {
@@ -561,6 +636,10 @@ IrqCore_init(IrqCore *ic, PyObject *args, PyObject *kwds)
     const LayoutField percpu_fields[] = {
         FIELD("irq_pending", &ic->p_irq_pending, uint64_t),
         FIELD("idle_slot", &ic->p_idle_slot, int32_t),
+        FIELD("idle_home", &ic->p_idle_home, int32_t),
+        FIELD("idle_list", &ic->p_idle_list, int32_t),
+        FIELD("idle_next", &ic->p_idle_next, int32_t),
+        FIELD("idle_queued", &ic->p_idle_queued, int32_t),
         END_FIELDS,
     };
     Py_ssize_t task_high;
@@ -623,7 +702,8 @@ IrqCore_init(IrqCore *ic, PyObject *args, PyObject *kwds)
         return -1;
     }
     ic->last_target = PyMem_Calloc((size_t)ic->ncpus, sizeof(Py_ssize_t));
-    if (ic->last_target == NULL) {
+    ic->idle_buf = PyMem_Calloc((size_t)ic->ncpus, sizeof(int32_t));
+    if (ic->last_target == NULL || ic->idle_buf == NULL) {
         PyErr_NoMemory();
         return -1;
     }
@@ -643,6 +723,7 @@ IrqCore_dealloc(IrqCore *ic)
     PyTypeObject *tp = Py_TYPE(ic);
 
     PyMem_Free(ic->last_target);
+    PyMem_Free(ic->idle_buf);
     Py_CLEAR(ic->wc);
     tp->tp_free((PyObject *)ic);
     Py_DECREF(tp);
@@ -659,6 +740,9 @@ static PyMethodDef IrqCore_methods[] = {
      "ring(cpu) -> signal the task running on the CPU, or its idle task, even the caller"},
     {"take_pending", (PyCFunction)IrqCore_take_pending, METH_O,
      "take_pending(cpu) -> the CPU's pending IRQ bits, now cleared"},
+    {"idle_take", (PyCFunction)IrqCore_idle_take, METH_O,
+     "idle_take(home) -> [cpu, ...]: the CPUs that rang the idle task of CPU `home` "
+     "since the last call, oldest first"},
     {"claim", (PyCFunction)(void (*)(void))IrqCore_claim, METH_FASTCALL,
      "claim(irq, cpu) -> ((index, ref, ref_generation), ...) of the live actions to run, "
      "the line now in progress; or None (left pending or marked for replay)"},
@@ -715,6 +799,7 @@ emu_irqcore_exec(PyObject *module)
         PyModule_AddIntConstant(module, "IRQS_ONESHOT", IRQS_ONESHOT) < 0 ||
         PyModule_AddIntConstant(module, "IRQS_SPURIOUS_DISABLED", IRQS_SPURIOUS_DISABLED) < 0 ||
         PyModule_AddIntConstant(module, "ACTION_LIVE", ACTION_LIVE) < 0 ||
+        PyModule_AddIntConstant(module, "PF_IDLE", PF_IDLE) < 0 ||
         PyModule_AddIntConstant(module, "SPURIOUS_WINDOW", SPURIOUS_WINDOW) < 0 ||
         PyModule_AddIntConstant(module, "SPURIOUS_LIMIT", SPURIOUS_LIMIT) < 0 ||
         PyModule_AddIntConstant(module, "IRQ_END_REPLAY", IRQ_END_REPLAY) < 0 ||

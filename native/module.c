@@ -269,7 +269,7 @@ emu_native_exec(PyObject *module)
         PyModule_AddFunctions(module, emu_lock_methods) < 0 ||
         PyModule_AddIntConstant(module, "LOCK_SPINS", LOCK_SPINS) < 0 ||
         emu_waitcore_exec(module) < 0 || emu_irqcore_exec(module) < 0 ||
-        emu_slab_exec(module) < 0)
+        emu_slab_exec(module) < 0 || emu_trace_exec(module) < 0)
         return -1;
     return 0;
 }

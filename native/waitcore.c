@@ -128,8 +128,12 @@ wc_set_running(WaitCore *wc, Py_ssize_t slot, int32_t mask)
         if (!(s & mask))
             return 0;
         if (__atomic_compare_exchange_n(state, &s, TASK_RUNNING, 0, __ATOMIC_SEQ_CST,
-                                        __ATOMIC_SEQ_CST))
+                                        __ATOMIC_SEQ_CST)) {
+            trace_event(&wc->trace, wc->current >= 0 ? WC_CPU(wc, -1) : WC_CPU(wc, slot),
+                        TRACE_WAKING, wc->pid, *T_FIELD(wc, slot, wc->t_pid, int32_t),
+                        WC_CPU(wc, slot));
             return 1;
+        }
     }
 }
 
@@ -193,8 +197,23 @@ wc_take_signals(void)
  * released while blocked; Python signal handlers (emu's interrupt delivery) run
  * whenever the wait returns.
  */
+static int wc_sleep_untraced(WaitCore *wc, Py_ssize_t slot, long long deadline_ns);
+
+/* wc_sleep_untraced() between the trace's sched_switch out and back in. */
 static int
 wc_sleep(WaitCore *wc, Py_ssize_t slot, long long deadline_ns)
+{
+    int r;
+
+    trace_event(&wc->trace, WC_CPU(wc, slot), TRACE_SWITCH_OUT, wc->pid,
+                *T_FIELD(wc, slot, wc->t_state, int32_t), *T_FIELD(wc, slot, wc->t_wq_on, int32_t));
+    r = wc_sleep_untraced(wc, slot, deadline_ns);
+    trace_event(&wc->trace, WC_CPU(wc, slot), TRACE_SWITCH_IN, wc->pid, 0, 0);
+    return r;
+}
+
+static int
+wc_sleep_untraced(WaitCore *wc, Py_ssize_t slot, long long deadline_ns)
 {
     int32_t *state = T_FIELD(wc, slot, wc->t_state, int32_t);
     sem_t *sem = wc->sems[slot];
@@ -412,6 +431,7 @@ WaitCore_complete(WaitCore *wc, PyObject *const *args, Py_ssize_t nargs)
     lockw = C_FIELD(wc, idx, wc->c_lock, int32_t);
     done = C_FIELD(wc, idx, wc->c_done, uint32_t);
     woken = wc->woken;
+    trace_event(&wc->trace, WC_CPU(wc, -1), TRACE_COMPLETE, wc->pid, (int32_t)idx, all);
     wc_lock(wc, lockw, "completion");
     if (all) {
         result = *done == UINT32_MAX;
@@ -456,6 +476,7 @@ wc_wait(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot, long long timeout_ns, int
         deadline = monotonic_ns() + timeout_ns;
     wc_lock(wc, lockw, "completion");
     if (!*done) {
+        trace_event(&wc->trace, WC_CPU(wc, slot), TRACE_WAIT_BEGIN, wc->pid, qid - 1, 0);
         for (;;) {
             if (wc_signal_pending_state(wc, slot, state)) {
                 *result = WAIT_SIGNALLED;
@@ -477,6 +498,8 @@ wc_wait(WaitCore *wc, Py_ssize_t idx, Py_ssize_t slot, long long timeout_ns, int
         if (*wq_on == qid)
             wc_remove(wc, idx, slot);
         __atomic_store_n(st, TASK_RUNNING, __ATOMIC_SEQ_CST);
+        trace_event(&wc->trace, WC_CPU(wc, slot), TRACE_WAIT_END, wc->pid, qid - 1,
+                    r >= 0 && *done);
         if (r < 0 || !*done) {
             raw_unlock(lockw);
             return r < 0 ? -1 : 0;
@@ -980,6 +1003,8 @@ WaitCore_init(WaitCore *wc, PyObject *args, PyObject *kwds)
         FIELD("preempt_count", &wc->t_preempt, int32_t),
         FIELD("irqs_disabled", &wc->t_irqs_off, int32_t),
         FIELD("recent_cpu", &wc->t_recent_cpu, int32_t),
+        FIELD("cpu", &wc->t_cpu, int32_t),
+        FIELD("pid", &wc->t_pid, int32_t),
         END_FIELDS,
     };
     const LayoutField comp_fields[] = {
@@ -1001,7 +1026,8 @@ WaitCore_init(WaitCore *wc, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "Oi:WaitCore", kwlist, &layout, &wc->pid))
         return -1;
     if (layout_table(layout, "WaitCore", "tasks", &tasks, task_fields) < 0 ||
-        layout_table(layout, "WaitCore", "completions", &comps, comp_fields) < 0)
+        layout_table(layout, "WaitCore", "completions", &comps, comp_fields) < 0 ||
+        trace_init(&wc->trace, layout) < 0)
         return -1;
     if (tasks.base == NULL || comps.base == NULL) {
         PyErr_SetString(PyExc_ValueError, "WaitCore layout: tasks and completions need an addr");
@@ -1098,6 +1124,8 @@ static PyMethodDef WaitCore_methods[] = {
      "if any queued; None if the handle is stale"},
     {"remove_waiter", (PyCFunction)WaitCore_remove_waiter, METH_VARARGS,
      "remove_waiter(index, slot) -> True if the task was unlinked from the queue"},
+    {"trace", (PyCFunction)(void (*)(void))WaitCore_trace, METH_FASTCALL,
+     "trace(type, arg0, arg1): record trace event `type` of the current task (trace.c)"},
     {"attach_sem", (PyCFunction)WaitCore_attach_sem, METH_VARARGS,
      "attach_sem(slot, name): open the named POSIX semaphore as task slot's sleep primitive"},
     {"after_fork", (PyCFunction)WaitCore_after_fork, METH_VARARGS,

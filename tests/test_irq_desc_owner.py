@@ -73,11 +73,15 @@ class OpcodeInjector:
         return self.local
 
     def local(self, frame, event, arg):
-        if event == "opcode" and not self.injected:
+        if event == "opcode":
+            self.boundary()
+        return self.local
+
+    def boundary(self):
+        if not self.injected:
             self.count += 1
             if self.count == self.at:
                 self.inject()
-        return self.local
 
     def inject(self):
         self.injected = True
@@ -88,11 +92,38 @@ class OpcodeInjector:
             time.sleep(0)
 
     def run(self, fn, *args):
+        """fn(*args) with a boundary() before each of its opcodes in emu's code: through
+        sys.monitoring's INSTRUCTION events where there is one (Python 3.12 ignores
+        f_trace_opcodes), else sys.settrace()."""
+        if hasattr(sys, "monitoring"):
+            self.run_monitored(fn, *args)
+            return
         sys.settrace(self)
         try:
             fn(*args)
         finally:
             sys.settrace(None)
+
+    def run_monitored(self, fn, *args):
+        mon = sys.monitoring
+        tool = next(i for i in range(6) if mon.get_tool(i) is None)
+
+        def instruction(code, offset):
+            if not code.co_filename.startswith(EMU_DIR):
+                return mon.DISABLE
+            self.boundary()
+            return None
+
+        mon.use_tool_id(tool, "emu-test-injector")
+        mon.register_callback(tool, mon.events.INSTRUCTION, instruction)
+        mon.set_events(tool, mon.events.INSTRUCTION)
+        try:
+            fn(*args)
+        finally:
+            mon.set_events(tool, 0)
+            mon.register_callback(tool, mon.events.INSTRUCTION, None)
+            mon.free_tool_id(tool)
+            mon.restart_events()
 
 
 def quiesce(desc, action, thread, release):

@@ -17,6 +17,7 @@ import pytest
 
 import _emu_native as _native
 import emu
+from emu import tracefile
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Bound of every wait for a line (the machine may be loaded).
@@ -233,15 +234,27 @@ def test_a_warn_makes_the_exit_status_1(tmp_path):
     assert any("WARNING" in line for line in lines), lines
 
 
-def test_missing_module_and_trace_and_bad_parameter_word(tmp_path):
+def test_missing_module_and_bad_parameter_word(tmp_path):
     status, _, err = run("run", str(tmp_path / "none.py"), "--duration", "1")
     assert status == 1 and "insmod: ERROR: could not load module" in err
     status, _, err = run("run", "-m", "emu.examples.nothing_here", "--duration", "1")
     assert status == 1 and "no module named emu.examples.nothing_here" in err
-    status, _, err = run("run", "-m", "emu.examples.hello_kthread", "--trace", "t.pftrace")
-    assert status == 2 and "--trace: tracing to Perfetto is not available" in err
     status, _, err = run("run", "-m", "emu.examples.hello_kthread", "oops")
     assert status == 2 and "module parameters are name=value, got 'oops'" in err
+
+
+def test_run_with_trace_writes_a_trace_of_the_module(tmp_path):
+    """`emu run --trace FILE` streams the log as without it and writes a trace whose
+    tasks include the module's kthread, created (sched_wakeup_new) and exiting."""
+    pytest.importorskip("perfetto")
+    path = str(tmp_path / "run.pftrace")
+    status, lines, err = run("run", "-m", "emu.examples.hello_kthread", "period_ms=50",
+                             "--duration", "0.5", "--trace", path)
+    assert status == 0, err
+    assert any("hello: tick 0" in line for line in lines), lines
+    names = {name: ev for _, name, ev in tracefile.events_of(path)}
+    assert names["sched_wakeup_new"].comm.startswith("hello")
+    assert names["sched_process_exit"].comm.startswith("hello")
 
 
 # --- the four-kthread module -------------------------------------------------------------------

@@ -434,8 +434,8 @@ def test_overdue_timers_of_a_cpu_with_interrupts_off_wait_and_nothing_stalls(ker
     go = emu.Atomic()
 
     def hold(_):
+        emu.local_irq_disable()  # first: a tick between the two would run the timer here
         emu.mod_timer(t, emu.jiffies() + 1)
-        emu.local_irq_disable()
         while not emu.atomic_read(go):
             pass
         emu.local_irq_enable()

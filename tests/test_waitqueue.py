@@ -347,3 +347,25 @@ def test_synchronize_irq_sleeps_while_the_threaded_handler_runs(kernel):
     emu.atomic_set(go, 1)
     assert stop_after_exit(syncer) == 0
     emu.free_irq(4, None)
+
+
+def test_a_work_item_asleep_in_wait_event_does_not_hold_up_its_pool(kernel):
+    """A waits in wait_event() for what B, queued after it on the same CPU, makes true:
+    the pool must hear that A sleeps and start B (as for a completion wait)."""
+    wq, flag, b_ran, a_done = emu.WaitQueueHead(), emu.Atomic(), emu.Completion(), \
+        emu.Completion()
+
+    def a(work):
+        emu.wait_event(wq, lambda: emu.atomic_read(flag))
+        emu.complete(a_done)
+
+    def b(work):
+        emu.atomic_set(flag, 1)
+        emu.wake_up(wq)
+        emu.complete(b_ran)
+
+    wa, wb = emu.Work(a), emu.Work(b)
+    emu.queue_work_on(0, emu.system_wq, wa)
+    emu.queue_work_on(0, emu.system_wq, wb)
+    assert emu.wait_for_completion_timeout(b_ran, 10 * kernel.hz), "B never ran: A held the pool"
+    emu.wait_for_completion(a_done)
