@@ -763,6 +763,10 @@ class WorkRec(ctypes.Structure):
     comp: int
     comp_generation: int
     cpu: int
+    timer: int
+    timer_generation: int
+    wq_generation: int
+    pad: int
     queue_seq: int
     start_seq: int
     done_seq: int
@@ -786,6 +790,10 @@ class WorkRec(ctypes.Structure):
         ("comp", c_int32),  # a barrier's: the flusher's completion (index, generation)
         ("comp_generation", c_int32),
         ("cpu", c_int32),  # a delayed work's: the CPU its timer queues it on
+        ("timer", c_int32),  # a delayed work's: its timer_list (index, generation), -1 = none
+        ("timer_generation", c_int32),
+        ("wq_generation", c_int32),  # a delayed work's: the generation of its `wq`
+        ("pad", c_int32),
         ("queue_seq", c_int64),  # successful queueings
         ("start_seq", c_int64),  # queue_seq of the instance that runs or ran last
         ("done_seq", c_int64),  # the last instance finished (or cancelled)

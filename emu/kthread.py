@@ -34,6 +34,7 @@ from .constants import (
     PF_EXITING,
     PF_KTHREAD,
     PF_NO_SETAFFINITY,
+    PF_WQ_WORKER,
     TASK_DEAD,
     TASK_PARKED,
     TASK_RUNNING,
@@ -135,14 +136,15 @@ def real_cpu(cpu: int) -> int:
     return cpu_map[cpu % len(cpu_map)]
 
 
-def _create(threadfn: Callable[[Any], int], data: Any, name: str, cpu: int | None) -> Task:
+def _create(threadfn: Callable[[Any], int], data: Any, name: str, cpu: int | None,
+            pf_flags: int = 0) -> Task:
     img = image.this()
     current()
     preempt.might_sleep(depth=3)
     img.core.raise_if_dead()  # no new task for a dead kernel: it would join no group
     reap_children()
     bound = cpu is not None
-    flags = PF_KTHREAD | (PF_NO_SETAFFINITY if bound else 0)
+    flags = PF_KTHREAD | (PF_NO_SETAFFINITY if bound else 0) | pf_flags
     task = alloc_slot(name, flags, _place() if cpu is None else cpu, TASK_UNINTERRUPTIBLE)
     rec = task._rec
     rec.wchan = WCHAN_KTHREAD  # until its first wake-up (see _kthread())
@@ -225,6 +227,16 @@ def _per_cpu_name(namefmt: str, cpu: int) -> str:
         return _format_name(namefmt, (cpu,))
     except ValueError:
         return _format_name(namefmt, ())
+
+
+def create_kworker(threadfn: Callable[[Any], int], data: Any, name: str,
+                   cpu: int | None) -> Task:
+    """The workqueue's kthread_create[_on_cpu](): a kworker named `name`, bound to `cpu`
+    unless it is None, marked PF_WQ_WORKER from birth (the kernel's own thread, never a
+    test's leaked one). Process context."""
+    if cpu is not None:
+        check_cpu(cpu)
+    return _create(threadfn, data, name, cpu, PF_WQ_WORKER)
 
 
 def kthread_create_on_cpu(threadfn: Callable[[Any], int], data: Any, cpu: int,

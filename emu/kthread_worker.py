@@ -43,6 +43,7 @@ from .kthread import (
 from .printk import log_store
 from .sched import jiffies, schedule
 from .task import Task, current, set_current_state, task_from_slot, wake_slot, wake_up_process
+from .timer import TIMER_IRQSAFE, TimerList, mod_timer, timer_delete, timer_delete_sync, timer_setup
 from .trace import WORK_END, WORK_START, trace_point
 
 WORK_STRUCT_PENDING = 1 << 0
@@ -248,11 +249,12 @@ def free_work(rec: Any, index: int, generation: int) -> None:
         return
     if rec.ref:
         callback_free(rec.ref, rec.ref_generation)
+    _free_work_timer(rec)
     records.free_record("works", index, generation)
 
 
 def reset_work(rec: Any) -> None:
-    rec.next = rec.pool = rec.wq = rec.barriers = -1
+    rec.next = rec.pool = rec.wq = rec.barriers = rec.timer = -1
 
 
 def store_fn(fn: Any) -> tuple[int, int]:
@@ -510,23 +512,62 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # --- the timer of a delayed work ---------------------------------------------------------------
+#
+# A delayed work owns one timer_list (delayed_work.timer), allocated with the item and
+# freed with it, a TIMER_IRQSAFE timer whose callback finds its item in the attribute
+# ``timer.dwork`` (carried with the timer: the kernel's from_timer()). The work record
+# names the timer (index, generation), so any task can arm or delete it.
 
-def arm_work_timer(work: WorkBase, expires: int, fn: Callable[[Any], None]) -> None:
-    """Arm the timer of delayed work `work`: ``fn(work)`` in softirq context on this CPU
-    at jiffies `expires` (a TIMER_IRQSAFE timer_list). The caller set
-    WORK_STRUCT_TIMER.
+def init_work_timer(work: WorkBase, fn: Callable[[TimerList], None]) -> None:
+    """Give new delayed work `work` its timer, calling ``fn(timer)``; ``timer.dwork``
+    is the item. CapacityError (and no timer) if every timer of emu is in use."""
+    try:
+        timer = TimerList()
+    except CapacityError:
+        raise CapacityError(f"all {image.this().img.hdr.max_timers} timers of emu are in use "
+                            "(a delayed work needs one): free unused ones, or boot with a "
+                            "larger max_timers=") from None
+    timer._owner = 0  # freed with its work item (free_work()), not by this handle
+    timer.dwork = work
+    try:
+        timer_setup(timer, fn, TIMER_IRQSAFE)
+    except BaseException:
+        timer._free()
+        raise
+    rec = work._rec
+    rec.timer, rec.timer_generation = timer.index, timer.generation
 
-    Not wired yet: it waits for emu's timers (timer.py), which land separately."""
-    raise NotImplementedError("delayed work with a delay needs emu's timers, which are not "
-                              "merged into this branch yet")
+
+def work_timer(work: WorkBase) -> TimerList:
+    """A handle (in this task) on the timer of delayed work `work`."""
+    rec = work._rec
+    return TimerList._from_index(rec.timer, rec.timer_generation)
 
 
-def disarm_work_timer(work: WorkBase) -> bool:
-    """timer_delete() of the armed timer of `work` (WORK_STRUCT_TIMER set): True if it
-    had not fired (it will not now: clear the bit then), False if it fired already.
+def _free_work_timer(rec: Any) -> None:
+    if rec.timer >= 0:
+        TimerList._from_index(rec.timer, rec.timer_generation)._free()
+        rec.timer = -1
 
-    Not wired yet: no timer is ever armed (see arm_work_timer())."""
-    return False
+
+def arm_work_timer(work: WorkBase, expires: int) -> None:
+    """add_timer() of the timer of delayed work `work`, due after jiffies `expires`:
+    its callback runs in softirq context (interrupts off) on this CPU. The caller owns
+    PENDING and set WORK_STRUCT_TIMER."""
+    mod_timer(work_timer(work), expires)
+
+
+def disarm_work_timer(work: WorkBase, sync: bool = False) -> bool:
+    """timer_delete() of the timer of delayed work `work`: True if it was armed (it
+    will not fire now: WORK_STRUCT_TIMER is cleared and its PENDING is the caller's),
+    False if it was not armed or its callback has started (which then does its job).
+    `sync`: timer_delete_sync(), which also waits for a running callback (process
+    context, or a busy-wait in atomic context, as for any TIMER_IRQSAFE timer)."""
+    timer = work_timer(work)
+    if not (timer_delete_sync(timer) if sync else timer_delete(timer)):
+        return False
+    records.field_and(work._rec, "data", ~WORK_STRUCT_TIMER)
+    return True
 
 
 # --- kthread workers ---------------------------------------------------------------------------
@@ -603,7 +644,8 @@ def kthread_worker_fn(worker: KthreadWorker) -> int:
             continue
         set_current_state(TASK_RUNNING)
         generation = work.generation
-        run_work(work, work_handle(KthreadWork, index, generation))
+        cls = KthreadDelayedWork if work.timer >= 0 else KthreadWork
+        run_work(work, work_handle(cls, index, generation))
         pool_lock(rec)
         comps = finish_instance(work, ent, generation)
         pool_unlock(rec)
@@ -721,28 +763,57 @@ def _kthread_insert(pool: Any, rec: Any, index: int) -> bool:
 
 
 # --- kthread delayed work -----------------------------------------------------------------------
+#
+# An armed delayed work has WORK_STRUCT_TIMER set (the kernel links it on the worker's
+# delayed_work_list): it is pending, and whoever clears the bit under the worker's lock
+# owns that instance: the timer's callback (it queues the work), or a cancel or mod
+# that deleted the timer first.
 
 class KthreadDelayedWork(KthreadWork):
-    """struct kthread_delayed_work: a kthread work and a timer that queues it."""
+    """struct kthread_delayed_work: a kthread work and the timer that queues it."""
 
     __slots__ = ()
+
+    def __init__(self, fn: Callable[[KthreadDelayedWork], None]) -> None:
+        super().__init__(fn)
+        try:
+            init_work_timer(self, kthread_delayed_work_timer_fn)
+        except BaseException:
+            self._owner = 0
+            free_work(self._rec, self.index, self.generation)
+            raise
 
     @property
     def work(self) -> KthreadDelayedWork:
         """&dwork->work: the item itself (kthread_flush_work() takes it)."""
         return self
 
+    @property
+    def timer(self) -> TimerList:
+        """&dwork->timer: the item's timer (TIMER_IRQSAFE)."""
+        return work_timer(self)
 
-def kthread_delayed_work_timer_fn(dwork: KthreadDelayedWork) -> None:
-    """The timer's callback: queue the work on its worker unless a cancel runs."""
+
+def kthread_delayed_work_timer_fn(timer: TimerList) -> None:
+    """The timer's callback (softirq, interrupts off): move the work to its worker's
+    list, unless a cancel runs (then it is no longer pending, and not queued)."""
+    dwork: KthreadDelayedWork = timer.dwork
     rec = dwork._rec
-    pool = pool_by_id(rec.pool)
+    pool = pool_by_id(rec.pool) if rec.pool >= 0 else None
+    if pool is None or not pool.in_use or pool.workers[0].slot < 0:
+        # The kernel's WARN_ON_ONCE(!worker), or a use-after-free of a destroyed worker.
+        bug.warn(f"kthread_delayed_work_timer_fn(): {describe(rec)} has no running worker: "
+                 "dropped (cancel delayed work before kthread_destroy_worker())", depth=2)
+        records.field_and(rec, "data", ~(WORK_STRUCT_TIMER | WORK_STRUCT_PENDING))
+        return
+    wake = False
     pool_lock(pool)
     try:
-        # A mod or cancel that took the timer's instance while this callback waited
-        # for the lock cleared the bit: nothing to queue then.
-        armed = records.field_and(rec, "data", ~WORK_STRUCT_TIMER) & WORK_STRUCT_TIMER
-        wake = bool(armed) and not rec.canceling and _kthread_insert(pool, rec, dwork.index)
+        if records.field_and(rec, "data", ~WORK_STRUCT_TIMER) & WORK_STRUCT_TIMER:
+            if rec.canceling:
+                records.field_and(rec, "data", ~WORK_STRUCT_PENDING)
+            else:
+                wake = _kthread_insert(pool, rec, dwork.index)
     finally:
         pool_unlock(pool)
     if wake:
@@ -757,7 +828,7 @@ def _kthread_queue_delayed(pool: Any, dwork: KthreadDelayedWork, rec: Any,
         return _kthread_insert(pool, rec, dwork.index)
     records.field_or(rec, "data", WORK_STRUCT_TIMER | WORK_STRUCT_PENDING)
     try:
-        arm_work_timer(dwork, jiffies() + delay, kthread_delayed_work_timer_fn)
+        arm_work_timer(dwork, jiffies() + delay)
     except BaseException:
         records.field_and(rec, "data", ~(WORK_STRUCT_TIMER | WORK_STRUCT_PENDING))
         raise
@@ -773,8 +844,10 @@ def _delayed_args(worker: object, dwork: object, delay: object) -> tuple[Any, An
 
 def kthread_queue_delayed_work(worker: KthreadWorker, dwork: KthreadDelayedWork,
                                delay: int) -> bool:
-    """Queue `dwork` on `worker` after `delay` jiffies (0: now). False if it is already
-    pending (its timer armed, or queued) or being cancelled. Any context."""
+    """Queue `dwork` on `worker` after `delay` jiffies (0: now): a TIMER_IRQSAFE timer
+    on this CPU moves it to the worker's list when jiffies passes now + `delay`. False
+    if it is already pending (its timer armed, or queued) or being cancelled. Any
+    context."""
     pool, rec = _delayed_args(worker, dwork, delay)
     pool_lock(pool)
     try:
@@ -789,26 +862,54 @@ def kthread_queue_delayed_work(worker: KthreadWorker, dwork: KthreadDelayedWork,
     return True
 
 
+def _kthread_cancel_timer(pool: Any, dwork: KthreadWork) -> None:
+    """kthread_cancel_delayed_work_timer(): timer_delete_sync() of `dwork`'s timer with
+    the worker's lock dropped (its callback takes it), queueing blocked meanwhile.
+    Called and returns with the lock held; the work stays pending if the timer was
+    armed (WORK_STRUCT_TIMER still set: the caller takes it)."""
+    rec = dwork._rec
+    rec.canceling += 1
+    pool_unlock(pool)
+    try:
+        timer_delete_sync(work_timer(dwork))
+    finally:
+        pool_lock(pool)
+        rec.canceling -= 1
+
+
+def _kthread_cancel(pool: Any, rec: Any, index: int) -> tuple[bool, list[tuple[int, int]]]:
+    """__kthread_cancel_work(): take the pending instance of `rec` (its deleted timer, or
+    off the worker's list): (True if there was one, barriers to complete). Under the
+    worker's lock."""
+    if rec.data & WORK_STRUCT_TIMER:
+        records.field_and(rec, "data", ~(WORK_STRUCT_TIMER | WORK_STRUCT_PENDING))
+        return True, []
+    if rec.queued:
+        comps = steal_queued(pool, rec, index)
+        records.field_and(rec, "data", ~WORK_STRUCT_PENDING)
+        return True, comps
+    return False, []
+
+
 def kthread_mod_delayed_work(worker: KthreadWorker, dwork: KthreadDelayedWork,
                              delay: int) -> bool:
     """Queue `dwork` after `delay` jiffies whatever its state: False if it was idle
     (queued now like kthread_queue_delayed_work()), True if it was pending (its timer
     or queued instance replaced), True too if a cancel is running (the cancel wins, it
-    is not queued). Any context."""
+    is not queued). A running instance is unaffected. Any context (it waits for the
+    timer's callback if that is running on another CPU)."""
     pool, rec = _delayed_args(worker, dwork, delay)
     comps: list[tuple[int, int]] = []
     wake = False
     pool_lock(pool)
     try:
-        _kthread_check_worker(pool, rec, "kthread_mod_delayed_work")
-        pending = bool(rec.queued or rec.data & WORK_STRUCT_TIMER)
-        if pending and rec.canceling:
-            return True
-        if rec.data & WORK_STRUCT_TIMER:
-            disarm_work_timer(dwork)
-        elif rec.queued:
-            comps = steal_queued(pool, rec, dwork.index)
-        records.field_and(rec, "data", ~(WORK_STRUCT_TIMER | WORK_STRUCT_PENDING))
+        if rec.pool >= 0:  # never queued: nothing to cancel
+            _kthread_check_worker(pool, rec, "kthread_mod_delayed_work")
+            _kthread_cancel_timer(pool, dwork)
+            if rec.canceling:
+                return True  # the other operation wins; the number queued is unchanged
+        rec.pool = pool.id
+        pending, comps = _kthread_cancel(pool, rec, dwork.index)
         wake = _kthread_queue_delayed(pool, dwork, rec, delay)
         return pending
     finally:
@@ -819,21 +920,11 @@ def kthread_mod_delayed_work(worker: KthreadWorker, dwork: KthreadDelayedWork,
 
 
 def kthread_cancel_delayed_work_sync(dwork: KthreadDelayedWork) -> bool:
-    """kthread_cancel_work_sync() of a delayed work: its timer is killed too (True if
-    it was armed)."""
-    rec = live_work(dwork, "dwork", KthreadDelayedWork)
-    disarmed = False
-    if rec.pool >= 0 and rec.data & WORK_STRUCT_TIMER:
-        pool = pool_by_id(rec.pool)
-        pool_lock(pool)
-        try:
-            if rec.data & WORK_STRUCT_TIMER:  # a callback already due finds it cleared
-                disarm_work_timer(dwork)
-                records.field_and(rec, "data", ~(WORK_STRUCT_TIMER | WORK_STRUCT_PENDING))
-                disarmed = True
-        finally:
-            pool_unlock(pool)
-    return kthread_cancel_work_sync(dwork) or disarmed
+    """kthread_cancel_work_sync() of a delayed work: its timer is deleted too, and a
+    running timer callback waited for. True if it was pending (timer armed or
+    queued): that instance never runs. Process context only."""
+    return _kthread_cancel_work_sync(live_work(dwork, "dwork", KthreadDelayedWork), dwork,
+                                     True)
 
 
 def kthread_flush_work(work: KthreadWork) -> None:
@@ -870,19 +961,20 @@ def kthread_cancel_work_sync(work: KthreadWork) -> bool:
     """Take `work` off its worker's list (True if it was pending, so it never ran),
     then wait for a running instance to finish, queue attempts failing meanwhile.
     On return it is neither pending nor running. Process context only."""
-    rec = live_work(work, "work", KthreadWork)
-    preempt.might_sleep(depth=2)
+    return _kthread_cancel_work_sync(live_work(work, "work", KthreadWork), work, False)
+
+
+def _kthread_cancel_work_sync(rec: Any, work: KthreadWork, is_dwork: bool) -> bool:
+    """__kthread_cancel_work_sync()."""
+    preempt.might_sleep(depth=3)
     if rec.pool < 0:
         return False
     pool = pool_by_id(rec.pool)
     pool_lock(pool)
     try:
-        was_pending = bool(rec.queued)
-        if was_pending:
-            complete_later = steal_queued(pool, rec, work.index)
-            records.field_and(rec, "data", ~WORK_STRUCT_PENDING)
-        else:
-            complete_later = []
+        if is_dwork:
+            _kthread_cancel_timer(pool, work)
+        was_pending, complete_later = _kthread_cancel(pool, rec, work.index)
         running = bool(rec.running)
         if running:
             rec.canceling += 1
@@ -903,7 +995,9 @@ def kthread_cancel_work_sync(work: KthreadWork) -> bool:
 
 def kthread_destroy_worker(worker: KthreadWorker) -> None:
     """Flush `worker`, stop its thread and free it. A worker without a thread is a WARN.
-    Items still queued afterwards (queued meanwhile) are a WARN. Process context only."""
+    Items still queued afterwards (queued meanwhile) are a WARN, and so are delayed
+    works whose timer is still armed (cancel them first: when one fires it is reported
+    and dropped). Process context only."""
     pool = _live_worker(worker)
     t = worker.task
     if t is None:
@@ -914,6 +1008,9 @@ def kthread_destroy_worker(worker: KthreadWorker) -> None:
     if pool.head != -1:
         bug.warn("kthread_destroy_worker(): work items still queued", depth=2)
         return
+    if any(w.in_use and w.pool == pool.id and w.data & WORK_STRUCT_TIMER for w in works()):
+        # WARN_ON(!list_empty(&worker->delayed_work_list)); the kernel frees it anyway.
+        bug.warn("kthread_destroy_worker(): delayed work still armed", depth=2)
     worker._owner = os.getpid()
     worker._free()
     worker._owner = 0

@@ -12,13 +12,15 @@ Types:
   wake-ups (a probe at every stat interval).
 * ``kthread``: create/run/stop/park/unpark/bind churn. Checks: results (-EINTR only
   when threadfn never ran), states, placement (the OS affinity of every thread).
-* ``workqueue``: per CPU a kthread queueing, flushing and cancelling its own work items
-  on the system, an unbound and a max_active=2 workqueue (items that sleep or not), and
-  keeping its own ordered workqueue full; an interrupt handler queues items too.
-  Checks: each item runs exactly once per successful queue_work() (after every flush
-  and cancel of it, and at the end), cancel_work_sync() really stops it (neither
-  pending nor running afterwards), ordered workqueues run items one at a time in
-  queueing order.
+* ``workqueue``: per CPU a kthread queueing (at once, or after 0-3 jiffies with
+  queue_delayed_work() and mod_delayed_work()), flushing and cancelling its own delayed
+  work items on the system, an unbound and a max_active=2 workqueue (items that sleep
+  or not), and keeping its own ordered workqueue full; an interrupt handler queues
+  items too. Checks: each item runs exactly once per successful queueing (a
+  mod_delayed_work() that replaced a pending instance adds none) after every flush and
+  cancel of it and at the end, cancel_delayed_work_sync() really stops it (neither
+  pending nor running afterwards, its timer included), ordered workqueues run items one
+  at a time in queueing order.
 * ``irq``: interrupt storms on every CPU whose handlers share data with kthreads under
   spin_lock_irqsave and schedule tasklets, plus a threaded handler (an ``irq/N``
   thread) doing the same. Checks: no update is lost, no handler or tasklet runs
@@ -123,13 +125,16 @@ from .timer import (
 from .wait import wait_var_event_timeout
 from .workqueue import (
     WQ_UNBOUND,
+    DelayedWork,
     Work,
     Workqueue,
     alloc_ordered_workqueue,
     alloc_workqueue,
-    cancel_work_sync,
+    cancel_delayed_work_sync,
     destroy_workqueue,
-    flush_work,
+    flush_delayed_work,
+    mod_delayed_work,
+    queue_delayed_work,
     queue_work,
     queue_work_on,
     schedule_work,
@@ -509,7 +514,7 @@ WQ_LINE = 3  # the IRQ line whose handler queues work items
 class WqItem:
     """One work item and its books: successful queueings, cancelled ones, runs."""
 
-    work: Work
+    work: DelayedWork
     queued: Atomic64
     cancelled: Atomic64
     runs: Atomic64
@@ -529,7 +534,8 @@ def _wq_item_fn(runs: Atomic64, inside: Atomic, nap: bool) -> Callable[[Work], N
 
 def _wq_item(nap: bool) -> WqItem:
     runs, inside = Atomic64(), Atomic()
-    return WqItem(Work(_wq_item_fn(runs, inside, nap)), Atomic64(), Atomic64(), runs, inside)
+    return WqItem(DelayedWork(_wq_item_fn(runs, inside, nap)), Atomic64(), Atomic64(), runs,
+                  inside)
 
 
 def _wq_check_once(item: WqItem, what: str, counters: Counters) -> None:
@@ -616,18 +622,23 @@ def _wq_queuer(data: tuple[WqState, int, int]) -> int:
         n = rng.randrange(len(items))
         item = items[n]
         op = rng.random()
-        if op < 0.55:
-            wq = st.wqs[n % len(st.wqs)]  # one workqueue per item: on two, it may overlap
+        wq = st.wqs[n % len(st.wqs)]  # one workqueue per item: on two, it may overlap
+        if op < 0.3:
             target = rng.randrange(ncpus)
-            _wq_queue(item, queue_work_on(target, wq, item.work) if op < 0.3
+            _wq_queue(item, queue_work_on(target, wq, item.work) if op < 0.2
                       else queue_work(wq, item.work))
+        elif op < 0.45:
+            _wq_queue(item, queue_delayed_work(wq, item.work, rng.randrange(4)))
+        elif op < 0.55:
+            # True: a pending instance (timer or queued) was replaced, none added.
+            _wq_queue(item, not mod_delayed_work(wq, item.work, rng.randrange(4)))
         elif op < 0.7:
-            flush_work(item.work)
-            _wq_check_once(item, "flush_work()", counters)
+            flush_delayed_work(item.work)
+            _wq_check_once(item, "flush_delayed_work()", counters)
         elif op < 0.85:
-            if cancel_work_sync(item.work):
+            if cancel_delayed_work_sync(item.work):
                 atomic64_add(1, item.cancelled)
-            _wq_check_once(item, "cancel_work_sync()", counters)
+            _wq_check_once(item, "cancel_delayed_work_sync()", counters)
         elif _wq_ordered_step(o, ticket, counters):
             ticket += 1
         counters.add(cpu)
@@ -670,7 +681,7 @@ def _start_workqueue(run: Run, rng: random.Random) -> None:
         _wait_exited([t for t in run.threads if t.comm.startswith("wqq")])
         problems = []
         for item in [*(i for per_cpu in st.items for i in per_cpu), *st.irq_items]:
-            flush_work(item.work)
+            flush_delayed_work(item.work)
             q, c, r = (atomic64_read(v) for v in (item.queued, item.cancelled, item.runs))
             if r != q - c:
                 problems.append(f"workqueue: exactly once: {r} runs for {q} queued, "

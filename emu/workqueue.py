@@ -30,9 +30,9 @@ import _emu_native as _native
 
 from . import bug, checks, image, irqflags, preempt, records, task
 from .completion import Completion
-from .constants import PF_WQ_WORKER, TASK_IDLE, TASK_NORMAL, TASK_RUNNING
+from .constants import TASK_IDLE, TASK_NORMAL, TASK_RUNNING
 from .errors import CapacityError, EmuError, StaleObjectError
-from .kthread import kthread_create, kthread_create_on_cpu, kthread_should_stop
+from .kthread import create_kworker, kthread_should_stop
 from .kthread_worker import (
     POOL_HIGHPRI,
     POOL_UNBOUND,
@@ -51,8 +51,10 @@ from .kthread_worker import (
     finish_instance,
     flush_one,
     flush_target,
+    free_work,
     init_pool,
     init_work,
+    init_work_timer,
     is_running_here,
     list_append,
     list_items,
@@ -69,11 +71,13 @@ from .kthread_worker import (
     views,
     wait_barriers,
     work_handle,
+    work_timer,
     works,
 )
 from .printk import KERN_ERR, KERN_WARNING, printk
 from .sched import jiffies, schedule, schedule_timeout_uninterruptible
 from .task import set_current_state, wake_slot, wake_up_process
+from .timer import TimerList
 
 WQ_BH = 1 << 0
 WQ_UNBOUND = 1 << 1
@@ -282,14 +286,11 @@ def create_worker(pool: Any) -> bool:
         pool_unlock(pool)
     name = _worker_name(pool, index)
     try:
-        if pool.flags & POOL_UNBOUND:
-            t = kthread_create(worker_thread, (pool.id, index), "%s", name)
-        else:
-            t = kthread_create_on_cpu(worker_thread, (pool.id, index), pool.cpu, name)
+        t = create_kworker(worker_thread, (pool.id, index), name,
+                           None if pool.flags & POOL_UNBOUND else pool.cpu)
     except BaseException:
         pool.workers[index].slot = -1
         raise
-    records.field_or(t._rec, "flags", PF_WQ_WORKER)
     pool_lock(pool)
     ent = pool.workers[index]
     ent.generation = t.generation
@@ -464,7 +465,7 @@ def _process_one_work(pool: Any, ent: Any, index: int) -> None:
     _kick(kick)
     generation = rec.generation
     try:
-        run_work(rec, work_handle(Work, index, generation))
+        run_work(rec, work_handle(DelayedWork if rec.timer >= 0 else Work, index, generation))
     finally:
         pool_lock(pool)
         comps = finish_instance(rec, ent, generation)
@@ -629,7 +630,7 @@ def _grab_pending(work: Work, rec: Any) -> bool:
         try:
             if not records.field_or(rec, "data", WORK_STRUCT_PENDING) & WORK_STRUCT_PENDING:
                 return False
-            if rec.data & WORK_STRUCT_TIMER and _disarm_timer(work):
+            if rec.data & WORK_STRUCT_TIMER and disarm_work_timer(work):
                 return True  # a delayed work whose timer had not fired
             if _steal(work, rec, comps):
                 return True
@@ -701,14 +702,29 @@ def cancel_work(work: Work) -> bool:
 # --- delayed work ---------------------------------------------------------------------------------
 
 class DelayedWork(Work):
-    """struct delayed_work: a work item and a timer that queues it after a delay."""
+    """struct delayed_work: a work item and the timer (TIMER_IRQSAFE) that queues it
+    after a delay; the timer is allocated and freed with the item."""
 
     __slots__ = ()
+
+    def __init__(self, fn: Callable[[Work], None]) -> None:
+        super().__init__(fn)
+        try:
+            init_work_timer(self, delayed_work_timer_fn)
+        except BaseException:
+            self._owner = 0
+            free_work(self._rec, self.index, self.generation)
+            raise
 
     @property
     def work(self) -> DelayedWork:
         """&dwork->work: the item itself (flush_work(), work_pending() take it)."""
         return self
+
+    @property
+    def timer(self) -> TimerList:
+        """&dwork->timer: the item's timer."""
+        return work_timer(self)
 
 
 def INIT_DELAYED_WORK(dwork: DelayedWork, fn: Callable[[Work], None]) -> None:
@@ -717,24 +733,32 @@ def INIT_DELAYED_WORK(dwork: DelayedWork, fn: Callable[[Work], None]) -> None:
     init_work(dwork, fn, "INIT_DELAYED_WORK")
 
 
-def _arm_timer(dwork: DelayedWork, expires: int) -> None:
-    """Arm `dwork`'s timer: delayed_work_timer_fn(dwork) at jiffies `expires`."""
-    arm_work_timer(dwork, expires, delayed_work_timer_fn)
-
-
-def _disarm_timer(dwork: Work) -> bool:
-    """del_timer() of `dwork`'s armed timer: True if it had not fired."""
-    return disarm_work_timer(dwork)
-
-
-def delayed_work_timer_fn(dwork: DelayedWork) -> None:
-    """The timer's callback: queue the work on the CPU and workqueue it was queued for."""
-    rec = dwork._rec
-    records.field_and(rec, "data", ~WORK_STRUCT_TIMER)
+def _wq_of(rec: Any) -> tuple[Workqueue, Any] | None:
+    """The workqueue (handle, record) a delayed work's timer queues it on; None if it
+    was destroyed meanwhile."""
     index = rec.wq
     wqrec = views().workqueues[index]
-    wq = Workqueue(index, wqrec.generation, index < len(_SYSTEM_WQS))
-    _queue(rec.cpu, wq, wqrec, dwork, rec)
+    if index < len(_SYSTEM_WQS):
+        return Workqueue(index, 0, True), wqrec
+    if not wqrec.in_use or wqrec.generation != rec.wq_generation:
+        return None
+    return Workqueue(index, wqrec.generation), wqrec
+
+
+def delayed_work_timer_fn(timer: TimerList) -> None:
+    """The timer's callback (softirq, interrupts off): queue the work on the workqueue
+    and CPU it was queued for; WORK_CPU_UNBOUND: the CPU the timer fires on."""
+    dwork: DelayedWork = timer.dwork
+    rec = dwork._rec
+    records.field_and(rec, "data", ~WORK_STRUCT_TIMER)
+    target = _wq_of(rec)
+    if target is None:  # the kernel's use-after-free
+        bug.warn(f"workqueue: delayed work {describe(rec)} fired after its workqueue was "
+                 "destroyed: it is dropped (cancel delayed work before destroy_workqueue())",
+                 depth=2)
+        records.field_and(rec, "data", ~WORK_STRUCT_PENDING)
+        return
+    _queue(rec.cpu, target[0], target[1], dwork, rec)
 
 
 def _queue_delayed(cpu: int, wq: Workqueue, wqrec: Any, dwork: DelayedWork, rec: Any,
@@ -743,10 +767,10 @@ def _queue_delayed(cpu: int, wq: Workqueue, wqrec: Any, dwork: DelayedWork, rec:
     if delay == 0:
         _queue(cpu, wq, wqrec, dwork, rec)
         return
-    rec.wq, rec.cpu = wq.index, cpu
+    rec.wq, rec.wq_generation, rec.cpu = wq.index, wq.generation, cpu
     records.field_or(rec, "data", WORK_STRUCT_TIMER)
     try:
-        _arm_timer(dwork, jiffies() + delay)
+        arm_work_timer(dwork, jiffies() + delay)
     except BaseException:
         records.field_and(rec, "data", ~WORK_STRUCT_TIMER)
         raise
@@ -761,8 +785,10 @@ def _delayed_args(cpu: int, wq: Workqueue, dwork: DelayedWork, delay: int) -> tu
 
 
 def queue_delayed_work_on(cpu: int, wq: Workqueue, dwork: DelayedWork, delay: int) -> bool:
-    """Queue `dwork` on `wq` after `delay` jiffies (0: now). False if it was already
-    pending (its timer armed, or queued). Any context."""
+    """Queue `dwork` on `wq` after `delay` jiffies (0: now): its timer, armed on this
+    CPU, queues it on CPU `cpu` (WORK_CPU_UNBOUND: the CPU the timer fires on) once
+    jiffies passes now + `delay`. False if it was already pending (its timer armed, or
+    queued). Any context."""
     rec, wqrec = _delayed_args(cpu, wq, dwork, delay)
     flags = irqflags.local_irq_save()
     try:
@@ -791,8 +817,11 @@ def schedule_delayed_work(dwork: DelayedWork, delay: int) -> bool:
 def mod_delayed_work_on(cpu: int, wq: Workqueue, dwork: DelayedWork, delay: int) -> bool:
     """Queue `dwork` after `delay` jiffies whatever its state: True if it was pending
     (its timer or its queued instance is replaced), False if it was idle. A running
-    instance is unaffected. Any context."""
+    instance is unaffected. While a cancel_*_sync() of it runs, nothing is queued and
+    it returns False (the item is disabled, as since Linux 6.10). Any context."""
     rec, wqrec = _delayed_args(cpu, wq, dwork, delay)
+    if rec.canceling:
+        return False
     was_pending = _grab_pending(dwork, rec)
     flags = irqflags.local_irq_save()
     try:
@@ -811,30 +840,36 @@ def mod_delayed_work(wq: Workqueue, dwork: DelayedWork, delay: int) -> bool:
 
 
 def cancel_delayed_work(dwork: DelayedWork) -> bool:
-    """Cancel `dwork` without waiting: True if it was pending (timer or queue); its
-    function may still run on return. Any context."""
+    """Cancel `dwork` without waiting: True if it was pending (its timer armed, or
+    queued); its function may still run on return. If the timer's callback is running,
+    this waits until it has queued the work, then takes it off. Any context."""
     live_work(dwork, "dwork", DelayedWork)
     return cancel_work(dwork)
 
 
 def cancel_delayed_work_sync(dwork: DelayedWork) -> bool:
-    """cancel_work_sync() for a delayed work: its timer is killed too."""
+    """cancel_work_sync() for a delayed work: its timer is deleted too (True if it was
+    armed: the work never runs). Process context only."""
     live_work(dwork, "dwork", DelayedWork)
     return cancel_work_sync(dwork)
 
 
 def flush_delayed_work(dwork: DelayedWork) -> bool:
-    """Queue `dwork` at once if its timer is armed, then flush_work() it."""
+    """Queue `dwork` at once if its timer is armed (waiting for a running timer
+    callback), then flush_work() it: True if it waited for an instance. Process
+    context only."""
     rec = live_work(dwork, "dwork", DelayedWork)
-    flags = irqflags.local_irq_save()
-    try:
-        if rec.data & WORK_STRUCT_TIMER and _disarm_timer(dwork):
-            index = rec.wq
-            wqrec = views().workqueues[index]
-            wq = Workqueue(index, wqrec.generation, index < len(_SYSTEM_WQS))
-            _queue(rec.cpu, wq, wqrec, dwork, rec)
-    finally:
-        irqflags.local_irq_restore(flags)
+    preempt.might_sleep(depth=2)
+    if rec.timer >= 0 and disarm_work_timer(dwork, sync=True):
+        flags = irqflags.local_irq_save()
+        try:
+            target = _wq_of(rec)
+            if target is not None:
+                _queue(rec.cpu, target[0], target[1], dwork, rec)
+            else:  # its workqueue is gone: nothing to queue on
+                records.field_and(rec, "data", ~WORK_STRUCT_PENDING)
+        finally:
+            irqflags.local_irq_restore(flags)
     return flush_work(dwork)
 
 

@@ -9,13 +9,14 @@ posts, and keep it running as long as they need by making it wait on a gate.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
 import emu
 from emu.examples import kthread_worker as spi
 
-from util import wait_state, wait_until
+from util import stop_after_exit, wait_state, wait_until
 
 IRQ = 5
 
@@ -306,8 +307,6 @@ def test_kthread_delayed_work_with_no_delay_and_mod_and_cancel(kernel):
     emu.kthread_destroy_worker(w)
 
 
-@pytest.mark.xfail(raises=NotImplementedError, strict=True,
-                   reason="delayed work with a delay waits for emu's timers (timer.py)")
 def test_kthread_delayed_work_runs_after_its_delay(kernel):
     w = emu.kthread_run_worker(0, "kw")
     done = emu.Completion()
@@ -319,3 +318,159 @@ def test_kthread_delayed_work_runs_after_its_delay(kernel):
         assert emu.jiffies() - start >= emu.msecs_to_jiffies(20)
     finally:
         emu.kthread_destroy_worker(w)
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_kthread_delayed_work_never_runs_before_its_delay_in_jiffies(kernel):
+    w = emu.kthread_run_worker(0, "kw")
+    try:
+        for delay in (1, 3, 11):
+            when, done = emu.Atomic64(), emu.Completion()
+
+            def fn(work, when=when, done=done):
+                emu.atomic64_set(when, emu.jiffies())
+                emu.complete(done)
+
+            dwork = emu.KthreadDelayedWork(fn)
+            start = emu.jiffies()
+            assert emu.kthread_queue_delayed_work(w, dwork, delay) is True
+            assert emu.kthread_queue_delayed_work(w, dwork, delay) is False  # armed
+            emu.wait_for_completion(done)
+            assert emu.atomic64_read(when) >= start + delay + 1  # time_after(jiffies, expires)
+    finally:
+        emu.kthread_destroy_worker(w)
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_kthread_mod_delayed_work_rearms_and_cancel_sync_of_an_armed_timer(kernel):
+    w = emu.kthread_run_worker(0, "kw")
+    runs, done, sentinel_done = emu.Atomic(), emu.Completion(), emu.Completion()
+
+    def fn(work):
+        emu.atomic_inc(runs)
+        emu.complete(done)
+
+    dwork = emu.KthreadDelayedWork(fn)
+    sentinel = emu.KthreadDelayedWork(lambda wk: emu.complete(sentinel_done))
+    try:
+        assert emu.kthread_mod_delayed_work(w, dwork, 3600 * 1000) is False  # was idle
+        assert emu.kthread_mod_delayed_work(w, dwork, 2) is True  # armed: re-armed
+        emu.wait_for_completion(done)  # in 2 jiffies, not in an hour
+        assert emu.kthread_queue_delayed_work(w, dwork, 5) is True
+        assert emu.kthread_cancel_delayed_work_sync(dwork) is True
+        assert emu.kthread_cancel_delayed_work_sync(dwork) is False
+        assert not emu.timer_pending(dwork.timer)
+        emu.kthread_queue_delayed_work(w, sentinel, 20)  # due well after dwork was
+        emu.wait_for_completion(sentinel_done)
+        assert emu.atomic_read(runs) == 1
+    finally:
+        emu.kthread_destroy_worker(w)
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_a_kthread_delayed_work_that_rearms_itself_and_its_cancel(kernel):
+    w = emu.kthread_run_worker(0, "kw")
+    runs, done = emu.Atomic(), emu.Completion()
+
+    def again(work):
+        n = emu.atomic_inc_return(runs)
+        if n == 5:
+            emu.complete(done)
+        emu.kthread_queue_delayed_work(w, work, 1)  # for ever (False once cancelling)
+
+    dwork = emu.KthreadDelayedWork(again)
+    try:
+        emu.kthread_queue_delayed_work(w, dwork, 1)
+        emu.wait_for_completion(done)
+        emu.kthread_cancel_delayed_work_sync(dwork)
+        seen = emu.atomic_read(runs)
+        assert seen >= 5 and not emu.timer_pending(dwork.timer)
+        sentinel_done = emu.Completion()
+        sentinel = emu.KthreadDelayedWork(lambda wk: emu.complete(sentinel_done))
+        emu.kthread_queue_delayed_work(w, sentinel, 10)
+        emu.wait_for_completion(sentinel_done)
+        assert emu.atomic_read(runs) == seen
+    finally:
+        emu.kthread_destroy_worker(w)
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_kthread_cancel_racing_the_timer_runs_each_instance_exactly_once_or_never(kernel):
+    w = emu.kthread_run_worker(0, "kw")
+    runs = emu.Atomic()
+    dwork = emu.KthreadDelayedWork(lambda wk: emu.atomic_inc(runs))
+    cancelled = 0
+    try:
+        for i in range(150):
+            assert emu.kthread_queue_delayed_work(w, dwork, 1) is True
+            for _ in range(i * 37 % 3000):  # land the cancel anywhere around the expiry
+                pass
+            cancelled += emu.kthread_cancel_delayed_work_sync(dwork)
+            assert emu.atomic_read(runs) + cancelled == i + 1
+    finally:
+        emu.kthread_destroy_worker(w)
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_kthread_mod_delayed_work_while_the_timer_fires_never_runs_it_early(kernel):
+    """kthread_mod_delayed_work() waits for a running timer callback (timer_delete_sync),
+    takes the instance it queued and re-arms: the old arming never queues the item."""
+    w = emu.kthread_run_worker(0, "kw")
+    runs, firing = emu.Atomic(), emu.Atomic()
+    dwork = emu.KthreadDelayedWork(lambda wk: emu.atomic_inc(runs))
+
+    def slow(timer):  # 50 ms (busy: softirq) between firing and queueing the item
+        emu.atomic_set(firing, 1)
+        deadline = time.monotonic() + 0.05
+        while time.monotonic() < deadline:
+            pass
+        emu.kthread_worker.kthread_delayed_work_timer_fn(timer)
+        emu.atomic_set(firing, 2)
+
+    timer = dwork.timer
+    timer.dwork = dwork
+    emu.timer_setup(timer, slow, emu.TIMER_IRQSAFE)
+    result, in_window, done = emu.Atomic(-1), emu.Atomic(), emu.Completion()
+
+    def armer(_):  # stays running on CPU 1: the timer fires there
+        emu.kthread_queue_delayed_work(w, dwork, 1)
+        while emu.atomic_read(firing) != 2:
+            pass
+        return 0
+
+    def racer(_):  # on CPU 0, once the callback started
+        while emu.atomic_read(firing) == 0:
+            pass
+        emu.atomic_set(in_window, int(emu.atomic_read(firing) == 1))  # else: came late
+        emu.atomic_set(result, int(emu.kthread_mod_delayed_work(w, dwork, 3600 * 1000)))
+        emu.complete(done)
+        return 0
+
+    try:
+        threads = [emu.kthread_run_on_cpu(racer, None, 0, "racer"),
+                   emu.kthread_run_on_cpu(armer, None, 1, "armer")]
+        emu.wait_for_completion(done)
+        for t in threads:
+            stop_after_exit(t)
+        # As in the kernel: False if the callback ran while mod's timer_delete_sync()
+        # waited (mod's `canceling` made it drop the instance), True if it had queued
+        # the item before (mod took it off the list).
+        assert emu.atomic_read(result) in (0, 1)
+        emu.kthread_flush_worker(w)
+        if emu.atomic_read(in_window):
+            assert emu.atomic_read(runs) == 0  # re-armed for an hour: not run
+        assert emu.kthread_cancel_delayed_work_sync(dwork) is True
+    finally:
+        emu.kthread_destroy_worker(w)
+
+
+@pytest.mark.emu_expect(warnings=2)
+def test_destroying_a_worker_with_an_armed_delayed_work_warns_and_its_timer_drops_it(kernel):
+    w = emu.kthread_run_worker(0, "kw")
+    runs = emu.Atomic()
+    dwork = emu.KthreadDelayedWork(lambda wk: emu.atomic_inc(runs))
+    assert emu.kthread_queue_delayed_work(w, dwork, 2) is True
+    emu.kthread_destroy_worker(w)  # WARN: the kernel's delayed_work_list is not empty
+    wait_until(lambda: any("has no running worker" in line for line in kernel.dmesg()),
+               what="the timer's report")
+    assert emu.atomic_read(runs) == 0 and not emu.timer_pending(dwork.timer)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -20,7 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import emu
 from emu.examples import wq_irq
 
-from util import wait_state, wait_until
+from util import stop_after_exit, wait_state, wait_until
 
 IRQ = 5
 
@@ -634,8 +635,6 @@ def test_delayed_work_queued_while_pending_returns_false_and_mod_replaces_it(ker
     emu.destroy_workqueue(wq)
 
 
-@pytest.mark.xfail(raises=NotImplementedError, strict=True,
-                   reason="delayed work with a delay waits for emu's timers (timer.py)")
 def test_delayed_work_runs_after_its_delay(kernel):
     done = emu.Completion()
     dwork = emu.DelayedWork(lambda w: emu.complete(done))
@@ -644,6 +643,298 @@ def test_delayed_work_runs_after_its_delay(kernel):
     assert emu.schedule_delayed_work(dwork, 1) is False  # its timer is armed: pending
     emu.wait_for_completion(done)
     assert emu.jiffies() - start >= emu.msecs_to_jiffies(20)
+
+
+def stamping(when, done):
+    """A work function that records the jiffies it runs at, then says it ran."""
+    def fn(work):
+        emu.atomic64_set(when, emu.jiffies())
+        emu.complete(done)
+    return fn
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_a_delayed_work_never_runs_before_its_delay_in_jiffies(kernel):
+    for delay in (1, 2, 5, 13):
+        when, done = emu.Atomic64(), emu.Completion()
+        dwork = emu.DelayedWork(stamping(when, done))
+        start = emu.jiffies()
+        assert emu.queue_delayed_work(emu.system_wq, dwork, delay) is True
+        assert emu.work_pending(dwork)
+        emu.wait_for_completion(done)
+        # Its timer expires at (jiffies at the call) + delay, and runs once jiffies
+        # passed that: time_after(jiffies, expires).
+        assert emu.atomic64_read(when) >= start + delay + 1
+        assert not emu.work_pending(dwork)
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_the_timer_of_a_delayed_work_runs_in_softirq_with_interrupts_off(kernel):
+    facts = emu.Atomic(-1)
+    done = emu.Completion()
+
+    def spy(timer):
+        emu.atomic_set(facts, int(emu.in_serving_softirq() and emu.irqs_disabled()))
+        emu.workqueue.delayed_work_timer_fn(timer)
+
+    dwork = emu.DelayedWork(lambda w: emu.complete(done))
+    assert dwork.timer.flags & emu.TIMER_IRQSAFE
+    timer = dwork.timer
+    timer.dwork = dwork  # what the callback finds its item by (carried with the timer)
+    emu.timer_setup(timer, spy, emu.TIMER_IRQSAFE)
+    emu.schedule_delayed_work(dwork, 1)
+    emu.wait_for_completion(done)
+    assert emu.atomic_read(facts) == 1
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_mod_delayed_work_rearms_a_pending_timer_and_queues_an_idle_item(kernel):
+    when, done = emu.Atomic64(), emu.Completion()
+    dwork = emu.DelayedWork(stamping(when, done))
+    assert emu.mod_delayed_work(emu.system_wq, dwork, 3600 * 1000) is False  # was idle
+    start = emu.jiffies()
+    assert emu.mod_delayed_work(emu.system_wq, dwork, 5) is True  # pending: re-armed
+    emu.wait_for_completion(done)  # in 5 jiffies, not in an hour
+    assert emu.atomic64_read(when) >= start + 5 + 1
+    assert emu.mod_delayed_work(emu.system_wq, dwork, 0) is False  # idle: queued now
+    emu.wait_for_completion(done)
+    # A later mod pushes it back: it has not run when a sentinel due before it has.
+    runs, sentinel_done = emu.Atomic(), emu.Completion()
+    dwork2 = emu.DelayedWork(counting(runs))
+    sentinel = emu.DelayedWork(lambda w: emu.complete(sentinel_done))
+    assert emu.schedule_delayed_work(dwork2, 2) is True
+    assert emu.mod_delayed_work(emu.system_wq, dwork2, 3600 * 1000) is True
+    emu.schedule_delayed_work(sentinel, 20)
+    emu.wait_for_completion(sentinel_done)
+    assert emu.atomic_read(runs) == 0
+    assert emu.cancel_delayed_work_sync(dwork2) is True
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_cancel_delayed_work_sync_of_an_armed_timer_returns_true_and_it_never_runs(kernel):
+    runs, sentinel_done = emu.Atomic(), emu.Completion()
+    dwork = emu.DelayedWork(counting(runs))
+    sentinel = emu.DelayedWork(lambda w: emu.complete(sentinel_done))
+    assert emu.schedule_delayed_work(dwork, 5) is True
+    assert emu.cancel_delayed_work_sync(dwork) is True
+    assert not emu.work_pending(dwork)
+    assert not emu.timer_pending(dwork.timer)
+    assert emu.cancel_delayed_work_sync(dwork) is False  # idle now
+    emu.schedule_delayed_work(sentinel, 20)  # due well after dwork would have been
+    emu.wait_for_completion(sentinel_done)
+    assert emu.atomic_read(runs) == 0
+    assert emu.schedule_delayed_work(dwork, 1) is True  # usable again
+    emu.flush_delayed_work(dwork)
+    assert emu.atomic_read(runs) == 1
+    # cancel_delayed_work() (no wait) of an armed timer: True as well.
+    assert emu.schedule_delayed_work(dwork, 3600 * 1000) is True
+    assert emu.cancel_delayed_work(dwork) is True
+    assert emu.cancel_delayed_work(dwork) is False
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_flush_delayed_work_runs_an_armed_item_at_once(kernel):
+    runs = emu.Atomic()
+    dwork = emu.DelayedWork(counting(runs))
+    assert emu.flush_delayed_work(dwork) is False  # idle: nothing to wait for
+    assert emu.schedule_delayed_work(dwork, 3600 * 1000) is True  # an hour
+    assert emu.flush_work(dwork) is False  # only its timer is armed: not waited for
+    assert emu.flush_delayed_work(dwork) is True
+    assert emu.atomic_read(runs) == 1
+    assert not emu.work_pending(dwork) and not emu.timer_pending(dwork.timer)
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_a_delayed_work_that_rearms_itself_runs_until_it_stops(kernel):
+    runs, done = emu.Atomic(), emu.Completion()
+
+    def again(work):
+        if emu.atomic_inc_return(runs) < 5:
+            assert emu.schedule_delayed_work(work, 1) is True
+        else:
+            emu.complete(done)
+
+    dwork = emu.DelayedWork(again)
+    emu.schedule_delayed_work(dwork, 1)
+    emu.wait_for_completion(done)
+    assert emu.atomic_read(runs) == 5
+    assert emu.cancel_delayed_work_sync(dwork) is False
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_cancel_delayed_work_sync_stops_a_self_rearming_item(kernel):
+    runs, started = emu.Atomic(), emu.Completion()
+
+    def forever(work):
+        emu.atomic_inc(runs)
+        emu.complete(started)
+        emu.schedule_delayed_work(work, 1)
+
+    dwork = emu.DelayedWork(forever)
+    emu.schedule_delayed_work(dwork, 1)
+    emu.wait_for_completion(started)
+    emu.cancel_delayed_work_sync(dwork)
+    seen = emu.atomic_read(runs)
+    assert not emu.work_pending(dwork) and not emu.timer_pending(dwork.timer)
+    sentinel_done = emu.Completion()
+    emu.schedule_delayed_work(emu.DelayedWork(lambda w: emu.complete(sentinel_done)), 10)
+    emu.wait_for_completion(sentinel_done)
+    assert emu.atomic_read(runs) == seen
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_cancel_racing_the_timer_runs_each_queued_instance_exactly_once_or_never(kernel):
+    """cancel_delayed_work_sync() True: that instance never runs; False: it has run
+    (on return the item is neither pending nor running), whatever the timer did."""
+    runs = emu.Atomic()
+    dwork = emu.DelayedWork(counting(runs))
+    cancelled = 0
+    for i in range(150):
+        assert emu.queue_delayed_work_on(i % 2, emu.system_wq, dwork, 1) is True
+        for _ in range(i * 37 % 3000):  # land the cancel anywhere around the expiry
+            pass
+        cancelled += emu.cancel_delayed_work_sync(dwork)
+        assert emu.atomic_read(runs) + cancelled == i + 1
+    assert not emu.work_pending(dwork)
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_flush_delayed_work_racing_the_timer_always_waits_for_the_run(kernel):
+    """Whether the timer is armed, firing (its callback queueing the item) or done,
+    flush_delayed_work() returns only once that instance has run."""
+    runs = emu.Atomic()
+    dwork = emu.DelayedWork(counting(runs))
+    for i in range(150):
+        assert emu.queue_delayed_work_on(i % 2, emu.system_wq, dwork, 1) is True
+        for _ in range(i * 37 % 3000):
+            pass
+        emu.flush_delayed_work(dwork)
+        assert emu.atomic_read(runs) == i + 1 and not emu.work_pending(dwork)
+
+
+def slow_timer_fn(firing, real_fn):
+    """A delayed work's timer callback that says it fired, then takes 50 ms (busy, as
+    softirq code may not sleep) before it does its job: a window for a racing call."""
+    def fn(timer):
+        emu.atomic_set(firing, 1)
+        deadline = time.monotonic() + 0.05
+        while time.monotonic() < deadline:
+            pass
+        real_fn(timer)
+        emu.atomic_set(firing, 2)
+    return fn
+
+
+def race_with_firing_timer(arm, firing, race):
+    """Arm a timer from a kthread on CPU 1 that stays there, running (so the timer fires
+    on CPU 1 in it or its idle task), and call `race()` from a kthread on CPU 0 once the
+    callback has started. Returns (what `race()` returned, as an int; True if the call
+    started while the callback still ran: a racer kept off its CPU for the callback's
+    50 ms comes late, and then only the exactly-once accounting holds)."""
+    result, in_window, done = emu.Atomic(-1), emu.Atomic(), emu.Completion()
+
+    def armer(_):
+        arm()
+        while emu.atomic_read(firing) != 2:  # bounded by the test's timeout
+            pass
+        return 0
+
+    def racer(_):
+        while emu.atomic_read(firing) == 0:
+            pass
+        emu.atomic_set(in_window, int(emu.atomic_read(firing) == 1))
+        emu.atomic_set(result, int(race()))
+        emu.complete(done)
+        return 0
+
+    threads = [emu.kthread_run_on_cpu(racer, None, 0, "racer"),
+               emu.kthread_run_on_cpu(armer, None, 1, "armer")]
+    emu.wait_for_completion(done)
+    for t in threads:
+        stop_after_exit(t)
+    return emu.atomic_read(result), bool(emu.atomic_read(in_window))
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_flush_delayed_work_waits_for_a_timer_callback_that_is_running(kernel):
+    runs, firing = emu.Atomic(), emu.Atomic()
+    dwork = emu.DelayedWork(counting(runs))
+    timer = dwork.timer
+    timer.dwork = dwork
+    emu.timer_setup(timer, slow_timer_fn(firing, emu.workqueue.delayed_work_timer_fn),
+                    emu.TIMER_IRQSAFE)
+    flushed, in_window = race_with_firing_timer(
+        lambda: emu.queue_delayed_work(emu.system_wq, dwork, 1), firing,
+        lambda: emu.flush_delayed_work(dwork))
+    assert emu.atomic_read(runs) == 1  # the flush returned after the run, in any case
+    if in_window:
+        assert flushed == 1  # it waited for the callback, then for the run it queued
+
+
+@pytest.mark.emu_boot(cpus=2, hz=1000)
+def test_cancel_delayed_work_sync_while_the_timer_fires_takes_the_queued_instance(kernel):
+    """try_to_grab_pending(): the timer cannot be deleted any more, so it waits for the
+    callback to queue the item, then steals it: True, and it never runs."""
+    runs, firing = emu.Atomic(), emu.Atomic()
+    dwork = emu.DelayedWork(counting(runs))
+    timer = dwork.timer
+    timer.dwork = dwork
+    emu.timer_setup(timer, slow_timer_fn(firing, emu.workqueue.delayed_work_timer_fn),
+                    emu.TIMER_IRQSAFE)
+    cancelled, in_window = race_with_firing_timer(
+        lambda: emu.queue_delayed_work(emu.system_wq, dwork, 1), firing,
+        lambda: emu.cancel_delayed_work_sync(dwork))
+    emu.flush_workqueue(emu.system_wq)
+    assert emu.atomic_read(runs) + cancelled == 1 and not emu.work_pending(dwork)
+    if in_window:
+        assert cancelled == 1
+    # The pool of CPU 1 may be growing (the armer kept its only worker off the CPU).
+    wait_until(lambda: all(emu.task_state_to_char(t) == "I"
+                           for t in kworkers(kernel, "kworker/")), what="idle kworkers")
+
+
+def test_a_delayed_work_with_a_cpu_is_queued_on_that_cpu(kernel):
+    cpus = emu.Atomic(-1)
+    done = emu.Completion()
+
+    def fn(work):
+        emu.atomic_set(cpus, emu.current().cpu)
+        emu.complete(done)
+
+    dwork = emu.DelayedWork(fn)
+    target = kernel.ncpus - 1
+    assert emu.queue_delayed_work_on(target, emu.system_wq, dwork, 1) is True
+    emu.wait_for_completion(done)
+    assert emu.atomic_read(cpus) == target
+
+
+def test_delayed_works_own_a_timer_freed_with_them(kernel):
+    timers = emu.image.this().img.timers
+    dwork = emu.DelayedWork(lambda w: None)
+    index = dwork.timer.index
+    assert timers[index].in_use
+    emu.schedule_delayed_work(dwork, 3600 * 250)
+    del dwork  # armed: its timer still queues it, so nothing is freed yet
+    gc.collect()
+    assert timers[index].in_use and timers[index].pending
+    dwork = emu.DelayedWork(lambda w: None)
+    other = dwork.timer.index
+    assert other != index
+    del dwork
+    gc.collect()
+    assert not timers[other].in_use  # an idle one goes at once, with its timer
+
+
+@pytest.mark.emu_expect(warnings=1)
+def test_a_delayed_work_fired_after_destroy_workqueue_is_reported_and_dropped(kernel):
+    wq = emu.alloc_workqueue("gone", 0, 0)
+    runs = emu.Atomic()
+    dwork = emu.DelayedWork(counting(runs))
+    emu.queue_delayed_work(wq, dwork, 1)
+    emu.destroy_workqueue(wq)  # the kernel: later a use-after-free
+    wait_until(lambda: any("fired after its workqueue was destroyed" in line
+                           for line in kernel.dmesg()), what="the report")
+    assert emu.atomic_read(runs) == 0 and not emu.work_pending(dwork)
 
 
 def test_a_work_handle_dropped_while_queued_still_runs_and_is_freed_then(kernel):
