@@ -520,7 +520,17 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def init_work_timer(work: WorkBase, fn: Callable[[TimerList], None]) -> None:
     """Give new delayed work `work` its timer, calling ``fn(timer)``; ``timer.dwork``
-    is the item. CapacityError (and no timer) if every timer of emu is in use."""
+    is the item. If that fails (CapacityError if every timer of emu is in use), the
+    item is freed too and the error raised."""
+    try:
+        _init_work_timer(work, fn)
+    except BaseException:
+        work._owner = 0
+        free_work(work._rec, work.index, work.generation)
+        raise
+
+
+def _init_work_timer(work: WorkBase, fn: Callable[[TimerList], None]) -> None:
     try:
         timer = TimerList()
     except CapacityError:
@@ -776,12 +786,7 @@ class KthreadDelayedWork(KthreadWork):
 
     def __init__(self, fn: Callable[[KthreadDelayedWork], None]) -> None:
         super().__init__(fn)
-        try:
-            init_work_timer(self, kthread_delayed_work_timer_fn)
-        except BaseException:
-            self._owner = 0
-            free_work(self._rec, self.index, self.generation)
-            raise
+        init_work_timer(self, kthread_delayed_work_timer_fn)
 
     @property
     def work(self) -> KthreadDelayedWork:

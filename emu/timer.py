@@ -226,9 +226,12 @@ def _detach(index: int, rec: Any) -> None:
     rec.pending = 0
 
 
-def _delete(timer: TimerList, rec: Any) -> int:
+def _delete(timer: TimerList, rec: Any, shutdown: bool = False) -> int:
+    """Detach `timer` from its base (and mark it shut down): 1 if it was pending."""
     addr = _lock()
     try:
+        if shutdown:
+            rec.shutdown = 1
         if not rec.pending:
             return 0
         _detach(timer.index, rec)
@@ -362,16 +365,7 @@ del_timer = timer_delete
 
 def timer_shutdown(timer: TimerList) -> int:
     """timer_delete(), and later arming is ignored until timer_setup(). Any context."""
-    rec = _live(timer)
-    addr = _lock()
-    try:
-        rec.shutdown = 1
-        if not rec.pending:
-            return 0
-        _detach(timer.index, rec)
-        return 1
-    finally:
-        records.raw_spin_unlock(addr)
+    return _delete(timer, _live(timer), shutdown=True)
 
 
 #: Timers whose callback this process is running now (innermost last).

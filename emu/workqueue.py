@@ -51,7 +51,6 @@ from .kthread_worker import (
     finish_instance,
     flush_one,
     flush_target,
-    free_work,
     init_pool,
     init_work,
     init_work_timer,
@@ -709,12 +708,7 @@ class DelayedWork(Work):
 
     def __init__(self, fn: Callable[[Work], None]) -> None:
         super().__init__(fn)
-        try:
-            init_work_timer(self, delayed_work_timer_fn)
-        except BaseException:
-            self._owner = 0
-            free_work(self._rec, self.index, self.generation)
-            raise
+        init_work_timer(self, delayed_work_timer_fn)
 
     @property
     def work(self) -> DelayedWork:
