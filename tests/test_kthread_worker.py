@@ -356,11 +356,11 @@ def test_kthread_mod_delayed_work_rearms_and_cancel_sync_of_an_armed_timer(kerne
         assert emu.kthread_mod_delayed_work(w, dwork, 3600 * 1000) is False  # was idle
         assert emu.kthread_mod_delayed_work(w, dwork, 2) is True  # armed: re-armed
         emu.wait_for_completion(done)  # in 2 jiffies, not in an hour
-        assert emu.kthread_queue_delayed_work(w, dwork, 5) is True
+        assert emu.kthread_queue_delayed_work(w, dwork, 3600 * 1000) is True  # an hour
         assert emu.kthread_cancel_delayed_work_sync(dwork) is True
         assert emu.kthread_cancel_delayed_work_sync(dwork) is False
         assert not emu.timer_pending(dwork.timer)
-        emu.kthread_queue_delayed_work(w, sentinel, 20)  # due well after dwork was
+        emu.kthread_queue_delayed_work(w, sentinel, 20)  # dwork has not run meanwhile
         emu.wait_for_completion(sentinel_done)
         assert emu.atomic_read(runs) == 1
     finally:
@@ -469,8 +469,9 @@ def test_destroying_a_worker_with_an_armed_delayed_work_warns_and_its_timer_drop
     w = emu.kthread_run_worker(0, "kw")
     runs = emu.Atomic()
     dwork = emu.KthreadDelayedWork(lambda wk: emu.atomic_inc(runs))
-    assert emu.kthread_queue_delayed_work(w, dwork, 2) is True
+    # Armed for a second: still armed when the worker is destroyed, on a loaded host too.
+    assert emu.kthread_queue_delayed_work(w, dwork, kernel.hz) is True
     emu.kthread_destroy_worker(w)  # WARN: the kernel's delayed_work_list is not empty
     wait_until(lambda: any("has no running worker" in line for line in kernel.dmesg()),
-               what="the timer's report")
+               10.0, what="the timer's report")
     assert emu.atomic_read(runs) == 0 and not emu.timer_pending(dwork.timer)

@@ -702,9 +702,10 @@ def test_mod_delayed_work_rearms_a_pending_timer_and_queues_an_idle_item(kernel)
     runs, sentinel_done = emu.Atomic(), emu.Completion()
     dwork2 = emu.DelayedWork(counting(runs))
     sentinel = emu.DelayedWork(lambda w: emu.complete(sentinel_done))
-    assert emu.schedule_delayed_work(dwork2, 2) is True
+    # (200 ms, not a jiffy or two: a loaded host may not run the next line for that long)
+    assert emu.schedule_delayed_work(dwork2, 200) is True
     assert emu.mod_delayed_work(emu.system_wq, dwork2, 3600 * 1000) is True
-    emu.schedule_delayed_work(sentinel, 20)
+    emu.schedule_delayed_work(sentinel, 400)
     emu.wait_for_completion(sentinel_done)
     assert emu.atomic_read(runs) == 0
     assert emu.cancel_delayed_work_sync(dwork2) is True
@@ -715,12 +716,12 @@ def test_cancel_delayed_work_sync_of_an_armed_timer_returns_true_and_it_never_ru
     runs, sentinel_done = emu.Atomic(), emu.Completion()
     dwork = emu.DelayedWork(counting(runs))
     sentinel = emu.DelayedWork(lambda w: emu.complete(sentinel_done))
-    assert emu.schedule_delayed_work(dwork, 5) is True
+    assert emu.schedule_delayed_work(dwork, 200) is True  # 200 ms: see above
     assert emu.cancel_delayed_work_sync(dwork) is True
     assert not emu.work_pending(dwork)
     assert not emu.timer_pending(dwork.timer)
     assert emu.cancel_delayed_work_sync(dwork) is False  # idle now
-    emu.schedule_delayed_work(sentinel, 20)  # due well after dwork would have been
+    emu.schedule_delayed_work(sentinel, 400)  # due well after dwork would have been
     emu.wait_for_completion(sentinel_done)
     assert emu.atomic_read(runs) == 0
     assert emu.schedule_delayed_work(dwork, 1) is True  # usable again
