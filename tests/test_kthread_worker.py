@@ -16,7 +16,7 @@ import pytest
 import emu
 from emu.examples import kthread_worker as spi
 
-from util import stop_after_exit, wait_state, wait_until
+from util import gated, stop_after_exit, wait_state, wait_until
 
 IRQ = 5
 
@@ -25,16 +25,6 @@ def stamp(seq, slot):
     """A work function recording when (in the order of all stamps) it ran."""
     def fn(work):
         emu.atomic_set(slot, emu.atomic_inc_return(seq))
-    return fn
-
-
-def gated(started, gate, runs=None):
-    """A work function that says it started, then waits for the test to open `gate`."""
-    def fn(work):
-        emu.complete(started)
-        emu.wait_for_completion(gate)
-        if runs is not None:
-            emu.atomic_inc(runs)
     return fn
 
 

@@ -21,19 +21,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import emu
 from emu.examples import wq_irq
 
-from util import stop_after_exit, wait_state, wait_until
+from util import gated, stop_after_exit, wait_state, wait_until
 
 IRQ = 5
-
-
-def gated(started, gate, runs=None):
-    """A work function that says it started, then waits for the test to open `gate`."""
-    def fn(work):
-        emu.complete(started)
-        emu.wait_for_completion(gate)
-        if runs is not None:
-            emu.atomic_inc(runs)
-    return fn
 
 
 def counting(runs):

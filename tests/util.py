@@ -51,3 +51,13 @@ def start_lock_holder(lock_addr: int, name: str = "holder") -> emu.Task:
     t = emu.kthread_run(hold, None, name)
     emu.wait_for_completion(held)
     return t
+
+
+def gated(started, gate, runs=None):
+    """A work function that says it started, then waits for the test to open `gate`."""
+    def fn(work):
+        emu.complete(started)
+        emu.wait_for_completion(gate)
+        if runs is not None:
+            emu.atomic_inc(runs)
+    return fn
